@@ -1,0 +1,48 @@
+//! `offsite-edge`: the laptop side of Offsite.
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use offsite::device::{self, gpu_adapters, DeviceChoice};
+use tracing_subscriber::EnvFilter;
+
+/// Offsite edge client: trains adapters on local data on this machine's GPU or CPU.
+#[derive(Parser)]
+#[command(name = "offsite-edge", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// List the GPU adapters wgpu finds and the device `--device auto` would choose.
+    Devices,
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .init();
+    match Cli::parse().command {
+        Command::Devices => {
+            let adapters = gpu_adapters();
+            if adapters.is_empty() {
+                println!("no wgpu adapters found");
+            }
+            for (i, a) in adapters.iter().enumerate() {
+                println!(
+                    "gpu:{i}  {}  backend {}  type {:?}  shader-f16 {}  max storage binding {} MiB",
+                    a.name,
+                    a.backend,
+                    a.device_type,
+                    if a.shader_f16 { "yes" } else { "no" },
+                    a.max_storage_buffer_binding_size >> 20
+                );
+            }
+            let (_, chosen) = device::resolve(DeviceChoice::Auto)?;
+            println!("auto chooses: {chosen}");
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,35 @@
+//! `offsite-server`: the operator's side of Offsite.
+
+mod model_cmd;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+/// Offsite operator tools: inspect and run models (federation and emulators build on these).
+#[derive(Parser)]
+#[command(name = "offsite-server", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Inspect and run a model (Hugging Face directory or GGUF file).
+    Model {
+        #[command(subcommand)]
+        command: model_cmd::ModelCommand,
+    },
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Model { command } => model_cmd::run(command),
+    }
+}

@@ -1,0 +1,195 @@
+//! `offsite-server model ...`: info, tokenize, logits, generate.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use burn::tensor::{Int, Tensor, TensorData};
+use clap::{Args, Subcommand};
+use offsite::device::{self, DeviceChoice};
+use offsite::generate::{generate, GenerationConfig};
+use offsite::load::{peak_rss_bytes, Checkpoint};
+use offsite::model::LlamaForCausalLM;
+use offsite::tokenizer::ChatMessage;
+use tracing::info;
+
+#[derive(Subcommand)]
+pub(crate) enum ModelCommand {
+    /// Architecture, sizes and tensor types.
+    Info {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Also list every tensor.
+        #[arg(long)]
+        tensors: bool,
+    },
+    /// Print the token ids of a text as a JSON array (special tokens in the text are recognised; no BOS).
+    Tokenize {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// The text to tokenize.
+        #[arg(long)]
+        text: String,
+    },
+    /// Write the logits of one sequence (positions from 0, no BOS) to a safetensors file as tensor `logits`.
+    Logits {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Comma-separated token ids.
+        #[arg(long, value_delimiter = ',', required = true)]
+        ids: Vec<u32>,
+        /// Output `.safetensors` file.
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        device: DeviceArgs,
+    },
+    /// Generate a continuation and print only the generated text.
+    Generate {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// The prompt.
+        #[arg(long)]
+        prompt: String,
+        /// Wrap the prompt in the model's chat template (with its default system message).
+        #[arg(long)]
+        chat: bool,
+        /// Most tokens to generate.
+        #[arg(long, default_value_t = 128)]
+        max_new_tokens: usize,
+        /// Sampling temperature; greedy decoding when absent.
+        #[arg(long)]
+        temperature: Option<f64>,
+        /// Sample among the k most likely tokens only.
+        #[arg(long)]
+        top_k: Option<usize>,
+        /// Nucleus sampling threshold.
+        #[arg(long)]
+        top_p: Option<f64>,
+        /// Sampler seed.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[command(flatten)]
+        device: DeviceArgs,
+    },
+}
+
+#[derive(Args)]
+pub(crate) struct ModelArgs {
+    /// Hugging Face model directory or `.gguf` file.
+    #[arg(long)]
+    model: PathBuf,
+}
+
+#[derive(Args)]
+pub(crate) struct DeviceArgs {
+    /// auto, cpu, gpu or gpu:N.
+    #[arg(long, default_value = "auto")]
+    device: DeviceChoice,
+}
+
+fn open(path: &Path) -> Result<Checkpoint> {
+    Checkpoint::open(path).with_context(|| format!("opening model {}", path.display()))
+}
+
+fn load(checkpoint: &Checkpoint, device: DeviceChoice) -> Result<LlamaForCausalLM> {
+    let (device, described) = device::resolve(device)?;
+    info!(device = %described, "loading weights");
+    let start = Instant::now();
+    let model = checkpoint.load_model(&device)?;
+    info!(
+        seconds = format!("{:.2}", start.elapsed().as_secs_f64()),
+        peak_rss_mib = peak_rss_bytes().map(|b| b / (1 << 20)),
+        "model loaded"
+    );
+    Ok(model)
+}
+
+pub(crate) fn run(command: ModelCommand) -> Result<()> {
+    match command {
+        ModelCommand::Info { model, tensors } => info_cmd(&open(&model.model)?, tensors),
+        ModelCommand::Tokenize { model, text } => {
+            let ids = open(&model.model)?.tokenizer()?.encode(&text)?;
+            println!("{}", serde_json::to_string(&ids)?);
+            Ok(())
+        }
+        ModelCommand::Logits { model, ids, out, device } => {
+            let checkpoint = open(&model.model)?;
+            let model = load(&checkpoint, device.device)?;
+            model.check_ids(&ids)?;
+            let len = ids.len();
+            let ids: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
+            let input = Tensor::<2, Int>::from_data(TensorData::new(ids, [1, len]), &model.device());
+            let logits = model.forward(input, None, None)?;
+            let vocab = logits.dims()[2];
+            let values: Vec<f32> = logits.into_data().try_into_vec().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            write_logits(&out, &values, len, vocab)
+        }
+        ModelCommand::Generate { model, prompt, chat, max_new_tokens, temperature, top_k, top_p, seed, device } => {
+            let checkpoint = open(&model.model)?;
+            let tokenizer = checkpoint.tokenizer()?;
+            let text = if chat { tokenizer.apply_chat_template(&[ChatMessage::user(prompt)], true)? } else { prompt };
+            let ids = tokenizer.encode(&text)?;
+            let model = load(&checkpoint, device.device)?;
+            let config = GenerationConfig { max_new_tokens, temperature, top_k, top_p, seed };
+            let start = Instant::now();
+            let out = generate(&model, &ids, tokenizer.eos_ids(), &config)?;
+            let secs = start.elapsed().as_secs_f64();
+            info!(prompt_tokens = ids.len(), new_tokens = out.len(), tokens_per_s = format!("{:.1}", out.len() as f64 / secs), "generated");
+            println!("{}", tokenizer.decode(&out, false)?);
+            Ok(())
+        }
+    }
+}
+
+fn write_logits(path: &Path, values: &[f32], len: usize, vocab: usize) -> Result<()> {
+    let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![len, vocab], &bytes)?;
+    safetensors::serialize_to_file([("logits", view)], None, path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    info!(path = %path.display(), shape = ?[len, vocab], "logits written");
+    Ok(())
+}
+
+fn info_cmd(checkpoint: &Checkpoint, list: bool) -> Result<()> {
+    let c = checkpoint.config();
+    let tensors = checkpoint.tensors();
+    if tensors.is_empty() {
+        bail!("the checkpoint holds no tensors");
+    }
+    let mut types: std::collections::BTreeMap<&str, (usize, usize)> = Default::default();
+    for t in &tensors {
+        let e = types.entry(t.dtype.as_str()).or_default();
+        e.0 += 1;
+        e.1 += t.bytes;
+    }
+    let params = c.num_parameters();
+    println!("format:              {}", checkpoint.format());
+    println!("architecture:        {} (LlamaForCausalLM)", c.model_type);
+    println!("parameters:          {params} ({:.1} M; f32 size {:.1} MiB)", params as f64 / 1e6, params as f64 * 4.0 / (1 << 20) as f64);
+    println!("layers:              {}", c.num_hidden_layers);
+    println!("hidden size:         {}", c.hidden_size);
+    println!("intermediate size:   {}", c.intermediate_size);
+    println!("attention heads:     {} (kv heads {}, head dim {})", c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+    println!("vocabulary:          {}", c.vocab_size);
+    println!("context length:      {}", c.max_position_embeddings);
+    println!("rope theta:          {}{}", c.rope_theta, c.rope_scaling.as_ref().map(|s| format!(" (scaling {s:?})")).unwrap_or_default());
+    println!("rms norm eps:        {}", c.rms_norm_eps);
+    println!("tied embeddings:     {}", c.tie_word_embeddings);
+    println!("q/k/v bias:          {}", c.attention_bias);
+    println!("bos / eos ids:       {:?} / {:?}", c.bos_token_id, c.eos_token_ids);
+    println!("tensors:             {}", tensors.len());
+    for (ty, (n, bytes)) in types {
+        println!("  {ty:<8} {n:>5} tensors  {:>10.2} MiB", bytes as f64 / (1 << 20) as f64);
+    }
+    match checkpoint.tokenizer() {
+        Ok(t) => println!("tokenizer:           {} ids, chat template: {}", t.vocab_size(), if t.chat_template().is_some() { "yes" } else { "no (ChatML)" }),
+        Err(e) => println!("tokenizer:           unavailable ({e})"),
+    }
+    if list {
+        for t in &tensors {
+            println!("{:<56} {:<6} {:?}", t.name, t.dtype, t.shape);
+        }
+    }
+    Ok(())
+}

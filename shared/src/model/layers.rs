@@ -1,0 +1,105 @@
+//! Building blocks with Hugging Face's parameter layout: `Linear` (weight `[out, in]`), `RmsNorm`, `Embedding`.
+
+use burn::module::{Module, Param};
+use burn::tensor::{Int, Tensor};
+
+/// A dense projection `y = x · Wᵀ (+ b)` whose weight keeps Hugging Face's `[out_features, in_features]` layout,
+/// so parameter names and shapes match `nn.Linear` exactly.
+#[derive(Module, Debug)]
+pub struct Linear {
+    /// `[out_features, in_features]`.
+    pub weight: Param<Tensor<2>>,
+    /// `[out_features]`, when the projection has a bias.
+    pub bias: Option<Param<Tensor<1>>>,
+}
+
+impl Linear {
+    /// Wraps loaded tensors.
+    pub fn new(weight: Tensor<2>, bias: Option<Tensor<1>>) -> Self {
+        Self { weight: Param::from_tensor(weight), bias: bias.map(Param::from_tensor) }
+    }
+
+    /// Output width.
+    pub fn out_features(&self) -> usize {
+        self.weight.dims()[0]
+    }
+
+    /// # Shapes
+    /// - `x`: `[..., in_features]` → `[..., out_features]`
+    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        burn::tensor::module::linear(x, self.weight.val().transpose(), self.bias.as_ref().map(|b| b.val()))
+    }
+}
+
+/// Root-mean-square layer norm as in LLaMA: `x / sqrt(mean(x²) + eps) · weight`.
+#[derive(Module, Debug)]
+pub struct RmsNorm {
+    /// `[hidden]`.
+    pub weight: Param<Tensor<1>>,
+    /// Added to the mean square before the square root.
+    #[module(skip)]
+    pub eps: f64,
+}
+
+impl RmsNorm {
+    /// Wraps a loaded weight.
+    pub fn new(weight: Tensor<1>, eps: f64) -> Self {
+        Self { weight: Param::from_tensor(weight), eps }
+    }
+
+    /// # Shapes
+    /// - `x`: `[batch, seq, hidden]` → same
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let rms = x.clone().square().mean_dim(2).add_scalar(self.eps).sqrt();
+        x.div(rms).mul(self.weight.val().unsqueeze::<3>())
+    }
+}
+
+/// Token embedding table.
+#[derive(Module, Debug)]
+pub struct Embedding {
+    /// `[vocab, hidden]`.
+    pub weight: Param<Tensor<2>>,
+}
+
+impl Embedding {
+    /// Wraps a loaded table.
+    pub fn new(weight: Tensor<2>) -> Self {
+        Self { weight: Param::from_tensor(weight) }
+    }
+
+    /// # Shapes
+    /// - `ids`: `[batch, seq]` → `[batch, seq, hidden]`
+    pub fn forward(&self, ids: Tensor<2, Int>) -> Tensor<3> {
+        burn::tensor::module::embedding(self.weight.val(), ids)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::Device;
+
+    #[test]
+    fn rms_norm_matches_formula() {
+        let device = Device::flex();
+        let x = Tensor::<3>::from_floats([[[1.0, 2.0, 3.0, 4.0]]], &device);
+        let w = Tensor::<1>::from_floats([1.0, 0.5, 2.0, 1.0], &device);
+        let y = RmsNorm::new(w, 1e-5).forward(x).into_data().try_into_vec::<f32>().unwrap();
+        let rms = ((1.0f32 + 4.0 + 9.0 + 16.0) / 4.0 + 1e-5).sqrt();
+        let expected = [1.0 / rms, 2.0 * 0.5 / rms, 3.0 * 2.0 / rms, 4.0 / rms];
+        for (a, b) in y.iter().zip(expected) {
+            assert!((a - b).abs() < 1e-6, "{a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn linear_uses_out_in_layout() {
+        let device = Device::flex();
+        let w = Tensor::<2>::from_floats([[1.0, 0.0, 0.0], [0.0, 2.0, 1.0]], &device);
+        let b = Tensor::<1>::from_floats([0.5, -1.0], &device);
+        let lin = Linear::new(w, Some(b));
+        let y = lin.forward(Tensor::<3>::from_floats([[[1.0, 2.0, 3.0]]], &device));
+        assert_eq!(y.into_data().try_into_vec::<f32>().unwrap(), vec![1.5, 6.0]);
+    }
+}

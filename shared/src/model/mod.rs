@@ -1,0 +1,227 @@
+//! The LLaMA-family decoder (`LlamaForCausalLM`), with Hugging Face's module tree and parameter names.
+
+mod attention;
+mod cache;
+mod config;
+mod layers;
+mod rope;
+
+use burn::module::Module;
+use burn::tensor::{Device, Int, Tensor, TensorData};
+
+pub use attention::{LlamaAttention, LlamaMlp};
+pub use cache::KvCache;
+pub use config::{LlamaConfig, RopeScaling};
+pub use layers::{Embedding, Linear, RmsNorm};
+
+use attention::AttentionContext;
+use rope::Rope;
+
+/// Added to attention scores where a query must not look (future or padding); finite, so a fully masked row (a
+/// left-padding query) gives a uniform distribution instead of NaN.
+const MASKED: f32 = -1.0e9;
+
+/// Errors about a model's configuration or its inputs.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// The configuration is malformed or inconsistent.
+    #[error("invalid model configuration: {0}")]
+    Config(String),
+    /// The architecture or one of its options is not implemented.
+    #[error("unsupported: {0}")]
+    Unsupported(String),
+    /// The inputs of a forward pass are inconsistent (ids out of range, mask of the wrong size).
+    #[error("invalid model input: {0}")]
+    Input(String),
+}
+
+/// `model.layers.{i}`: pre-norm attention and MLP blocks with residual connections.
+#[derive(Module, Debug)]
+pub struct LlamaDecoderLayer {
+    /// Norm before attention.
+    pub input_layernorm: RmsNorm,
+    /// Grouped-query self-attention.
+    pub self_attn: LlamaAttention,
+    /// Norm before the MLP.
+    pub post_attention_layernorm: RmsNorm,
+    /// SwiGLU MLP.
+    pub mlp: LlamaMlp,
+}
+
+impl LlamaDecoderLayer {
+    /// # Shapes
+    /// - `x`: `[batch, seq, hidden]` → same
+    fn forward(&self, x: Tensor<3>, ctx: &AttentionContext, cache: Option<&mut cache::LayerCache>) -> Tensor<3> {
+        let h = x.clone().add(self.self_attn.forward(self.input_layernorm.forward(x), ctx, cache));
+        h.clone().add(self.mlp.forward(self.post_attention_layernorm.forward(h)))
+    }
+}
+
+/// `model`: embeddings, decoder layers and the final norm.
+#[derive(Module, Debug)]
+pub struct LlamaModel {
+    /// `model.embed_tokens`.
+    pub embed_tokens: Embedding,
+    /// `model.layers.{i}`.
+    pub layers: Vec<LlamaDecoderLayer>,
+    /// `model.norm`.
+    pub norm: RmsNorm,
+}
+
+/// A causal language model: `model` plus the LM head (`lm_head`, or the embedding matrix when tied).
+#[derive(Module, Debug)]
+pub struct LlamaForCausalLM {
+    /// The decoder.
+    pub model: LlamaModel,
+    /// `lm_head` when untied; `None` means the head reuses `model.embed_tokens.weight`.
+    pub lm_head: Option<Linear>,
+    #[module(skip)]
+    config: LlamaConfig,
+    #[module(skip)]
+    rope: Rope,
+}
+
+impl LlamaForCausalLM {
+    /// Assembles a model from its parts; `lm_head` must be `None` exactly when the config ties embeddings.
+    pub fn from_parts(config: LlamaConfig, model: LlamaModel, lm_head: Option<Linear>, device: &Device) -> Self {
+        let rope = Rope::new(&config, device);
+        Self { model, lm_head, config, rope }
+    }
+
+    /// The architecture.
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+
+    /// The device the parameters live on.
+    pub fn device(&self) -> Device {
+        self.model.embed_tokens.weight.device()
+    }
+
+    /// Logits of every position.
+    ///
+    /// `mask`, when given, says per row which of the new positions are real tokens (false: padding); padded keys
+    /// are never attended to and positions count real tokens only, so left- and right-padded batches both work.
+    /// With a cache, the new positions follow the cached ones and the cache is extended.
+    ///
+    /// # Shapes
+    /// - `ids`: `[batch, seq]` → `[batch, seq, vocab]`
+    pub fn forward(
+        &self,
+        ids: Tensor<2, Int>,
+        mask: Option<&[Vec<bool>]>,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor<3>, ModelError> {
+        let hidden = self.forward_hidden(ids, mask, cache)?;
+        Ok(self.lm_head(hidden))
+    }
+
+    /// Hidden states after the final norm (the LM head's input).
+    ///
+    /// # Shapes
+    /// - `ids`: `[batch, seq]` → `[batch, seq, hidden]`
+    pub fn forward_hidden(
+        &self,
+        ids: Tensor<2, Int>,
+        mask: Option<&[Vec<bool>]>,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor<3>, ModelError> {
+        let [batch, seq] = ids.dims();
+        let device = ids.device();
+        let new_valid: Vec<Vec<bool>> = match mask {
+            Some(m) => {
+                if m.len() != batch || m.iter().any(|r| r.len() != seq) {
+                    return Err(ModelError::Input(format!("attention mask must be {batch} rows of {seq}")));
+                }
+                m.to_vec()
+            }
+            None => vec![vec![true; seq]; batch],
+        };
+        let past: Vec<Vec<bool>> = match cache.as_deref() {
+            Some(c) if c.valid.len() != batch => {
+                return Err(ModelError::Input(format!("cache holds {} rows, batch has {batch}", c.valid.len())))
+            }
+            Some(c) => c.valid.clone(),
+            None => vec![Vec::new(); batch],
+        };
+        let valid: Vec<Vec<bool>> = past.iter().zip(&new_valid).map(|(p, n)| [p.as_slice(), n].concat()).collect();
+        let (positions, bias) = positions_and_mask(&valid, past.first().map_or(0, Vec::len), seq);
+        let positions = Tensor::<2, Int>::from_data(TensorData::new(positions, [batch, seq]), &device);
+        let (cos, sin) = self.rope.cos_sin(positions);
+        let total = valid.first().map_or(0, Vec::len);
+        let mask = Tensor::<4>::from_data(TensorData::new(bias, [batch, 1, seq, total]), &device);
+        let ctx = AttentionContext { cos, sin, mask };
+        let mut x = self.model.embed_tokens.forward(ids);
+        for (i, layer) in self.model.layers.iter().enumerate() {
+            let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            x = layer.forward(x, &ctx, layer_cache);
+        }
+        if let Some(c) = cache {
+            c.valid = valid;
+        }
+        Ok(self.model.norm.forward(x))
+    }
+
+    /// Applies the LM head (tied or not).
+    ///
+    /// # Shapes
+    /// - `hidden`: `[batch, seq, hidden]` → `[batch, seq, vocab]`
+    pub fn lm_head(&self, hidden: Tensor<3>) -> Tensor<3> {
+        match &self.lm_head {
+            Some(head) => head.forward(hidden),
+            None => burn::tensor::module::linear(hidden, self.model.embed_tokens.weight.val().transpose(), None),
+        }
+    }
+
+    /// Checks that every id is inside the vocabulary.
+    pub fn check_ids(&self, ids: &[u32]) -> Result<(), ModelError> {
+        match ids.iter().find(|&&id| id as usize >= self.config.vocab_size) {
+            Some(id) => Err(ModelError::Input(format!("token id {id} is outside the vocabulary ({})", self.config.vocab_size))),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Rotary positions of the new tokens (count of real tokens before each, per row) and the additive mask
+/// `[batch, 1, seq, total]` allowing each new query the real keys at or before it.
+fn positions_and_mask(valid: &[Vec<bool>], past: usize, seq: usize) -> (Vec<i64>, Vec<f32>) {
+    let total = past + seq;
+    let mut positions = Vec::with_capacity(valid.len() * seq);
+    let mut bias = Vec::with_capacity(valid.len() * seq * total);
+    for row in valid {
+        let mut seen = row[..past].iter().filter(|&&v| v).count() as i64;
+        for i in 0..seq {
+            positions.push((seen - if row[past + i] { 0 } else { 1 }).max(0));
+            if row[past + i] {
+                seen += 1;
+            }
+            let query = past + i;
+            bias.extend((0..total).map(|j| if j <= query && row[j] { 0.0 } else { MASKED }));
+        }
+    }
+    (positions, bias)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn left_padding_positions_count_real_tokens() {
+        let valid = vec![vec![false, false, true, true], vec![true, true, true, true]];
+        let (pos, bias) = positions_and_mask(&valid, 0, 4);
+        assert_eq!(pos, vec![0, 0, 0, 1, 0, 1, 2, 3]);
+        // Row 0, query 2 sees only key 2.
+        assert_eq!(&bias[8..12], &[MASKED, MASKED, 0.0, MASKED]);
+        // Row 1, query 1 sees keys 0 and 1.
+        assert_eq!(&bias[16 + 4..16 + 8], &[0.0, 0.0, MASKED, MASKED]);
+    }
+
+    #[test]
+    fn cached_positions_continue() {
+        let valid = vec![vec![true, true, true]];
+        let (pos, bias) = positions_and_mask(&valid, 2, 1);
+        assert_eq!(pos, vec![2]);
+        assert_eq!(bias, vec![0.0, 0.0, 0.0]);
+    }
+}

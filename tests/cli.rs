@@ -1,0 +1,60 @@
+//! The `offsite-server model ...` command forms, end to end through the binary.
+
+use std::process::Command;
+
+use offsite_tests::{fixture, max_abs_diff, smollm2_gguf, Tensors};
+
+fn server() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_offsite-server"))
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "{:?} failed: {}", cmd, String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn logits_command_writes_reference_logits() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("logits.safetensors");
+    let exp = Tensors::read(&fixture("tiny-llama/expected.safetensors"));
+    let ids: Vec<String> = exp.i64("input_ids.1").iter().map(|i| i.to_string()).collect();
+    run(server()
+        .args(["model", "logits", "--device", "cpu", "--model"])
+        .arg(fixture("tiny-llama"))
+        .args(["--ids", &ids.join(","), "--out"])
+        .arg(&out));
+    let got = Tensors::read(&out);
+    assert_eq!(got.shape("logits"), vec![5, 256]);
+    assert!(max_abs_diff(&got.f32("logits"), &exp.f32("logits.1")) < 1e-4);
+}
+
+#[test]
+fn info_tokenize_and_generate_on_smollm2() {
+    let model = smollm2_gguf();
+    let info = run(server().args(["model", "info", "--model"]).arg(&model));
+    assert!(info.contains("layers:              30"), "{info}");
+    assert!(info.contains("Q4_1"), "{info}");
+    let ids = run(server().args(["model", "tokenize", "--text", "Hello, world!<|im_end|>", "--model"]).arg(&model));
+    assert_eq!(ids.trim(), "[19556,28,905,17,2]");
+    let text = run(server()
+        .args(["model", "generate", "--chat", "--device", "cpu", "--max-new-tokens", "24"])
+        .args(["--prompt", "What is the capital of France?", "--model"])
+        .arg(&model));
+    assert_eq!(text.trim_end(), "The capital of France is Paris.<|im_end|>");
+}
+
+#[test]
+fn bad_inputs_fail_with_a_clear_message() {
+    let out = server().args(["model", "info", "--model", "/nonexistent/model.gguf"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/model.gguf"));
+    let out = server()
+        .args(["model", "logits", "--device", "cpu", "--ids", "1,999", "--out", "/tmp/x.safetensors", "--model"])
+        .arg(fixture("tiny-llama"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("999"));
+}

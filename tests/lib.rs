@@ -1,0 +1,157 @@
+//! Helpers shared by the end-to-end tests: fixture paths, safetensors reading, a GGUF writer and comparisons.
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::{Int, Tensor, TensorData};
+use offsite::model::LlamaForCausalLM;
+
+/// `../shared/fixtures/<name>` beside the project root.
+pub fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures").join(name)
+}
+
+/// The SmolLM2-135M-Instruct GGUF: `$OFFSITE_SMOLLM2`, else where `fetch-smollm2` puts it. Panics with the command
+/// to run when it is absent (CI fetches it first; a test that silently skipped would assert nothing).
+pub fn smollm2_gguf() -> PathBuf {
+    if let Ok(p) = std::env::var("OFFSITE_SMOLLM2") {
+        return PathBuf::from(p);
+    }
+    let cache = std::env::var("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache"));
+    let path = cache.join("offsite-models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(path.exists(), "{} is missing: run scripts/fetch-smollm2 (or set OFFSITE_SMOLLM2)", path.display());
+    path
+}
+
+/// A safetensors file read whole.
+pub struct Tensors(Vec<u8>);
+
+impl Tensors {
+    pub fn read(path: &Path) -> Self {
+        Self(std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
+    }
+
+    fn view(&self, name: &str) -> safetensors::tensor::TensorView<'_> {
+        let st = safetensors::SafeTensors::deserialize(&self.0).unwrap();
+        let view = st.tensor(name).unwrap_or_else(|_| panic!("no tensor {name}"));
+        safetensors::tensor::TensorView::new(view.dtype(), view.shape().to_vec(), view.data()).unwrap()
+    }
+
+    pub fn shape(&self, name: &str) -> Vec<usize> {
+        self.view(name).shape().to_vec()
+    }
+
+    pub fn f32(&self, name: &str) -> Vec<f32> {
+        let v = self.view(name);
+        assert_eq!(v.dtype(), safetensors::Dtype::F32, "{name}");
+        v.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
+    }
+
+    pub fn i64(&self, name: &str) -> Vec<i64> {
+        let v = self.view(name);
+        assert_eq!(v.dtype(), safetensors::Dtype::I64, "{name}");
+        v.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect()
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        let st = safetensors::SafeTensors::deserialize(&self.0).unwrap();
+        st.names().into_iter().map(String::from).collect()
+    }
+}
+
+/// Logits of one unpadded sequence, flattened `[len · vocab]`.
+pub fn logits(model: &LlamaForCausalLM, ids: &[i64]) -> Vec<f32> {
+    let input = Tensor::<2, Int>::from_data(TensorData::new(ids.to_vec(), [1, ids.len()]), &model.device());
+    model.forward(input, None, None).unwrap().into_data().try_into_vec().unwrap()
+}
+
+/// Largest absolute difference; panics on length mismatch.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "lengths differ");
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+/// A metadata value for [`write_gguf`].
+pub enum Meta {
+    U32(u32),
+    F32(f32),
+    Str(String),
+    Strs(Vec<String>),
+    I32s(Vec<i32>),
+}
+
+/// Writes a GGUF v3 file with F32 tensors; `shape` is slowest-first (Hugging Face order) and stored reversed, as
+/// llama.cpp does.
+pub fn write_gguf(meta: &[(&str, Meta)], tensors: &[(String, Vec<usize>, Vec<f32>)]) -> Vec<u8> {
+    fn string(out: &mut Vec<u8>, s: &str) {
+        out.extend((s.len() as u64).to_le_bytes());
+        out.extend(s.as_bytes());
+    }
+    let mut out = b"GGUF".to_vec();
+    out.extend(3u32.to_le_bytes());
+    out.extend((tensors.len() as u64).to_le_bytes());
+    out.extend((meta.len() as u64).to_le_bytes());
+    for (k, v) in meta {
+        string(&mut out, k);
+        match v {
+            Meta::U32(x) => {
+                out.extend(4u32.to_le_bytes());
+                out.extend(x.to_le_bytes());
+            }
+            Meta::F32(x) => {
+                out.extend(6u32.to_le_bytes());
+                out.extend(x.to_le_bytes());
+            }
+            Meta::Str(s) => {
+                out.extend(8u32.to_le_bytes());
+                string(&mut out, s);
+            }
+            Meta::Strs(items) => {
+                out.extend(9u32.to_le_bytes());
+                out.extend(8u32.to_le_bytes());
+                out.extend((items.len() as u64).to_le_bytes());
+                items.iter().for_each(|s| string(&mut out, s));
+            }
+            Meta::I32s(items) => {
+                out.extend(9u32.to_le_bytes());
+                out.extend(5u32.to_le_bytes());
+                out.extend((items.len() as u64).to_le_bytes());
+                items.iter().for_each(|x| out.extend(x.to_le_bytes()));
+            }
+        }
+    }
+    let padded = |n: usize| (n * 4).div_ceil(32) * 32;
+    let mut offset = 0u64;
+    for (name, shape, data) in tensors {
+        string(&mut out, name);
+        out.extend((shape.len() as u32).to_le_bytes());
+        shape.iter().rev().for_each(|d| out.extend((*d as u64).to_le_bytes()));
+        out.extend(0u32.to_le_bytes());
+        out.extend(offset.to_le_bytes());
+        offset += padded(data.len()) as u64;
+    }
+    out.resize(out.len().div_ceil(32) * 32, 0);
+    for (_, _, data) in tensors {
+        let start = out.len();
+        data.iter().for_each(|v| out.extend(v.to_le_bytes()));
+        out.resize(start + padded(data.len()), 0);
+    }
+    out
+}
+
+/// llama.cpp's converter permutation of attn_q / attn_k rows for `heads` heads.
+pub fn llama_cpp_permute(data: &[f32], rows: usize, cols: usize, heads: usize) -> Vec<f32> {
+    let d = rows / heads;
+    let mut out = vec![0.0; data.len()];
+    for h in 0..heads {
+        for j in 0..2 {
+            for i in 0..d / 2 {
+                let src = h * d + j * (d / 2) + i;
+                let dst = h * d + i * 2 + j;
+                out[dst * cols..(dst + 1) * cols].copy_from_slice(&data[src * cols..(src + 1) * cols]);
+            }
+        }
+    }
+    out
+}

@@ -1,0 +1,98 @@
+//! SmolLM2-135M-Instruct (Q4_1 GGUF) against transformers' reference: tokenizer ids, chat template, logits, top-10
+//! ids at every position and 24 greedy chat tokens.
+
+use std::sync::OnceLock;
+
+use burn::tensor::Device;
+use offsite::generate::{generate, GenerationConfig};
+use offsite::load::Checkpoint;
+use offsite::model::LlamaForCausalLM;
+use offsite::tokenizer::{ChatMessage, Tokenizer};
+use offsite_tests::{fixture, logits, smollm2_gguf, Tensors};
+
+struct Loaded {
+    model: LlamaForCausalLM,
+    tokenizer: Tokenizer,
+}
+
+fn loaded() -> &'static Loaded {
+    static LOADED: OnceLock<Loaded> = OnceLock::new();
+    LOADED.get_or_init(|| {
+        let checkpoint = Checkpoint::open(&smollm2_gguf()).unwrap();
+        Loaded { model: checkpoint.load_model(&Device::flex()).unwrap(), tokenizer: checkpoint.tokenizer().unwrap() }
+    })
+}
+
+fn expected_json() -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(fixture("smollm2/expected.json")).unwrap()).unwrap()
+}
+
+fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+}
+
+#[test]
+fn tokenizer_ids_are_exact() {
+    let exp = expected_json();
+    let tok = &loaded().tokenizer;
+    for case in exp["tokenizer"].as_array().unwrap() {
+        let text = case["text"].as_str().unwrap();
+        assert_eq!(tok.encode(text).unwrap(), ids(&case["ids"]), "text {text:?}");
+        assert_eq!(tok.decode(&ids(&case["ids"]), false).unwrap(), text);
+    }
+}
+
+#[test]
+fn chat_template_matches_reference() {
+    let exp = expected_json();
+    let tok = &loaded().tokenizer;
+    let prompt = tok.apply_chat_template(&[ChatMessage::user("What is the capital of France?")], true).unwrap();
+    assert_eq!(prompt, exp["chat_prompt"].as_str().unwrap());
+    assert_eq!(tok.encode(&prompt).unwrap(), ids(&exp["chat_prompt_ids"]));
+}
+
+/// `|ours − ref| / max(|ref|, 1)`: relative where logits are large, absolute near zero.
+fn worst_relative(ours: &[f32], reference: &[f32]) -> f32 {
+    ours.iter().zip(reference).map(|(a, b)| (a - b).abs() / b.abs().max(1.0)).fold(0.0, f32::max)
+}
+
+#[test]
+fn logits_and_top10_match_reference() {
+    let exp = Tensors::read(&fixture("smollm2/expected.safetensors"));
+    let model = &loaded().model;
+    let vocab = 49152;
+    for i in 0..2 {
+        let input = exp.i64(&format!("input_ids.{i}"));
+        let all = logits(model, &input);
+        let last = &all[(input.len() - 1) * vocab..];
+        let worst = worst_relative(last, &exp.f32(&format!("last_logits.{i}")));
+        eprintln!("prompt {i}: worst relative last-logit difference {worst:.2e}");
+        assert!(worst < 1e-3, "prompt {i}: {worst}");
+        let ref_ids = exp.i64(&format!("top10_ids.{i}"));
+        let ref_logits = exp.f32(&format!("top10_logits.{i}"));
+        for p in 0..input.len() {
+            let row = &all[p * vocab..(p + 1) * vocab];
+            let mut order: Vec<usize> = (0..vocab).collect();
+            order.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
+            for r in 0..10 {
+                let (want, got) = (ref_ids[p * 10 + r] as usize, order[r]);
+                if want != got {
+                    // Only a tie (equal logits up to float noise) may swap ranks.
+                    let gap = (row[got] - ref_logits[p * 10 + r]).abs();
+                    assert!(gap < 1e-3 * ref_logits[p * 10 + r].abs().max(1.0), "prompt {i} pos {p} rank {r}: {got} vs {want}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn greedy_chat_generation_is_exact() {
+    let exp = expected_json();
+    let Loaded { model, tokenizer } = loaded();
+    let prompt = ids(&exp["chat_prompt_ids"]);
+    let config = GenerationConfig { max_new_tokens: 24, ..Default::default() };
+    let out = generate(model, &prompt, tokenizer.eos_ids(), &config).unwrap();
+    assert_eq!(out, ids(&exp["greedy_24_ids"]));
+    assert_eq!(tokenizer.decode(&out, false).unwrap(), exp["greedy_24_text"].as_str().unwrap());
+}

@@ -1,0 +1,128 @@
+//! The tiny LLaMA fixture (Hugging Face layout) against transformers' reference logits.
+
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use offsite::load::{Checkpoint, LoadError};
+use offsite::model::{KvCache, LlamaForCausalLM};
+use offsite_tests::{fixture, logits, max_abs_diff, Tensors};
+
+fn model() -> LlamaForCausalLM {
+    Checkpoint::open(&fixture("tiny-llama")).unwrap().load_model(&Device::flex()).unwrap()
+}
+
+fn expected() -> Tensors {
+    Tensors::read(&fixture("tiny-llama/expected.safetensors"))
+}
+
+#[test]
+fn logits_match_transformers_for_every_case() {
+    let model = model();
+    let exp = expected();
+    for i in 0..3 {
+        let ids = exp.i64(&format!("input_ids.{i}"));
+        let want = exp.f32(&format!("logits.{i}"));
+        let got = logits(&model, &ids);
+        let diff = max_abs_diff(&got, &want);
+        assert!(diff < 1e-4, "case {i} (len {}): max |diff| {diff}", ids.len());
+    }
+}
+
+/// Rows of unequal length in one batch, left- and right-padded: every real position matches the reference.
+#[test]
+fn padded_batches_match_unpadded_reference() {
+    let model = model();
+    let exp = expected();
+    let short = exp.i64("input_ids.1");
+    let long = exp.i64("input_ids.2");
+    let vocab = 256;
+    for left in [true, false] {
+        let pad = long.len() - short.len();
+        let mut row0 = vec![0i64; pad];
+        let mut mask0 = vec![false; pad];
+        if left {
+            row0.extend(&short);
+            mask0.extend(vec![true; short.len()]);
+        } else {
+            row0 = [short.clone(), vec![0; pad]].concat();
+            mask0 = [vec![true; short.len()], vec![false; pad]].concat();
+        }
+        let ids = [row0, long.clone()].concat();
+        let mask = vec![mask0, vec![true; long.len()]];
+        let input = Tensor::<2, Int>::from_data(TensorData::new(ids, [2, long.len()]), &Device::flex());
+        let out: Vec<f32> = model.forward(input, Some(&mask), None).unwrap().into_data().try_into_vec().unwrap();
+        let row = |r: usize, from: usize, n: usize| {
+            let start = (r * long.len() + from) * vocab;
+            out[start..start + n * vocab].to_vec()
+        };
+        let offset = if left { pad } else { 0 };
+        let d0 = max_abs_diff(&row(0, offset, short.len()), &exp.f32("logits.1"));
+        let d1 = max_abs_diff(&row(1, 0, long.len()), &exp.f32("logits.2"));
+        assert!(d0 < 1e-4 && d1 < 1e-4, "left={left}: diffs {d0} {d1}");
+    }
+}
+
+/// Prefill then one token at a time through the KV cache gives the reference logits.
+#[test]
+fn kv_cache_decoding_matches_full_forward() {
+    let model = model();
+    let exp = expected();
+    let ids = exp.i64("input_ids.2");
+    let want = exp.f32("logits.2");
+    let mut cache = KvCache::new(2, 1);
+    let mut got = Vec::new();
+    let step = |chunk: &[i64], cache: &mut KvCache| -> Vec<f32> {
+        let input = Tensor::<2, Int>::from_data(TensorData::new(chunk.to_vec(), [1, chunk.len()]), &Device::flex());
+        model.forward(input, None, Some(cache)).unwrap().into_data().try_into_vec().unwrap()
+    };
+    got.extend(step(&ids[..7], &mut cache));
+    for id in &ids[7..] {
+        got.extend(step(std::slice::from_ref(id), &mut cache));
+    }
+    assert_eq!(cache.len(), ids.len());
+    let diff = max_abs_diff(&got, &want);
+    assert!(diff < 1e-4, "max |diff| {diff}");
+}
+
+fn copy_fixture(dir: &std::path::Path) {
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(fixture("tiny-llama").join(f), dir.join(f)).unwrap();
+    }
+}
+
+#[test]
+fn wrong_shapes_missing_tensors_and_truncation_are_named_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_fixture(dir.path());
+    // A config that disagrees with the weights: the error names the tensor and both shapes.
+    let config = std::fs::read_to_string(dir.path().join("config.json")).unwrap();
+    std::fs::write(dir.path().join("config.json"), config.replace("\"intermediate_size\": 160", "\"intermediate_size\": 128")).unwrap();
+    let err = Checkpoint::open(dir.path()).unwrap().load_model(&Device::flex()).unwrap_err();
+    assert!(matches!(&err, LoadError::Shape { tensor, .. } if tensor.ends_with("mlp.gate_proj.weight")), "{err}");
+    // One layer more than the file holds: the first missing tensor is named.
+    std::fs::write(dir.path().join("config.json"), config.replace("\"num_hidden_layers\": 2", "\"num_hidden_layers\": 3")).unwrap();
+    let err = Checkpoint::open(dir.path()).unwrap().load_model(&Device::flex()).unwrap_err();
+    assert!(matches!(&err, LoadError::MissingTensor { tensor, .. } if tensor == "model.layers.2.input_layernorm.weight"), "{err}");
+    // Truncated weights at several lengths: errors naming the file, never a panic.
+    std::fs::write(dir.path().join("config.json"), &config).unwrap();
+    let full = std::fs::read(fixture("tiny-llama/model.safetensors")).unwrap();
+    for len in [0, 7, 8, 100, full.len() / 2, full.len() - 1] {
+        std::fs::write(dir.path().join("model.safetensors"), &full[..len]).unwrap();
+        let err = Checkpoint::open(dir.path()).err().unwrap_or_else(|| panic!("length {len} accepted"));
+        assert!(err.to_string().contains("model.safetensors"), "{err}");
+    }
+    // Garbage header.
+    let mut bad = full.clone();
+    bad[8..24].copy_from_slice(b"{\"x\":[1,2,3]}   ");
+    std::fs::write(dir.path().join("model.safetensors"), &bad).unwrap();
+    assert!(Checkpoint::open(dir.path()).is_err());
+    // Unsupported architecture named.
+    std::fs::write(dir.path().join("config.json"), config.replace("\"model_type\": \"llama\"", "\"model_type\": \"gpt_neox\"")).unwrap();
+    let err = Checkpoint::open(dir.path()).err().unwrap().to_string();
+    assert!(err.contains("gpt_neox") && err.contains("config.json"), "{err}");
+}
+
+#[test]
+fn out_of_vocabulary_ids_are_rejected() {
+    let model = model();
+    assert!(model.check_ids(&[1, 2, 255]).is_ok());
+    assert!(model.check_ids(&[256]).unwrap_err().to_string().contains("256"));
+}
