@@ -14,7 +14,8 @@ struct Builder<'a> {
 }
 
 impl Builder<'_> {
-    fn data(&self, name: &str, expected: &[usize]) -> Result<TensorData, LoadError> {
+    /// The tensor's values, after checking its shape.
+    fn values(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>, LoadError> {
         if !self.source.contains(name) {
             return Err(LoadError::MissingTensor { path: self.source.path().into(), tensor: name.into() });
         }
@@ -27,19 +28,22 @@ impl Builder<'_> {
                 found: t.shape,
             });
         }
-        Ok(TensorData::new(t.data, t.shape))
+        Ok(t.data)
     }
 
     fn tensor1(&self, name: &str, n: usize) -> Result<Tensor<1>, LoadError> {
-        Ok(Tensor::from_data(self.data(name, &[n])?, self.device))
+        Ok(Tensor::from_data(TensorData::new(self.values(name, &[n])?, [n]), self.device))
     }
 
     fn tensor2(&self, name: &str, rows: usize, cols: usize) -> Result<Tensor<2>, LoadError> {
-        Ok(Tensor::from_data(self.data(name, &[rows, cols])?, self.device))
+        Ok(Tensor::from_data(TensorData::new(self.values(name, &[rows, cols])?, [rows, cols]), self.device))
     }
 
+    /// A PyTorch `[out, in]` weight, stored transposed as [`Linear`] wants it.
     fn linear(&self, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Linear, LoadError> {
-        let weight = self.tensor2(&format!("{prefix}.weight"), out, inp)?;
+        let name = format!("{prefix}.weight");
+        let values = self.values(&name, &[out, inp])?;
+        let weight = Tensor::from_data(TensorData::new(transpose(&values, out, inp), [inp, out]), self.device);
         let bias = if bias { Some(self.tensor1(&format!("{prefix}.bias"), out)?) } else { None };
         Ok(Linear::new(weight, bias))
     }
@@ -89,4 +93,33 @@ pub(crate) fn build_model(
     };
     let model = LlamaModel { embed_tokens, layers, norm };
     Ok(LlamaForCausalLM::from_parts(config.clone(), model, lm_head, device))
+}
+
+/// Row-major `[rows, cols]` → `[cols, rows]`, in cache-friendly tiles.
+pub(crate) fn transpose(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    const TILE: usize = 32;
+    let mut out = vec![0.0; data.len()];
+    for r0 in (0..rows).step_by(TILE) {
+        for c0 in (0..cols).step_by(TILE) {
+            for r in r0..(r0 + TILE).min(rows) {
+                for c in c0..(c0 + TILE).min(cols) {
+                    out[c * rows + r] = data[r * cols + c];
+                }
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn transpose_swaps_axes() {
+        let data: Vec<f32> = (0..6).map(|x| x as f32).collect();
+        assert_eq!(super::transpose(&data, 2, 3), vec![0.0, 3.0, 1.0, 4.0, 2.0, 5.0]);
+        let big: Vec<f32> = (0..33 * 70).map(|x| x as f32).collect();
+        let t = super::transpose(&big, 33, 70);
+        assert_eq!(t[5 * 33 + 32], big[32 * 70 + 5]);
+        assert_eq!(super::transpose(&t, 70, 33), big);
+    }
 }

@@ -3,31 +3,34 @@
 use burn::module::{Module, Param};
 use burn::tensor::{Int, Tensor};
 
-/// A dense projection `y = x · Wᵀ (+ b)` whose weight keeps Hugging Face's `[out_features, in_features]` layout,
-/// so parameter names and shapes match `nn.Linear` exactly.
+/// A dense projection `y = x · W (+ b)`, named like Hugging Face's `nn.Linear` (`weight`, `bias`).
+///
+/// The weight is stored `[in_features, out_features]`, the transpose of PyTorch's layout (as burn's own `Linear`
+/// does): a transposed view would make the CPU backend copy every weight matrix on every call. Loading and export
+/// transpose once.
 #[derive(Module, Debug)]
 pub struct Linear {
-    /// `[out_features, in_features]`.
+    /// `[in_features, out_features]` (PyTorch's `weight.T`).
     pub weight: Param<Tensor<2>>,
     /// `[out_features]`, when the projection has a bias.
     pub bias: Option<Param<Tensor<1>>>,
 }
 
 impl Linear {
-    /// Wraps loaded tensors.
+    /// Wraps loaded tensors; `weight` is `[in_features, out_features]`.
     pub fn new(weight: Tensor<2>, bias: Option<Tensor<1>>) -> Self {
         Self { weight: Param::from_tensor(weight), bias: bias.map(Param::from_tensor) }
     }
 
     /// Output width.
     pub fn out_features(&self) -> usize {
-        self.weight.dims()[0]
+        self.weight.dims()[1]
     }
 
     /// # Shapes
     /// - `x`: `[..., in_features]` → `[..., out_features]`
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        burn::tensor::module::linear(x, self.weight.val().transpose(), self.bias.as_ref().map(|b| b.val()))
+        burn::tensor::module::linear(x, self.weight.val(), self.bias.as_ref().map(|b| b.val()))
     }
 }
 
@@ -94,11 +97,12 @@ mod tests {
     }
 
     #[test]
-    fn linear_uses_out_in_layout() {
+    fn linear_uses_in_out_layout() {
         let device = Device::flex();
-        let w = Tensor::<2>::from_floats([[1.0, 0.0, 0.0], [0.0, 2.0, 1.0]], &device);
+        let w = Tensor::<2>::from_floats([[1.0, 0.0], [0.0, 2.0], [0.0, 1.0]], &device);
         let b = Tensor::<1>::from_floats([0.5, -1.0], &device);
         let lin = Linear::new(w, Some(b));
+        assert_eq!(lin.out_features(), 2);
         let y = lin.forward(Tensor::<3>::from_floats([[[1.0, 2.0, 3.0]]], &device));
         assert_eq!(y.into_data().try_into_vec::<f32>().unwrap(), vec![1.5, 6.0]);
     }

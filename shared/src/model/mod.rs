@@ -169,7 +169,14 @@ impl LlamaForCausalLM {
     pub fn lm_head(&self, hidden: Tensor<3>) -> Tensor<3> {
         match &self.lm_head {
             Some(head) => head.forward(hidden),
-            None => burn::tensor::module::linear(hidden, self.model.embed_tokens.weight.val().transpose(), None),
+            None => {
+                // Tied head: `E · hᵀ` then transpose the (small) activation, never the `[vocab, hidden]` table.
+                let [b, s, h] = hidden.dims();
+                let table = self.model.embed_tokens.weight.val();
+                let vocab = table.dims()[0];
+                let flat = hidden.reshape([b * s, h]).transpose();
+                table.matmul(flat).transpose().reshape([b, s, vocab])
+            }
         }
     }
 
