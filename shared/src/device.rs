@@ -79,7 +79,10 @@ pub struct GpuAdapter {
 
 /// GPU adapters wgpu finds, best first: discrete, integrated, virtual, then CPU (software) adapters.
 pub fn gpu_adapters() -> Vec<GpuAdapter> {
-    let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+    // Vulkan, Metal, DX12: the APIs burn's wgpu backend computes on (GL cannot run its compute shaders).
+    let mut descriptor = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
+    descriptor.backends = wgpu::Backends::PRIMARY;
+    let instance = wgpu::Instance::new(descriptor);
     let mut adapters: Vec<GpuAdapter> = Vec::new();
     let mut per_type = [0usize; 4];
     for adapter in pollster_adapters(&instance) {
@@ -114,7 +117,7 @@ pub fn gpu_adapters() -> Vec<GpuAdapter> {
 }
 
 fn pollster_adapters(instance: &wgpu::Instance) -> Vec<wgpu::Adapter> {
-    let future = instance.enumerate_adapters(wgpu::Backends::all());
+    let future = instance.enumerate_adapters(wgpu::Backends::PRIMARY);
     block_on(future)
 }
 

@@ -33,8 +33,11 @@ pub(crate) struct AttentionContext {
     pub cos: Tensor<4>,
     /// `[batch, 1, seq, head_dim]`.
     pub sin: Tensor<4>,
-    /// `[batch, 1, seq, past + seq]`: 0 where a query may attend, a large negative number elsewhere.
+    /// `[batch, 1, seq, keys]`: 0 where a query may attend, a large negative number elsewhere. `keys` is
+    /// `past + seq` without a cache, the cache's capacity with one.
     pub mask: Tensor<4>,
+    /// Positions already in the cache.
+    pub past: usize,
 }
 
 impl LlamaAttention {
@@ -48,7 +51,7 @@ impl LlamaAttention {
         let k = apply_rotary(heads(self.k_proj.forward(x.clone()), nkv), &ctx.cos, &ctx.sin);
         let v = heads(self.v_proj.forward(x), nkv);
         let (k, v) = match cache {
-            Some(cache) => cache.append(k, v),
+            Some(cache) => cache.append(k, v, ctx.past, ctx.mask.dims()[3]),
             None => (k, v),
         };
         let t = k.dims()[2];

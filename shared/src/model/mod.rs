@@ -144,13 +144,14 @@ impl LlamaForCausalLM {
             Some(c) => c.valid.clone(),
             None => vec![Vec::new(); batch],
         };
+        let past_len = past.first().map_or(0, Vec::len);
         let valid: Vec<Vec<bool>> = past.iter().zip(&new_valid).map(|(p, n)| [p.as_slice(), n].concat()).collect();
-        let (positions, bias) = positions_and_mask(&valid, past.first().map_or(0, Vec::len), seq);
+        let keys = if cache.is_some() { KvCache::capacity_for(past_len + seq) } else { past_len + seq };
+        let (positions, bias) = positions_and_mask(&valid, past_len, seq, keys);
         let positions = Tensor::<2, Int>::from_data(TensorData::new(positions, [batch, seq]), &device);
         let (cos, sin) = self.rope.cos_sin(positions);
-        let total = valid.first().map_or(0, Vec::len);
-        let mask = Tensor::<4>::from_data(TensorData::new(bias, [batch, 1, seq, total]), &device);
-        let ctx = AttentionContext { cos, sin, mask };
+        let mask = Tensor::<4>::from_data(TensorData::new(bias, [batch, 1, seq, keys]), &device);
+        let ctx = AttentionContext { cos, sin, mask, past: past_len };
         let mut x = self.model.embed_tokens.forward(ids);
         for (i, layer) in self.model.layers.iter().enumerate() {
             let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
@@ -190,9 +191,10 @@ impl LlamaForCausalLM {
 }
 
 /// Rotary positions of the new tokens (count of real tokens before each, per row) and the additive mask
-/// `[batch, 1, seq, total]` allowing each new query the real keys at or before it.
-fn positions_and_mask(valid: &[Vec<bool>], past: usize, seq: usize) -> (Vec<i64>, Vec<f32>) {
-    let total = past + seq;
+/// `[batch, 1, seq, keys]` allowing each new query the real keys at or before it (`keys ≥ past + seq`; slots beyond
+/// are unused cache capacity, always masked).
+fn positions_and_mask(valid: &[Vec<bool>], past: usize, seq: usize, keys: usize) -> (Vec<i64>, Vec<f32>) {
+    let total = keys;
     let mut positions = Vec::with_capacity(valid.len() * seq);
     let mut bias = Vec::with_capacity(valid.len() * seq * total);
     for row in valid {
@@ -216,7 +218,7 @@ mod tests {
     #[test]
     fn left_padding_positions_count_real_tokens() {
         let valid = vec![vec![false, false, true, true], vec![true, true, true, true]];
-        let (pos, bias) = positions_and_mask(&valid, 0, 4);
+        let (pos, bias) = positions_and_mask(&valid, 0, 4, 4);
         assert_eq!(pos, vec![0, 0, 0, 1, 0, 1, 2, 3]);
         // Row 0, query 2 sees only key 2.
         assert_eq!(&bias[8..12], &[MASKED, MASKED, 0.0, MASKED]);
@@ -227,8 +229,8 @@ mod tests {
     #[test]
     fn cached_positions_continue() {
         let valid = vec![vec![true, true, true]];
-        let (pos, bias) = positions_and_mask(&valid, 2, 1);
+        let (pos, bias) = positions_and_mask(&valid, 2, 1, 5);
         assert_eq!(pos, vec![2]);
-        assert_eq!(bias, vec![0.0, 0.0, 0.0]);
+        assert_eq!(bias, vec![0.0, 0.0, 0.0, MASKED, MASKED]);
     }
 }
