@@ -126,3 +126,50 @@ fn out_of_vocabulary_ids_are_rejected() {
     assert!(model.check_ids(&[1, 2, 255]).is_ok());
     assert!(model.check_ids(&[256]).unwrap_err().to_string().contains("256"));
 }
+
+/// A sharded checkpoint (`model.safetensors.index.json`) with f32, f16 and bf16 shards loads and runs.
+#[test]
+fn sharded_half_precision_checkpoint_loads() {
+    use safetensors::tensor::TensorView;
+    use safetensors::Dtype;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(fixture("tiny-llama/config.json"), dir.path().join("config.json")).unwrap();
+    let st = Tensors::read(&fixture("tiny-llama/model.safetensors"));
+    let names = st.names();
+    let mut weight_map = serde_json::Map::new();
+    let encodings: [(&str, Dtype); 3] = [("f32", Dtype::F32), ("f16", Dtype::F16), ("bf16", Dtype::BF16)];
+    for (shard, (label, dtype)) in encodings.iter().enumerate() {
+        let file = format!("model-{label}.safetensors");
+        let mine: Vec<&String> = names.iter().enumerate().filter(|(i, _)| i % 3 == shard).map(|(_, n)| n).collect();
+        let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = mine
+            .iter()
+            .map(|n| {
+                let values = st.f32(n);
+                let raw: Vec<u8> = match dtype {
+                    Dtype::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                    Dtype::F16 => values.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect(),
+                    _ => values.iter().flat_map(|v| half::bf16::from_f32(*v).to_le_bytes()).collect(),
+                };
+                weight_map.insert(n.to_string(), serde_json::json!(file));
+                (n.to_string(), raw, st.shape(n))
+            })
+            .collect();
+        let views: Vec<(String, TensorView)> =
+            bytes.iter().map(|(n, raw, shape)| (n.clone(), TensorView::new(*dtype, shape.clone(), raw).unwrap())).collect();
+        safetensors::serialize_to_file(views, None, &dir.path().join(&file)).unwrap();
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
+    std::fs::write(dir.path().join("model.safetensors.index.json"), index.to_string()).unwrap();
+    let checkpoint = Checkpoint::open(dir.path()).unwrap();
+    let dtypes: std::collections::BTreeSet<String> = checkpoint.tensors().into_iter().map(|t| t.dtype).collect();
+    assert_eq!(dtypes.into_iter().collect::<Vec<_>>(), vec!["BF16", "F16", "F32"]);
+    let model = checkpoint.load_model(&Device::flex()).unwrap();
+    let exp = expected();
+    let diff = max_abs_diff(&logits(&model, &exp.i64("input_ids.2")), &exp.f32("logits.2"));
+    // bf16 keeps 8 bits of mantissa: the logits move, but only by rounding of the weights.
+    assert!(diff < 5e-2, "max |diff| {diff}");
+    // A shard named in the index but absent is an error naming it.
+    std::fs::remove_file(dir.path().join("model-f16.safetensors")).unwrap();
+    let err = Checkpoint::open(dir.path()).err().unwrap().to_string();
+    assert!(err.contains("model-f16.safetensors"), "{err}");
+}
