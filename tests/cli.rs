@@ -10,7 +10,12 @@ fn server() -> Command {
 
 fn run(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap();
-    assert!(out.status.success(), "{:?} failed: {}", cmd, String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{:?} failed: {}",
+        cmd,
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout).unwrap()
 }
 
@@ -19,7 +24,11 @@ fn logits_command_writes_reference_logits() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("logits.safetensors");
     let exp = Tensors::read(&fixture("tiny-llama/expected.safetensors"));
-    let ids: Vec<String> = exp.i64("input_ids.1").iter().map(|i| i.to_string()).collect();
+    let ids: Vec<String> = exp
+        .i64("input_ids.1")
+        .iter()
+        .map(|i| i.to_string())
+        .collect();
     run(server()
         .args(["model", "logits", "--device", "cpu", "--model"])
         .arg(fixture("tiny-llama"))
@@ -36,10 +45,26 @@ fn info_tokenize_and_generate_on_smollm2() {
     let info = run(server().args(["model", "info", "--model"]).arg(&model));
     assert!(info.contains("layers:              30"), "{info}");
     assert!(info.contains("Q4_1"), "{info}");
-    let ids = run(server().args(["model", "tokenize", "--text", "Hello, world!<|im_end|>", "--model"]).arg(&model));
+    let ids = run(server()
+        .args([
+            "model",
+            "tokenize",
+            "--text",
+            "Hello, world!<|im_end|>",
+            "--model",
+        ])
+        .arg(&model));
     assert_eq!(ids.trim(), "[19556,28,905,17,2]");
     let text = run(server()
-        .args(["model", "generate", "--chat", "--device", "cpu", "--max-new-tokens", "24"])
+        .args([
+            "model",
+            "generate",
+            "--chat",
+            "--device",
+            "cpu",
+            "--max-new-tokens",
+            "24",
+        ])
         .args(["--prompt", "What is the capital of France?", "--model"])
         .arg(&model));
     assert_eq!(text.trim_end(), "The capital of France is Paris.<|im_end|>");
@@ -47,11 +72,24 @@ fn info_tokenize_and_generate_on_smollm2() {
 
 #[test]
 fn bad_inputs_fail_with_a_clear_message() {
-    let out = server().args(["model", "info", "--model", "/nonexistent/model.gguf"]).output().unwrap();
+    let out = server()
+        .args(["model", "info", "--model", "/nonexistent/model.gguf"])
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/model.gguf"));
     let out = server()
-        .args(["model", "logits", "--device", "cpu", "--ids", "1,999", "--out", "/tmp/x.safetensors", "--model"])
+        .args([
+            "model",
+            "logits",
+            "--device",
+            "cpu",
+            "--ids",
+            "1,999",
+            "--out",
+            "/tmp/x.safetensors",
+            "--model",
+        ])
         .arg(fixture("tiny-llama"))
         .output()
         .unwrap();

@@ -9,7 +9,10 @@ use offsite_tests::{fixture, llama_cpp_permute, logits, max_abs_diff, write_gguf
 
 /// GPT-2's byte → printable character map, as in its `bytes_to_unicode`.
 fn byte_chars() -> Vec<char> {
-    let mut printable: Vec<u32> = (0x21..=0x7e).chain(0xa1..=0xac).chain(0xae..=0xff).collect();
+    let mut printable: Vec<u32> = (0x21..=0x7e)
+        .chain(0xa1..=0xac)
+        .chain(0xae..=0xff)
+        .collect();
     let mut chars: Vec<u32> = printable.clone();
     let mut extra = 0;
     for b in 0..256u32 {
@@ -105,12 +108,18 @@ fn converted_tiny_llama_matches_transformers() {
     let checkpoint = Checkpoint::open(&path).unwrap();
     assert_eq!(checkpoint.format(), Format::Gguf);
     let c = checkpoint.config();
-    assert_eq!((c.head_dim, c.num_key_value_heads, c.tie_word_embeddings), (16, 2, false));
+    assert_eq!(
+        (c.head_dim, c.num_key_value_heads, c.tie_word_embeddings),
+        (16, 2, false)
+    );
     assert_eq!(c.eos_token_ids, vec![2]);
     let model = checkpoint.load_model(&Device::flex()).unwrap();
     let exp = Tensors::read(&fixture("tiny-llama/expected.safetensors"));
     for i in 0..3 {
-        let diff = max_abs_diff(&logits(&model, &exp.i64(&format!("input_ids.{i}"))), &exp.f32(&format!("logits.{i}")));
+        let diff = max_abs_diff(
+            &logits(&model, &exp.i64(&format!("input_ids.{i}"))),
+            &exp.f32(&format!("logits.{i}")),
+        );
         assert!(diff < 1e-4, "case {i}: {diff}");
     }
     let tok = checkpoint.tokenizer().unwrap();
@@ -125,12 +134,18 @@ fn truncated_files_are_errors_never_panics() {
     let dir = tempfile::tempdir().unwrap();
     // Every length through the header and metadata, then a spread of lengths through the tensor data.
     let head = 6000;
-    let lengths: Vec<usize> = (0..head).chain((0..64).map(|k| head + k * (bytes.len() - head) / 64)).collect();
+    let lengths: Vec<usize> = (0..head)
+        .chain((0..64).map(|k| head + k * (bytes.len() - head) / 64))
+        .collect();
     for len in lengths.into_iter().filter(|&l| l < bytes.len()) {
         let path = write(dir.path(), &bytes[..len]);
         match Checkpoint::open(&path) {
             Err(e) => assert!(e.to_string().contains("tiny.gguf"), "length {len}: {e}"),
-            Ok(c) => panic!("length {len} of {} accepted ({} tensors)", bytes.len(), c.tensors().len()),
+            Ok(c) => panic!(
+                "length {len} of {} accepted ({} tensors)",
+                bytes.len(),
+                c.tensors().len()
+            ),
         }
     }
 }
@@ -173,6 +188,9 @@ fn unsupported_architecture_is_named() {
     let at = bytes.windows(5).position(|w| w == b"llama").unwrap();
     bytes[at..at + 5].copy_from_slice(b"gpt2x");
     let dir = tempfile::tempdir().unwrap();
-    let err = Checkpoint::open(&write(dir.path(), &bytes)).err().unwrap().to_string();
+    let err = Checkpoint::open(&write(dir.path(), &bytes))
+        .err()
+        .unwrap()
+        .to_string();
     assert!(err.contains("gpt2x") && err.contains("tiny.gguf"), "{err}");
 }

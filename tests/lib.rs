@@ -7,7 +7,9 @@ use offsite::model::LlamaForCausalLM;
 
 /// `../shared/fixtures/<name>` beside the project root.
 pub fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../shared/fixtures")
+        .join(name)
 }
 
 /// The SmolLM2-135M-Instruct GGUF: `$OFFSITE_SMOLLM2`, else where `fetch-smollm2` puts it. Panics with the command
@@ -18,9 +20,15 @@ pub fn smollm2_gguf() -> PathBuf {
     }
     let cache = std::env::var("XDG_CACHE_HOME")
         .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache"));
+        .unwrap_or_else(|_| {
+            PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache")
+        });
     let path = cache.join("offsite-models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(path.exists(), "{} is missing: run scripts/fetch-smollm2 (or set OFFSITE_SMOLLM2)", path.display());
+    assert!(
+        path.exists(),
+        "{} is missing: run scripts/fetch-smollm2 (or set OFFSITE_SMOLLM2)",
+        path.display()
+    );
     path
 }
 
@@ -34,8 +42,11 @@ impl Tensors {
 
     fn view(&self, name: &str) -> safetensors::tensor::TensorView<'_> {
         let st = safetensors::SafeTensors::deserialize(&self.0).unwrap();
-        let view = st.tensor(name).unwrap_or_else(|_| panic!("no tensor {name}"));
-        safetensors::tensor::TensorView::new(view.dtype(), view.shape().to_vec(), view.data()).unwrap()
+        let view = st
+            .tensor(name)
+            .unwrap_or_else(|_| panic!("no tensor {name}"));
+        safetensors::tensor::TensorView::new(view.dtype(), view.shape().to_vec(), view.data())
+            .unwrap()
     }
 
     pub fn shape(&self, name: &str) -> Vec<usize> {
@@ -45,13 +56,19 @@ impl Tensors {
     pub fn f32(&self, name: &str) -> Vec<f32> {
         let v = self.view(name);
         assert_eq!(v.dtype(), safetensors::Dtype::F32, "{name}");
-        v.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
+        v.data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect()
     }
 
     pub fn i64(&self, name: &str) -> Vec<i64> {
         let v = self.view(name);
         assert_eq!(v.dtype(), safetensors::Dtype::I64, "{name}");
-        v.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect()
+        v.data()
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+            .collect()
     }
 
     pub fn names(&self) -> Vec<String> {
@@ -62,14 +79,25 @@ impl Tensors {
 
 /// Logits of one unpadded sequence, flattened `[len · vocab]`.
 pub fn logits(model: &LlamaForCausalLM, ids: &[i64]) -> Vec<f32> {
-    let input = Tensor::<2, Int>::from_data(TensorData::new(ids.to_vec(), [1, ids.len()]), &model.device());
-    model.forward(input, None, None).unwrap().into_data().try_into_vec().unwrap()
+    let input = Tensor::<2, Int>::from_data(
+        TensorData::new(ids.to_vec(), [1, ids.len()]),
+        &model.device(),
+    );
+    model
+        .forward(input, None, None)
+        .unwrap()
+        .into_data()
+        .try_into_vec()
+        .unwrap()
 }
 
 /// Largest absolute difference; panics on length mismatch.
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "lengths differ");
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 /// A metadata value for [`write_gguf`].
@@ -126,7 +154,10 @@ pub fn write_gguf(meta: &[(&str, Meta)], tensors: &[(String, Vec<usize>, Vec<f32
     for (name, shape, data) in tensors {
         string(&mut out, name);
         out.extend((shape.len() as u32).to_le_bytes());
-        shape.iter().rev().for_each(|d| out.extend((*d as u64).to_le_bytes()));
+        shape
+            .iter()
+            .rev()
+            .for_each(|d| out.extend((*d as u64).to_le_bytes()));
         out.extend(0u32.to_le_bytes());
         out.extend(offset.to_le_bytes());
         offset += padded(data.len()) as u64;
@@ -149,7 +180,8 @@ pub fn llama_cpp_permute(data: &[f32], rows: usize, cols: usize, heads: usize) -
             for i in 0..d / 2 {
                 let src = h * d + j * (d / 2) + i;
                 let dst = h * d + i * 2 + j;
-                out[dst * cols..(dst + 1) * cols].copy_from_slice(&data[src * cols..(src + 1) * cols]);
+                out[dst * cols..(dst + 1) * cols]
+                    .copy_from_slice(&data[src * cols..(src + 1) * cols]);
             }
         }
     }

@@ -19,16 +19,24 @@ fn loaded() -> &'static Loaded {
     static LOADED: OnceLock<Loaded> = OnceLock::new();
     LOADED.get_or_init(|| {
         let checkpoint = Checkpoint::open(&smollm2_gguf()).unwrap();
-        Loaded { model: checkpoint.load_model(&Device::flex()).unwrap(), tokenizer: checkpoint.tokenizer().unwrap() }
+        Loaded {
+            model: checkpoint.load_model(&Device::flex()).unwrap(),
+            tokenizer: checkpoint.tokenizer().unwrap(),
+        }
     })
 }
 
 fn expected_json() -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(fixture("smollm2/expected.json")).unwrap()).unwrap()
+    serde_json::from_str(&std::fs::read_to_string(fixture("smollm2/expected.json")).unwrap())
+        .unwrap()
 }
 
 fn ids(v: &serde_json::Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 #[test]
@@ -37,7 +45,11 @@ fn tokenizer_ids_are_exact() {
     let tok = &loaded().tokenizer;
     for case in exp["tokenizer"].as_array().unwrap() {
         let text = case["text"].as_str().unwrap();
-        assert_eq!(tok.encode(text).unwrap(), ids(&case["ids"]), "text {text:?}");
+        assert_eq!(
+            tok.encode(text).unwrap(),
+            ids(&case["ids"]),
+            "text {text:?}"
+        );
         assert_eq!(tok.decode(&ids(&case["ids"]), false).unwrap(), text);
     }
 }
@@ -46,14 +58,19 @@ fn tokenizer_ids_are_exact() {
 fn chat_template_matches_reference() {
     let exp = expected_json();
     let tok = &loaded().tokenizer;
-    let prompt = tok.apply_chat_template(&[ChatMessage::user("What is the capital of France?")], true).unwrap();
+    let prompt = tok
+        .apply_chat_template(&[ChatMessage::user("What is the capital of France?")], true)
+        .unwrap();
     assert_eq!(prompt, exp["chat_prompt"].as_str().unwrap());
     assert_eq!(tok.encode(&prompt).unwrap(), ids(&exp["chat_prompt_ids"]));
 }
 
 /// `|ours − ref| / max(|ref|, 1)`: relative where logits are large, absolute near zero.
 fn worst_relative(ours: &[f32], reference: &[f32]) -> f32 {
-    ours.iter().zip(reference).map(|(a, b)| (a - b).abs() / b.abs().max(1.0)).fold(0.0, f32::max)
+    ours.iter()
+        .zip(reference)
+        .map(|(a, b)| (a - b).abs() / b.abs().max(1.0))
+        .fold(0.0, f32::max)
 }
 
 #[test]
@@ -79,7 +96,10 @@ fn logits_and_top10_match_reference() {
                 if want != got {
                     // Only a tie (equal logits up to float noise) may swap ranks.
                     let gap = (row[got] - ref_logits[p * 10 + r]).abs();
-                    assert!(gap < 1e-3 * ref_logits[p * 10 + r].abs().max(1.0), "prompt {i} pos {p} rank {r}: {got} vs {want}");
+                    assert!(
+                        gap < 1e-3 * ref_logits[p * 10 + r].abs().max(1.0),
+                        "prompt {i} pos {p} rank {r}: {got} vs {want}"
+                    );
                 }
             }
         }
@@ -91,8 +111,14 @@ fn greedy_chat_generation_is_exact() {
     let exp = expected_json();
     let Loaded { model, tokenizer } = loaded();
     let prompt = ids(&exp["chat_prompt_ids"]);
-    let config = GenerationConfig { max_new_tokens: 24, ..Default::default() };
+    let config = GenerationConfig {
+        max_new_tokens: 24,
+        ..Default::default()
+    };
     let out = generate(model, &prompt, tokenizer.eos_ids(), &config).unwrap();
     assert_eq!(out, ids(&exp["greedy_24_ids"]));
-    assert_eq!(tokenizer.decode(&out, false).unwrap(), exp["greedy_24_text"].as_str().unwrap());
+    assert_eq!(
+        tokenizer.decode(&out, false).unwrap(),
+        exp["greedy_24_text"].as_str().unwrap()
+    );
 }

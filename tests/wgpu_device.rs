@@ -15,7 +15,10 @@ fn tiny_llama_on_wgpu_matches_transformers() {
     );
     let (device, described) = resolve(DeviceChoice::Gpu(0)).unwrap();
     eprintln!("running on {described}");
-    let model = Checkpoint::open(&fixture("tiny-llama")).unwrap().load_model(&device).unwrap();
+    let model = Checkpoint::open(&fixture("tiny-llama"))
+        .unwrap()
+        .load_model(&device)
+        .unwrap();
     let exp = Tensors::read(&fixture("tiny-llama/expected.safetensors"));
     for i in 0..3 {
         let ids = exp.i64(&format!("input_ids.{i}"));
@@ -28,12 +31,26 @@ fn tiny_llama_on_wgpu_matches_transformers() {
     let prefix = Tensor::<2, Int>::from_data(TensorData::new(ids[..16].to_vec(), [1, 16]), &device);
     model.forward(prefix, None, Some(&mut cache)).unwrap();
     let last = Tensor::<2, Int>::from_data(TensorData::new(vec![ids[16]], [1, 1]), &device);
-    let got: Vec<f32> = model.forward(last, None, Some(&mut cache)).unwrap().into_data().try_into_vec().unwrap();
+    let got: Vec<f32> = model
+        .forward(last, None, Some(&mut cache))
+        .unwrap()
+        .into_data()
+        .try_into_vec()
+        .unwrap();
     let want = exp.f32("logits.2");
     assert!(max_abs_diff(&got, &want[16 * 256..]) < 1e-4);
     // Greedy generation agrees with the CPU backend.
-    let cpu = Checkpoint::open(&fixture("tiny-llama")).unwrap().load_model(&burn::tensor::Device::flex()).unwrap();
+    let cpu = Checkpoint::open(&fixture("tiny-llama"))
+        .unwrap()
+        .load_model(&burn::tensor::Device::flex())
+        .unwrap();
     let prompt: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
-    let config = GenerationConfig { max_new_tokens: 6, ..Default::default() };
-    assert_eq!(generate(&model, &prompt, &[], &config).unwrap(), generate(&cpu, &prompt, &[], &config).unwrap());
+    let config = GenerationConfig {
+        max_new_tokens: 6,
+        ..Default::default()
+    };
+    assert_eq!(
+        generate(&model, &prompt, &[], &config).unwrap(),
+        generate(&cpu, &prompt, &[], &config).unwrap()
+    );
 }

@@ -113,29 +113,63 @@ pub(crate) fn run(command: ModelCommand) -> Result<()> {
             println!("{}", serde_json::to_string(&ids)?);
             Ok(())
         }
-        ModelCommand::Logits { model, ids, out, device } => {
+        ModelCommand::Logits {
+            model,
+            ids,
+            out,
+            device,
+        } => {
             let checkpoint = open(&model.model)?;
             let model = load(&checkpoint, device.device)?;
             model.check_ids(&ids)?;
             let len = ids.len();
             let ids: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
-            let input = Tensor::<2, Int>::from_data(TensorData::new(ids, [1, len]), &model.device());
+            let input =
+                Tensor::<2, Int>::from_data(TensorData::new(ids, [1, len]), &model.device());
             let logits = model.forward(input, None, None)?;
             let vocab = logits.dims()[2];
-            let values: Vec<f32> = logits.into_data().try_into_vec().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            let values: Vec<f32> = logits
+                .into_data()
+                .try_into_vec()
+                .map_err(|e| anyhow::anyhow!("{e:?}"))?;
             write_logits(&out, &values, len, vocab)
         }
-        ModelCommand::Generate { model, prompt, chat, max_new_tokens, temperature, top_k, top_p, seed, device } => {
+        ModelCommand::Generate {
+            model,
+            prompt,
+            chat,
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            seed,
+            device,
+        } => {
             let checkpoint = open(&model.model)?;
             let tokenizer = checkpoint.tokenizer()?;
-            let text = if chat { tokenizer.apply_chat_template(&[ChatMessage::user(prompt)], true)? } else { prompt };
+            let text = if chat {
+                tokenizer.apply_chat_template(&[ChatMessage::user(prompt)], true)?
+            } else {
+                prompt
+            };
             let ids = tokenizer.encode(&text)?;
             let model = load(&checkpoint, device.device)?;
-            let config = GenerationConfig { max_new_tokens, temperature, top_k, top_p, seed };
+            let config = GenerationConfig {
+                max_new_tokens,
+                temperature,
+                top_k,
+                top_p,
+                seed,
+            };
             let start = Instant::now();
             let out = generate(&model, &ids, tokenizer.eos_ids(), &config)?;
             let secs = start.elapsed().as_secs_f64();
-            info!(prompt_tokens = ids.len(), new_tokens = out.len(), tokens_per_s = format!("{:.1}", out.len() as f64 / secs), "generated");
+            info!(
+                prompt_tokens = ids.len(),
+                new_tokens = out.len(),
+                tokens_per_s = format!("{:.1}", out.len() as f64 / secs),
+                "generated"
+            );
             println!("{}", tokenizer.decode(&out, false)?);
             Ok(())
         }
@@ -144,7 +178,8 @@ pub(crate) fn run(command: ModelCommand) -> Result<()> {
 
 fn write_logits(path: &Path, values: &[f32], len: usize, vocab: usize) -> Result<()> {
     let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![len, vocab], &bytes)?;
+    let view =
+        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![len, vocab], &bytes)?;
     safetensors::serialize_to_file([("logits", view)], None, path)
         .with_context(|| format!("writing {}", path.display()))?;
     info!(path = %path.display(), shape = ?[len, vocab], "logits written");
@@ -166,24 +201,52 @@ fn info_cmd(checkpoint: &Checkpoint, list: bool) -> Result<()> {
     let params = c.num_parameters();
     println!("format:              {}", checkpoint.format());
     println!("architecture:        {} (LlamaForCausalLM)", c.model_type);
-    println!("parameters:          {params} ({:.1} M; f32 size {:.1} MiB)", params as f64 / 1e6, params as f64 * 4.0 / (1 << 20) as f64);
+    println!(
+        "parameters:          {params} ({:.1} M; f32 size {:.1} MiB)",
+        params as f64 / 1e6,
+        params as f64 * 4.0 / (1 << 20) as f64
+    );
     println!("layers:              {}", c.num_hidden_layers);
     println!("hidden size:         {}", c.hidden_size);
     println!("intermediate size:   {}", c.intermediate_size);
-    println!("attention heads:     {} (kv heads {}, head dim {})", c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+    println!(
+        "attention heads:     {} (kv heads {}, head dim {})",
+        c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    );
     println!("vocabulary:          {}", c.vocab_size);
     println!("context length:      {}", c.max_position_embeddings);
-    println!("rope theta:          {}{}", c.rope_theta, c.rope_scaling.as_ref().map(|s| format!(" (scaling {s:?})")).unwrap_or_default());
+    println!(
+        "rope theta:          {}{}",
+        c.rope_theta,
+        c.rope_scaling
+            .as_ref()
+            .map(|s| format!(" (scaling {s:?})"))
+            .unwrap_or_default()
+    );
     println!("rms norm eps:        {}", c.rms_norm_eps);
     println!("tied embeddings:     {}", c.tie_word_embeddings);
     println!("q/k/v bias:          {}", c.attention_bias);
-    println!("bos / eos ids:       {:?} / {:?}", c.bos_token_id, c.eos_token_ids);
+    println!(
+        "bos / eos ids:       {:?} / {:?}",
+        c.bos_token_id, c.eos_token_ids
+    );
     println!("tensors:             {}", tensors.len());
     for (ty, (n, bytes)) in types {
-        println!("  {ty:<8} {n:>5} tensors  {:>10.2} MiB", bytes as f64 / (1 << 20) as f64);
+        println!(
+            "  {ty:<8} {n:>5} tensors  {:>10.2} MiB",
+            bytes as f64 / (1 << 20) as f64
+        );
     }
     match checkpoint.tokenizer() {
-        Ok(t) => println!("tokenizer:           {} ids, chat template: {}", t.vocab_size(), if t.chat_template().is_some() { "yes" } else { "no (ChatML)" }),
+        Ok(t) => println!(
+            "tokenizer:           {} ids, chat template: {}",
+            t.vocab_size(),
+            if t.chat_template().is_some() {
+                "yes"
+            } else {
+                "no (ChatML)"
+            }
+        ),
         Err(e) => println!("tokenizer:           unavailable ({e})"),
     }
     if list {

@@ -139,7 +139,9 @@ pub fn resolve(choice: DeviceChoice) -> Result<(Device, String), DeviceError> {
     match choice {
         DeviceChoice::Cpu => Ok((Device::flex(), "cpu (flex)".into())),
         DeviceChoice::Auto => {
-            let best = gpu_adapters().into_iter().find(|a| a.device_type != wgpu::DeviceType::Cpu);
+            let best = gpu_adapters()
+                .into_iter()
+                .find(|a| a.device_type != wgpu::DeviceType::Cpu);
             Ok(match best {
                 Some(a) => (Device::wgpu(a.kind.clone()), describe(&a)),
                 None => (Device::flex(), "cpu (flex; no GPU adapter found)".into()),
@@ -148,7 +150,10 @@ pub fn resolve(choice: DeviceChoice) -> Result<(Device, String), DeviceError> {
         DeviceChoice::Gpu(index) => {
             let adapters = gpu_adapters();
             let found = adapters.len();
-            let a = adapters.into_iter().nth(index).ok_or(DeviceError::NoSuchGpu { index, found })?;
+            let a = adapters
+                .into_iter()
+                .nth(index)
+                .ok_or(DeviceError::NoSuchGpu { index, found })?;
             Ok((Device::wgpu(a.kind.clone()), describe(&a)))
         }
     }
@@ -167,7 +172,14 @@ mod tests {
         assert_eq!("auto".parse::<DeviceChoice>().unwrap(), DeviceChoice::Auto);
         assert_eq!("cpu".parse::<DeviceChoice>().unwrap(), DeviceChoice::Cpu);
         assert_eq!("gpu".parse::<DeviceChoice>().unwrap(), DeviceChoice::Gpu(0));
-        assert_eq!("gpu:2".parse::<DeviceChoice>().unwrap(), DeviceChoice::Gpu(2));
-        assert!("gpu:x".parse::<DeviceChoice>().unwrap_err().to_string().contains("gpu:x"));
+        assert_eq!(
+            "gpu:2".parse::<DeviceChoice>().unwrap(),
+            DeviceChoice::Gpu(2)
+        );
+        assert!("gpu:x"
+            .parse::<DeviceChoice>()
+            .unwrap_err()
+            .to_string()
+            .contains("gpu:x"));
     }
 }

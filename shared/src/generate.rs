@@ -23,7 +23,13 @@ pub struct GenerationConfig {
 
 impl Default for GenerationConfig {
     fn default() -> Self {
-        Self { max_new_tokens: 128, temperature: None, top_k: None, top_p: None, seed: 0 }
+        Self {
+            max_new_tokens: 128,
+            temperature: None,
+            top_k: None,
+            top_p: None,
+            seed: 0,
+        }
     }
 }
 
@@ -41,7 +47,9 @@ pub fn generate(
     model.check_ids(prompt)?;
     if let Some(t) = config.temperature {
         if !t.is_finite() || t < 0.0 {
-            return Err(ModelError::Input(format!("temperature {t} must be a finite non-negative number")));
+            return Err(ModelError::Input(format!(
+                "temperature {t} must be a finite non-negative number"
+            )));
         }
     }
     if let Some(p) = config.top_p {
@@ -63,7 +71,8 @@ pub fn generate(
         let last = hidden.slice([0..1, s - 1..s, 0..h]);
         let logits: Vec<f32> = model
             .lm_head(last)
-            .into_data().try_into_vec()
+            .into_data()
+            .try_into_vec()
             .map_err(|e| ModelError::Input(format!("cannot read logits: {e:?}")))?;
         let next = pick(&logits, config, &mut rng);
         out.push(next);
@@ -87,7 +96,10 @@ pub(crate) fn pick(logits: &[f32], config: &GenerationConfig, rng: &mut StdRng) 
         order.truncate(k.max(1));
     }
     let max = logits[order[0]] as f64;
-    let mut probs: Vec<f64> = order.iter().map(|&i| ((logits[i] as f64 - max) / temperature).exp()).collect();
+    let mut probs: Vec<f64> = order
+        .iter()
+        .map(|&i| ((logits[i] as f64 - max) / temperature).exp())
+        .collect();
     let total: f64 = probs.iter().sum();
     probs.iter_mut().for_each(|p| *p /= total);
     if let Some(top_p) = config.top_p {
@@ -136,12 +148,22 @@ mod tests {
     fn top_k_one_is_greedy_and_sampling_is_seeded() {
         let logits = [0.1, 2.0, 1.9, -1.0];
         let mut rng = StdRng::seed_from_u64(1);
-        let cfg = GenerationConfig { temperature: Some(1.0), top_k: Some(1), ..Default::default() };
+        let cfg = GenerationConfig {
+            temperature: Some(1.0),
+            top_k: Some(1),
+            ..Default::default()
+        };
         assert!((0..20).all(|_| pick(&logits, &cfg, &mut rng) == 1));
-        let cfg = GenerationConfig { temperature: Some(1.0), top_p: Some(0.9), ..Default::default() };
+        let cfg = GenerationConfig {
+            temperature: Some(1.0),
+            top_p: Some(0.9),
+            ..Default::default()
+        };
         let draw = |seed| {
             let mut rng = StdRng::seed_from_u64(seed);
-            (0..50).map(|_| pick(&logits, &cfg, &mut rng)).collect::<Vec<_>>()
+            (0..50)
+                .map(|_| pick(&logits, &cfg, &mut rng))
+                .collect::<Vec<_>>()
         };
         assert_eq!(draw(7), draw(7));
         // top_p 0.9 keeps ids 1 and 2 only (their mass is ~0.8 < 0.9, so id 0 is kept too, never id 3).

@@ -4,8 +4,8 @@ use burn::tensor::{Device, Tensor, TensorData};
 
 use super::{LoadError, TensorSource};
 use crate::model::{
-    Embedding, Linear, LlamaAttention, LlamaConfig, LlamaDecoderLayer, LlamaForCausalLM, LlamaMlp, LlamaModel,
-    RmsNorm,
+    Embedding, Linear, LlamaAttention, LlamaConfig, LlamaDecoderLayer, LlamaForCausalLM, LlamaMlp,
+    LlamaModel, RmsNorm,
 };
 
 struct Builder<'a> {
@@ -17,7 +17,10 @@ impl Builder<'_> {
     /// The tensor's values, after checking its shape.
     fn values(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>, LoadError> {
         if !self.source.contains(name) {
-            return Err(LoadError::MissingTensor { path: self.source.path().into(), tensor: name.into() });
+            return Err(LoadError::MissingTensor {
+                path: self.source.path().into(),
+                tensor: name.into(),
+            });
         }
         let t = self.source.read(name)?;
         if t.shape != expected {
@@ -32,19 +35,38 @@ impl Builder<'_> {
     }
 
     fn tensor1(&self, name: &str, n: usize) -> Result<Tensor<1>, LoadError> {
-        Ok(Tensor::from_data(TensorData::new(self.values(name, &[n])?, [n]), self.device))
+        Ok(Tensor::from_data(
+            TensorData::new(self.values(name, &[n])?, [n]),
+            self.device,
+        ))
     }
 
     fn tensor2(&self, name: &str, rows: usize, cols: usize) -> Result<Tensor<2>, LoadError> {
-        Ok(Tensor::from_data(TensorData::new(self.values(name, &[rows, cols])?, [rows, cols]), self.device))
+        Ok(Tensor::from_data(
+            TensorData::new(self.values(name, &[rows, cols])?, [rows, cols]),
+            self.device,
+        ))
     }
 
     /// A PyTorch `[out, in]` weight, stored transposed as [`Linear`] wants it.
-    fn linear(&self, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Linear, LoadError> {
+    fn linear(
+        &self,
+        prefix: &str,
+        out: usize,
+        inp: usize,
+        bias: bool,
+    ) -> Result<Linear, LoadError> {
         let name = format!("{prefix}.weight");
         let values = self.values(&name, &[out, inp])?;
-        let weight = Tensor::from_data(TensorData::new(transpose(&values, out, inp), [inp, out]), self.device);
-        let bias = if bias { Some(self.tensor1(&format!("{prefix}.bias"), out)?) } else { None };
+        let weight = Tensor::from_data(
+            TensorData::new(transpose(&values, out, inp), [inp, out]),
+            self.device,
+        );
+        let bias = if bias {
+            Some(self.tensor1(&format!("{prefix}.bias"), out)?)
+        } else {
+            None
+        };
         Ok(Linear::new(weight, bias))
     }
 }
@@ -55,16 +77,27 @@ pub(crate) fn build_model(
     device: &Device,
 ) -> Result<LlamaForCausalLM, LoadError> {
     let b = Builder { source, device };
-    let (h, i, d) = (config.hidden_size, config.intermediate_size, config.head_dim);
-    let (q, kv) = (config.num_attention_heads * d, config.num_key_value_heads * d);
+    let (h, i, d) = (
+        config.hidden_size,
+        config.intermediate_size,
+        config.head_dim,
+    );
+    let (q, kv) = (
+        config.num_attention_heads * d,
+        config.num_key_value_heads * d,
+    );
     let eps = config.rms_norm_eps;
-    let embed_tokens = Embedding::new(b.tensor2("model.embed_tokens.weight", config.vocab_size, h)?);
+    let embed_tokens =
+        Embedding::new(b.tensor2("model.embed_tokens.weight", config.vocab_size, h)?);
     let mut layers = Vec::with_capacity(config.num_hidden_layers);
     for n in 0..config.num_hidden_layers {
         let p = format!("model.layers.{n}");
         let bias = config.attention_bias;
         layers.push(LlamaDecoderLayer {
-            input_layernorm: RmsNorm::new(b.tensor1(&format!("{p}.input_layernorm.weight"), h)?, eps),
+            input_layernorm: RmsNorm::new(
+                b.tensor1(&format!("{p}.input_layernorm.weight"), h)?,
+                eps,
+            ),
             self_attn: LlamaAttention {
                 q_proj: b.linear(&format!("{p}.self_attn.q_proj"), q, h, bias)?,
                 k_proj: b.linear(&format!("{p}.self_attn.k_proj"), kv, h, bias)?,
@@ -91,8 +124,17 @@ pub(crate) fn build_model(
     } else {
         Some(b.linear("lm_head", config.vocab_size, h, false)?)
     };
-    let model = LlamaModel { embed_tokens, layers, norm };
-    Ok(LlamaForCausalLM::from_parts(config.clone(), model, lm_head, device))
+    let model = LlamaModel {
+        embed_tokens,
+        layers,
+        norm,
+    };
+    Ok(LlamaForCausalLM::from_parts(
+        config.clone(),
+        model,
+        lm_head,
+        device,
+    ))
 }
 
 /// Row-major `[rows, cols]` → `[cols, rows]`, in cache-friendly tiles.
@@ -116,7 +158,10 @@ mod tests {
     #[test]
     fn transpose_swaps_axes() {
         let data: Vec<f32> = (0..6).map(|x| x as f32).collect();
-        assert_eq!(super::transpose(&data, 2, 3), vec![0.0, 3.0, 1.0, 4.0, 2.0, 5.0]);
+        assert_eq!(
+            super::transpose(&data, 2, 3),
+            vec![0.0, 3.0, 1.0, 4.0, 2.0, 5.0]
+        );
         let big: Vec<f32> = (0..33 * 70).map(|x| x as f32).collect();
         let t = super::transpose(&big, 33, 70);
         assert_eq!(t[5 * 33 + 32], big[32 * 70 + 5]);

@@ -29,19 +29,27 @@ pub(crate) struct SafetensorsSource {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> LoadError + '_ {
-    move |source| LoadError::Io { path: path.to_path_buf(), source }
+    move |source| LoadError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 fn format_err(path: &Path, reason: impl Into<String>) -> LoadError {
-    LoadError::Format { path: path.to_path_buf(), reason: reason.into() }
+    LoadError::Format {
+        path: path.to_path_buf(),
+        reason: reason.into(),
+    }
 }
 
 /// Reads `config.json` and maps the weights.
 pub(crate) fn open(dir: &Path) -> Result<(LlamaConfig, SafetensorsSource), LoadError> {
     let config_path = dir.join("config.json");
     let text = std::fs::read_to_string(&config_path).map_err(io_err(&config_path))?;
-    let config =
-        LlamaConfig::from_hf_json(&text).map_err(|source| LoadError::Model { path: config_path.clone(), source })?;
+    let config = LlamaConfig::from_hf_json(&text).map_err(|source| LoadError::Model {
+        path: config_path.clone(),
+        source,
+    })?;
     let source = SafetensorsSource::open(dir)?;
     Ok((config, source))
 }
@@ -51,8 +59,8 @@ impl SafetensorsSource {
         let index_path = dir.join("model.safetensors.index.json");
         let files: Vec<PathBuf> = if index_path.exists() {
             let text = std::fs::read_to_string(&index_path).map_err(io_err(&index_path))?;
-            let v: serde_json::Value =
-                serde_json::from_str(&text).map_err(|e| format_err(&index_path, format!("not JSON: {e}")))?;
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| format_err(&index_path, format!("not JSON: {e}")))?;
             let map = v
                 .get("weight_map")
                 .and_then(|m| m.as_object())
@@ -62,7 +70,10 @@ impl SafetensorsSource {
             names.dedup();
             for name in &names {
                 if name.contains('/') || name.contains('\\') || name.starts_with('.') {
-                    return Err(format_err(&index_path, format!("shard name `{name}` must be a plain file name")));
+                    return Err(format_err(
+                        &index_path,
+                        format!("shard name `{name}` must be a plain file name"),
+                    ));
                 }
             }
             names.into_iter().map(|n| dir.join(n)).collect()
@@ -75,12 +86,19 @@ impl SafetensorsSource {
             let shard = Shard::open(path)?;
             for name in shard.metadata.tensors().keys() {
                 if index.insert(name.clone(), i).is_some() {
-                    return Err(format_err(&shard.path, format!("tensor `{name}` appears in two shards")));
+                    return Err(format_err(
+                        &shard.path,
+                        format!("tensor `{name}` appears in two shards"),
+                    ));
                 }
             }
             shards.push(shard);
         }
-        Ok(Self { dir: dir.to_path_buf(), shards, index })
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            shards,
+            index,
+        })
     }
 }
 
@@ -102,7 +120,12 @@ impl Shard {
                 ));
             }
         }
-        Ok(Self { path, map, data_start, metadata })
+        Ok(Self {
+            path,
+            map,
+            data_start,
+            metadata,
+        })
     }
 }
 
@@ -139,11 +162,17 @@ impl TensorSource for SafetensorsSource {
             .index
             .get(name)
             .map(|&s| &self.shards[s])
-            .ok_or_else(|| LoadError::MissingTensor { path: self.dir.clone(), tensor: name.into() })?;
+            .ok_or_else(|| LoadError::MissingTensor {
+                path: self.dir.clone(),
+                tensor: name.into(),
+            })?;
         let info = shard
             .metadata
             .info(name)
-            .ok_or_else(|| LoadError::MissingTensor { path: shard.path.clone(), tensor: name.into() })?;
+            .ok_or_else(|| LoadError::MissingTensor {
+                path: shard.path.clone(),
+                tensor: name.into(),
+            })?;
         let (start, end) = info.data_offsets;
         let bytes = &shard.map[shard.data_start + start..shard.data_start + end];
         let numel: usize = info.shape.iter().product();
@@ -162,24 +191,36 @@ impl TensorSource for SafetensorsSource {
         if data.len() != numel || bytes.len() != numel * info.dtype.bitsize() / 8 {
             return Err(format_err(
                 &shard.path,
-                format!("tensor `{name}` holds {} bytes for shape {:?}", bytes.len(), info.shape),
+                format!(
+                    "tensor `{name}` holds {} bytes for shape {:?}",
+                    bytes.len(),
+                    info.shape
+                ),
             ));
         }
-        Ok(F32Tensor { data, shape: info.shape.clone() })
+        Ok(F32Tensor {
+            data,
+            shape: info.shape.clone(),
+        })
     }
 }
 
 /// Loads `tokenizer.json` (and the chat template, special tokens from `tokenizer_config.json`) when present.
-pub(crate) fn tokenizer(dir: &Path, config: &LlamaConfig) -> Result<Option<Tokenizer>, TokenizerError> {
+pub(crate) fn tokenizer(
+    dir: &Path,
+    config: &LlamaConfig,
+) -> Result<Option<Tokenizer>, TokenizerError> {
     let path = dir.join("tokenizer.json");
     if !path.exists() {
         return Ok(None);
     }
-    let json = std::fs::read_to_string(&path).map_err(|e| TokenizerError::Build(format!("{}: {e}", path.display())))?;
+    let json = std::fs::read_to_string(&path)
+        .map_err(|e| TokenizerError::Build(format!("{}: {e}", path.display())))?;
     let tokenizer_config = match std::fs::read_to_string(dir.join("tokenizer_config.json")) {
         Ok(text) => Some(
-            serde_json::from_str::<serde_json::Value>(&text)
-                .map_err(|e| TokenizerError::Build(format!("tokenizer_config.json is not JSON: {e}")))?,
+            serde_json::from_str::<serde_json::Value>(&text).map_err(|e| {
+                TokenizerError::Build(format!("tokenizer_config.json is not JSON: {e}"))
+            })?,
         ),
         Err(_) => None,
     };

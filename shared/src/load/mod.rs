@@ -157,7 +157,12 @@ impl Checkpoint {
                 Ok(None) => TokenizerOrigin::Missing(path.join("tokenizer.json")),
                 Err(e) => TokenizerOrigin::Failed(path.join("tokenizer.json"), e),
             };
-            Ok(Self { config, format: Format::HuggingFace, source: Box::new(source), tokenizer })
+            Ok(Self {
+                config,
+                format: Format::HuggingFace,
+                source: Box::new(source),
+                tokenizer,
+            })
         } else {
             let file = gguf::GgufSource::open(path)?;
             let config = file.config()?;
@@ -165,7 +170,12 @@ impl Checkpoint {
                 Ok(t) => TokenizerOrigin::Built(Box::new(t)),
                 Err(e) => TokenizerOrigin::Failed(path.to_path_buf(), e),
             };
-            Ok(Self { config, format: Format::Gguf, source: Box::new(file), tokenizer })
+            Ok(Self {
+                config,
+                format: Format::Gguf,
+                source: Box::new(file),
+                tokenizer,
+            })
         }
     }
 
@@ -197,7 +207,10 @@ impl Checkpoint {
                 path: path.clone(),
                 source: TokenizerError::Build("the checkpoint has no tokenizer.json".into()),
             }),
-            TokenizerOrigin::Failed(path, e) => Err(LoadError::Tokenizer { path: path.clone(), source: e.clone() }),
+            TokenizerOrigin::Failed(path, e) => Err(LoadError::Tokenizer {
+                path: path.clone(),
+                source: e.clone(),
+            }),
         }
     }
 }

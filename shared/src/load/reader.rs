@@ -39,11 +39,15 @@ impl<'a> Cursor<'a> {
     }
 
     pub(crate) fn u32(&mut self, what: &str) -> Result<u32, String> {
-        Ok(u32::from_le_bytes(self.take(4, what)?.try_into().expect("4 bytes")))
+        Ok(u32::from_le_bytes(
+            self.take(4, what)?.try_into().expect("4 bytes"),
+        ))
     }
 
     pub(crate) fn u64(&mut self, what: &str) -> Result<u64, String> {
-        Ok(u64::from_le_bytes(self.take(8, what)?.try_into().expect("8 bytes")))
+        Ok(u64::from_le_bytes(
+            self.take(8, what)?.try_into().expect("8 bytes"),
+        ))
     }
 
     /// A count read from the file, refused when `count · min_item_bytes` cannot fit in what is left.
@@ -54,7 +58,10 @@ impl<'a> Cursor<'a> {
             .and_then(|n| n.checked_mul(min_item_bytes.max(1)))
             .is_some_and(|b| b <= self.remaining());
         if !fits {
-            return Err(format!("{what} is {n}, more than the {} bytes left could hold", self.remaining()));
+            return Err(format!(
+                "{what} is {n}, more than the {} bytes left could hold",
+                self.remaining()
+            ));
         }
         Ok(n as usize)
     }
@@ -62,17 +69,26 @@ impl<'a> Cursor<'a> {
 
 /// Decodes little-endian f32 bytes.
 pub(crate) fn f32s(bytes: &[u8]) -> Vec<f32> {
-    bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+    bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
 }
 
 /// Decodes little-endian IEEE half bytes.
 pub(crate) fn f16s(bytes: &[u8]) -> Vec<f32> {
-    bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect()
+    bytes
+        .chunks_exact(2)
+        .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+        .collect()
 }
 
 /// Decodes little-endian bfloat16 bytes.
 pub(crate) fn bf16s(bytes: &[u8]) -> Vec<f32> {
-    bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect()
+    bytes
+        .chunks_exact(2)
+        .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+        .collect()
 }
 
 #[cfg(test)]

@@ -43,12 +43,25 @@ pub(crate) struct AttentionContext {
 impl LlamaAttention {
     /// # Shapes
     /// - `x`: `[batch, seq, hidden]` → `[batch, seq, hidden]`
-    pub(crate) fn forward(&self, x: Tensor<3>, ctx: &AttentionContext, cache: Option<&mut LayerCache>) -> Tensor<3> {
+    pub(crate) fn forward(
+        &self,
+        x: Tensor<3>,
+        ctx: &AttentionContext,
+        cache: Option<&mut LayerCache>,
+    ) -> Tensor<3> {
         let [b, s, _] = x.dims();
         let (nh, nkv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let heads = |t: Tensor<3>, n: usize| t.reshape([b, s, n, d]).swap_dims(1, 2);
-        let q = apply_rotary(heads(self.q_proj.forward(x.clone()), nh), &ctx.cos, &ctx.sin);
-        let k = apply_rotary(heads(self.k_proj.forward(x.clone()), nkv), &ctx.cos, &ctx.sin);
+        let q = apply_rotary(
+            heads(self.q_proj.forward(x.clone()), nh),
+            &ctx.cos,
+            &ctx.sin,
+        );
+        let k = apply_rotary(
+            heads(self.k_proj.forward(x.clone()), nkv),
+            &ctx.cos,
+            &ctx.sin,
+        );
         let v = heads(self.v_proj.forward(x), nkv);
         let (k, v) = match cache {
             Some(cache) => cache.append(k, v, ctx.past, ctx.mask.dims()[3]),
@@ -58,10 +71,16 @@ impl LlamaAttention {
         let rep = nh / nkv;
         // Group the query heads that share a KV head instead of repeating K and V in memory.
         let q = q.reshape([b, nkv, rep * s, d]);
-        let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(1.0 / (d as f64).sqrt());
+        let scores = q
+            .matmul(k.swap_dims(2, 3))
+            .mul_scalar(1.0 / (d as f64).sqrt());
         let scores = scores.reshape([b, nh, s, t]).add(ctx.mask.clone());
         let probs = softmax(scores, 3).reshape([b, nkv, rep * s, t]);
-        let out = probs.matmul(v).reshape([b, nh, s, d]).swap_dims(1, 2).reshape([b, s, nh * d]);
+        let out = probs
+            .matmul(v)
+            .reshape([b, nh, s, d])
+            .swap_dims(1, 2)
+            .reshape([b, s, nh * d]);
         self.o_proj.forward(out)
     }
 }

@@ -21,7 +21,13 @@ impl LayerCache {
     ///
     /// # Shapes
     /// - `k`, `v`: `[batch, kv_heads, seq, head_dim]` → `[batch, kv_heads, capacity, head_dim]` each
-    pub(crate) fn append(&mut self, k: Tensor<4>, v: Tensor<4>, past: usize, capacity: usize) -> (Tensor<4>, Tensor<4>) {
+    pub(crate) fn append(
+        &mut self,
+        k: Tensor<4>,
+        v: Tensor<4>,
+        past: usize,
+        capacity: usize,
+    ) -> (Tensor<4>, Tensor<4>) {
         let [b, h, s, d] = k.dims();
         let device = k.device();
         let grow = |buf: Option<Tensor<4>>| -> Tensor<4> {
@@ -29,7 +35,10 @@ impl LayerCache {
                 Some(t) if t.dims()[2] >= capacity => t,
                 Some(t) => {
                     let have = t.dims()[2];
-                    Tensor::cat(vec![t, Tensor::zeros([b, h, capacity - have, d], &device)], 2)
+                    Tensor::cat(
+                        vec![t, Tensor::zeros([b, h, capacity - have, d], &device)],
+                        2,
+                    )
                 }
                 None => Tensor::zeros([b, h, capacity, d], &device),
             }
@@ -57,7 +66,10 @@ pub struct KvCache {
 impl KvCache {
     /// An empty cache for a model with `num_layers` layers and a batch of `batch` rows.
     pub fn new(num_layers: usize, batch: usize) -> Self {
-        Self { layers: (0..num_layers).map(|_| LayerCache::default()).collect(), valid: vec![Vec::new(); batch] }
+        Self {
+            layers: (0..num_layers).map(|_| LayerCache::default()).collect(),
+            valid: vec![Vec::new(); batch],
+        }
     }
 
     /// Number of positions already cached.

@@ -73,8 +73,8 @@ pub enum RopeScaling {
 impl LlamaConfig {
     /// Parses a Hugging Face `config.json` (transformers 4.x `rope_theta`/`rope_scaling` or 5.x `rope_parameters`).
     pub fn from_hf_json(text: &str) -> Result<Self, ModelError> {
-        let v: serde_json::Value =
-            serde_json::from_str(text).map_err(|e| ModelError::Config(format!("config.json is not JSON: {e}")))?;
+        let v: serde_json::Value = serde_json::from_str(text)
+            .map_err(|e| ModelError::Config(format!("config.json is not JSON: {e}")))?;
         let model_type = str_field(&v, "model_type")?.to_string();
         if !matches!(model_type.as_str(), "llama" | "mistral" | "qwen2") {
             return Err(ModelError::Unsupported(format!(
@@ -99,7 +99,11 @@ impl LlamaConfig {
             None => None,
         };
         let eos_token_ids = match v.get("eos_token_id") {
-            Some(serde_json::Value::Array(a)) => a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect(),
+            Some(serde_json::Value::Array(a)) => a
+                .iter()
+                .filter_map(|x| x.as_u64())
+                .map(|x| x as u32)
+                .collect(),
             Some(x) => x.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
             None => vec![],
         };
@@ -119,15 +123,24 @@ impl LlamaConfig {
                 _ => num_attention_heads,
             },
             head_dim,
-            rms_norm_eps: v.get("rms_norm_eps").and_then(|x| x.as_f64()).unwrap_or(1e-6),
+            rms_norm_eps: v
+                .get("rms_norm_eps")
+                .and_then(|x| x.as_f64())
+                .unwrap_or(1e-6),
             rope_theta,
             rope_scaling,
             max_position_embeddings: v
                 .get("max_position_embeddings")
                 .and_then(|x| x.as_u64())
                 .unwrap_or(2048) as usize,
-            tie_word_embeddings: v.get("tie_word_embeddings").and_then(|x| x.as_bool()).unwrap_or(false),
-            bos_token_id: v.get("bos_token_id").and_then(|x| x.as_u64()).map(|x| x as u32),
+            tie_word_embeddings: v
+                .get("tie_word_embeddings")
+                .and_then(|x| x.as_bool())
+                .unwrap_or(false),
+            bos_token_id: v
+                .get("bos_token_id")
+                .and_then(|x| x.as_u64())
+                .map(|x| x as u32),
             eos_token_ids,
         };
         config.validate()?;
@@ -149,14 +162,20 @@ impl LlamaConfig {
                 return Err(ModelError::Config(format!("{name} must be positive")));
             }
         }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
+        if !self
+            .num_attention_heads
+            .is_multiple_of(self.num_key_value_heads)
+        {
             return Err(ModelError::Config(format!(
                 "num_attention_heads {} is not a multiple of num_key_value_heads {}",
                 self.num_attention_heads, self.num_key_value_heads
             )));
         }
-        if self.head_dim % 2 != 0 {
-            return Err(ModelError::Config(format!("head_dim {} must be even for RoPE", self.head_dim)));
+        if !self.head_dim.is_multiple_of(2) {
+            return Err(ModelError::Config(format!(
+                "head_dim {} must be even for RoPE",
+                self.head_dim
+            )));
         }
         if let Some(RopeScaling::Factors { factors }) = &self.rope_scaling {
             if factors.len() != self.head_dim / 2 {
@@ -177,13 +196,21 @@ impl LlamaConfig {
         let kv = self.num_key_value_heads * d;
         let bias = if self.attention_bias { q + 2 * kv } else { 0 };
         let layer = h * q + 2 * h * kv + q * h + bias + 3 * h * i + 2 * h;
-        let head = if self.tie_word_embeddings { 0 } else { self.vocab_size * h };
+        let head = if self.tie_word_embeddings {
+            0
+        } else {
+            self.vocab_size * h
+        };
         self.vocab_size * h + self.num_hidden_layers * layer + h + head
     }
 }
 
 fn parse_rope_scaling(s: &serde_json::Value) -> Result<Option<RopeScaling>, ModelError> {
-    let kind = s.get("rope_type").or_else(|| s.get("type")).and_then(|x| x.as_str()).unwrap_or("default");
+    let kind = s
+        .get("rope_type")
+        .or_else(|| s.get("type"))
+        .and_then(|x| x.as_str())
+        .unwrap_or("default");
     let factor = || {
         s.get("factor")
             .and_then(|x| x.as_f64())
@@ -194,14 +221,22 @@ fn parse_rope_scaling(s: &serde_json::Value) -> Result<Option<RopeScaling>, Mode
         "linear" => Ok(Some(RopeScaling::Linear { factor: factor()? })),
         "llama3" => Ok(Some(RopeScaling::Llama3 {
             factor: factor()?,
-            low_freq_factor: s.get("low_freq_factor").and_then(|x| x.as_f64()).unwrap_or(1.0),
-            high_freq_factor: s.get("high_freq_factor").and_then(|x| x.as_f64()).unwrap_or(4.0),
+            low_freq_factor: s
+                .get("low_freq_factor")
+                .and_then(|x| x.as_f64())
+                .unwrap_or(1.0),
+            high_freq_factor: s
+                .get("high_freq_factor")
+                .and_then(|x| x.as_f64())
+                .unwrap_or(4.0),
             original_max_position_embeddings: s
                 .get("original_max_position_embeddings")
                 .and_then(|x| x.as_u64())
                 .unwrap_or(8192) as usize,
         })),
-        other => Err(ModelError::Unsupported(format!("rope scaling type `{other}` (supported: linear, llama3)"))),
+        other => Err(ModelError::Unsupported(format!(
+            "rope scaling type `{other}` (supported: linear, llama3)"
+        ))),
     }
 }
 
@@ -212,14 +247,18 @@ fn str_field<'a>(v: &'a serde_json::Value, key: &str) -> Result<&'a str, ModelEr
 }
 
 fn usize_field(v: &serde_json::Value, key: &str) -> Result<usize, ModelError> {
-    let x = v.get(key).ok_or_else(|| ModelError::Config(format!("config.json lacks field `{key}`")))?;
+    let x = v
+        .get(key)
+        .ok_or_else(|| ModelError::Config(format!("config.json lacks field `{key}`")))?;
     as_usize(x, key)
 }
 
 fn as_usize(x: &serde_json::Value, key: &str) -> Result<usize, ModelError> {
-    x.as_u64()
-        .map(|x| x as usize)
-        .ok_or_else(|| ModelError::Config(format!("config.json field `{key}` is not a non-negative integer")))
+    x.as_u64().map(|x| x as usize).ok_or_else(|| {
+        ModelError::Config(format!(
+            "config.json field `{key}` is not a non-negative integer"
+        ))
+    })
 }
 
 #[cfg(test)]
@@ -248,9 +287,13 @@ mod tests {
              \"high_freq_factor\":4.0,\"original_max_position_embeddings\":8192}}}}"
         ))
         .unwrap();
-        assert!(matches!(c.rope_scaling, Some(RopeScaling::Llama3 { factor, .. }) if factor == 8.0));
-        let err = LlamaConfig::from_hf_json(&format!("{base}\"rope_scaling\":{{\"type\":\"yarn\",\"factor\":2}}}}"))
-            .unwrap_err();
+        assert!(
+            matches!(c.rope_scaling, Some(RopeScaling::Llama3 { factor, .. }) if factor == 8.0)
+        );
+        let err = LlamaConfig::from_hf_json(&format!(
+            "{base}\"rope_scaling\":{{\"type\":\"yarn\",\"factor\":2}}}}"
+        ))
+        .unwrap_err();
         assert!(err.to_string().contains("yarn"), "{err}");
         let err = LlamaConfig::from_hf_json(r#"{"model_type":"gpt2"}"#).unwrap_err();
         assert!(err.to_string().contains("gpt2"), "{err}");

@@ -19,7 +19,10 @@ pub struct Linear {
 impl Linear {
     /// Wraps loaded tensors; `weight` is `[in_features, out_features]`.
     pub fn new(weight: Tensor<2>, bias: Option<Tensor<1>>) -> Self {
-        Self { weight: Param::from_tensor(weight), bias: bias.map(Param::from_tensor) }
+        Self {
+            weight: Param::from_tensor(weight),
+            bias: bias.map(Param::from_tensor),
+        }
     }
 
     /// Output width.
@@ -47,7 +50,10 @@ pub struct RmsNorm {
 impl RmsNorm {
     /// Wraps a loaded weight.
     pub fn new(weight: Tensor<1>, eps: f64) -> Self {
-        Self { weight: Param::from_tensor(weight), eps }
+        Self {
+            weight: Param::from_tensor(weight),
+            eps,
+        }
     }
 
     /// # Shapes
@@ -68,7 +74,9 @@ pub struct Embedding {
 impl Embedding {
     /// Wraps a loaded table.
     pub fn new(weight: Tensor<2>) -> Self {
-        Self { weight: Param::from_tensor(weight) }
+        Self {
+            weight: Param::from_tensor(weight),
+        }
     }
 
     /// # Shapes
@@ -88,7 +96,11 @@ mod tests {
         let device = Device::flex();
         let x = Tensor::<3>::from_floats([[[1.0, 2.0, 3.0, 4.0]]], &device);
         let w = Tensor::<1>::from_floats([1.0, 0.5, 2.0, 1.0], &device);
-        let y = RmsNorm::new(w, 1e-5).forward(x).into_data().try_into_vec::<f32>().unwrap();
+        let y = RmsNorm::new(w, 1e-5)
+            .forward(x)
+            .into_data()
+            .try_into_vec::<f32>()
+            .unwrap();
         let rms = ((1.0f32 + 4.0 + 9.0 + 16.0) / 4.0 + 1e-5).sqrt();
         let expected = [1.0 / rms, 2.0 * 0.5 / rms, 3.0 * 2.0 / rms, 4.0 / rms];
         for (a, b) in y.iter().zip(expected) {

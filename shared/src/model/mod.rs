@@ -51,9 +51,18 @@ pub struct LlamaDecoderLayer {
 impl LlamaDecoderLayer {
     /// # Shapes
     /// - `x`: `[batch, seq, hidden]` → same
-    fn forward(&self, x: Tensor<3>, ctx: &AttentionContext, cache: Option<&mut cache::LayerCache>) -> Tensor<3> {
-        let h = x.clone().add(self.self_attn.forward(self.input_layernorm.forward(x), ctx, cache));
-        h.clone().add(self.mlp.forward(self.post_attention_layernorm.forward(h)))
+    fn forward(
+        &self,
+        x: Tensor<3>,
+        ctx: &AttentionContext,
+        cache: Option<&mut cache::LayerCache>,
+    ) -> Tensor<3> {
+        let h = x.clone().add(
+            self.self_attn
+                .forward(self.input_layernorm.forward(x), ctx, cache),
+        );
+        h.clone()
+            .add(self.mlp.forward(self.post_attention_layernorm.forward(h)))
     }
 }
 
@@ -83,9 +92,19 @@ pub struct LlamaForCausalLM {
 
 impl LlamaForCausalLM {
     /// Assembles a model from its parts; `lm_head` must be `None` exactly when the config ties embeddings.
-    pub fn from_parts(config: LlamaConfig, model: LlamaModel, lm_head: Option<Linear>, device: &Device) -> Self {
+    pub fn from_parts(
+        config: LlamaConfig,
+        model: LlamaModel,
+        lm_head: Option<Linear>,
+        device: &Device,
+    ) -> Self {
         let rope = Rope::new(&config, device);
-        Self { model, lm_head, config, rope }
+        Self {
+            model,
+            lm_head,
+            config,
+            rope,
+        }
     }
 
     /// The architecture.
@@ -131,7 +150,9 @@ impl LlamaForCausalLM {
         let new_valid: Vec<Vec<bool>> = match mask {
             Some(m) => {
                 if m.len() != batch || m.iter().any(|r| r.len() != seq) {
-                    return Err(ModelError::Input(format!("attention mask must be {batch} rows of {seq}")));
+                    return Err(ModelError::Input(format!(
+                        "attention mask must be {batch} rows of {seq}"
+                    )));
                 }
                 m.to_vec()
             }
@@ -139,19 +160,36 @@ impl LlamaForCausalLM {
         };
         let past: Vec<Vec<bool>> = match cache.as_deref() {
             Some(c) if c.valid.len() != batch => {
-                return Err(ModelError::Input(format!("cache holds {} rows, batch has {batch}", c.valid.len())))
+                return Err(ModelError::Input(format!(
+                    "cache holds {} rows, batch has {batch}",
+                    c.valid.len()
+                )))
             }
             Some(c) => c.valid.clone(),
             None => vec![Vec::new(); batch],
         };
         let past_len = past.first().map_or(0, Vec::len);
-        let valid: Vec<Vec<bool>> = past.iter().zip(&new_valid).map(|(p, n)| [p.as_slice(), n].concat()).collect();
-        let keys = if cache.is_some() { KvCache::capacity_for(past_len + seq) } else { past_len + seq };
+        let valid: Vec<Vec<bool>> = past
+            .iter()
+            .zip(&new_valid)
+            .map(|(p, n)| [p.as_slice(), n].concat())
+            .collect();
+        let keys = if cache.is_some() {
+            KvCache::capacity_for(past_len + seq)
+        } else {
+            past_len + seq
+        };
         let (positions, bias) = positions_and_mask(&valid, past_len, seq, keys);
-        let positions = Tensor::<2, Int>::from_data(TensorData::new(positions, [batch, seq]), &device);
+        let positions =
+            Tensor::<2, Int>::from_data(TensorData::new(positions, [batch, seq]), &device);
         let (cos, sin) = self.rope.cos_sin(positions);
         let mask = Tensor::<4>::from_data(TensorData::new(bias, [batch, 1, seq, keys]), &device);
-        let ctx = AttentionContext { cos, sin, mask, past: past_len };
+        let ctx = AttentionContext {
+            cos,
+            sin,
+            mask,
+            past: past_len,
+        };
         let mut x = self.model.embed_tokens.forward(ids);
         for (i, layer) in self.model.layers.iter().enumerate() {
             let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
@@ -183,8 +221,14 @@ impl LlamaForCausalLM {
 
     /// Checks that every id is inside the vocabulary.
     pub fn check_ids(&self, ids: &[u32]) -> Result<(), ModelError> {
-        match ids.iter().find(|&&id| id as usize >= self.config.vocab_size) {
-            Some(id) => Err(ModelError::Input(format!("token id {id} is outside the vocabulary ({})", self.config.vocab_size))),
+        match ids
+            .iter()
+            .find(|&&id| id as usize >= self.config.vocab_size)
+        {
+            Some(id) => Err(ModelError::Input(format!(
+                "token id {id} is outside the vocabulary ({})",
+                self.config.vocab_size
+            ))),
             None => Ok(()),
         }
     }
@@ -193,7 +237,12 @@ impl LlamaForCausalLM {
 /// Rotary positions of the new tokens (count of real tokens before each, per row) and the additive mask
 /// `[batch, 1, seq, keys]` allowing each new query the real keys at or before it (`keys ≥ past + seq`; slots beyond
 /// are unused cache capacity, always masked).
-fn positions_and_mask(valid: &[Vec<bool>], past: usize, seq: usize, keys: usize) -> (Vec<i64>, Vec<f32>) {
+fn positions_and_mask(
+    valid: &[Vec<bool>],
+    past: usize,
+    seq: usize,
+    keys: usize,
+) -> (Vec<i64>, Vec<f32>) {
     let total = keys;
     let mut positions = Vec::with_capacity(valid.len() * seq);
     let mut bias = Vec::with_capacity(valid.len() * seq * total);

@@ -15,7 +15,9 @@ pub(crate) struct Rope {
 impl Rope {
     pub(crate) fn new(config: &LlamaConfig, device: &Device) -> Self {
         let inv_freq = inverse_frequencies(config);
-        Self { inv_freq: Tensor::from_floats(inv_freq.as_slice(), device) }
+        Self {
+            inv_freq: Tensor::from_floats(inv_freq.as_slice(), device),
+        }
     }
 
     /// Returns `(cos, sin)` for the given positions.
@@ -49,13 +51,21 @@ pub(crate) fn apply_rotary(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Te
 /// `1 / theta^(2i/d)` for `i < d/2`, with the configured scaling applied (as transformers' `rope_init_fn`s do).
 pub(crate) fn inverse_frequencies(config: &LlamaConfig) -> Vec<f32> {
     let d = config.head_dim;
-    let base: Vec<f32> =
-        (0..d / 2).map(|i| (1.0 / config.rope_theta.powf((2 * i) as f64 / d as f64)) as f32).collect();
+    let base: Vec<f32> = (0..d / 2)
+        .map(|i| (1.0 / config.rope_theta.powf((2 * i) as f64 / d as f64)) as f32)
+        .collect();
     match &config.rope_scaling {
         None => base,
         Some(RopeScaling::Linear { factor }) => base.iter().map(|f| f / *factor as f32).collect(),
-        Some(RopeScaling::Factors { factors }) => base.iter().zip(factors).map(|(f, s)| f / s).collect(),
-        Some(RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings }) => {
+        Some(RopeScaling::Factors { factors }) => {
+            base.iter().zip(factors).map(|(f, s)| f / s).collect()
+        }
+        Some(RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings,
+        }) => {
             let old = *original_max_position_embeddings as f64;
             let low_wavelen = old / low_freq_factor;
             let high_wavelen = old / high_freq_factor;
@@ -66,7 +76,8 @@ pub(crate) fn inverse_frequencies(config: &LlamaConfig) -> Vec<f32> {
                     let scaled = if wavelen > low_wavelen { f / factor } else { f };
                     let medium = wavelen >= high_wavelen && wavelen <= low_wavelen;
                     if medium {
-                        let smooth = (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                        let smooth = (old / wavelen - low_freq_factor)
+                            / (high_freq_factor - low_freq_factor);
                         ((1.0 - smooth) * scaled / factor + smooth * scaled) as f32
                     } else {
                         scaled as f32
@@ -120,10 +131,14 @@ mod tests {
     fn rotation_at_position_zero_is_identity_and_preserves_norm() {
         let device = Device::flex();
         let rope = Rope::new(&config(None), &device);
-        let x = Tensor::<4>::from_floats([[[[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]; 2]]], &device);
+        let x =
+            Tensor::<4>::from_floats([[[[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]; 2]]], &device);
         let positions = Tensor::<2, Int>::from_ints([[0, 5]], &device);
         let (cos, sin) = rope.cos_sin(positions);
-        let y = apply_rotary(x.clone(), &cos, &sin).into_data().try_into_vec::<f32>().unwrap();
+        let y = apply_rotary(x.clone(), &cos, &sin)
+            .into_data()
+            .try_into_vec::<f32>()
+            .unwrap();
         assert_eq!(&y[..8], &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]);
         let norm = |v: &[f32]| v.iter().map(|a| a * a).sum::<f32>();
         assert!((norm(&y[8..]) - norm(&y[..8])).abs() < 1e-3);

@@ -22,7 +22,10 @@ pub struct ChatMessage {
 impl ChatMessage {
     /// A `user` turn.
     pub fn user(content: impl Into<String>) -> Self {
-        Self { role: "user".into(), content: content.into() }
+        Self {
+            role: "user".into(),
+            content: content.into(),
+        }
     }
 }
 
@@ -45,7 +48,8 @@ fn environment() -> Environment<'static> {
 /// Checks that a template compiles.
 pub(crate) fn check(template: &str) -> Result<(), TokenizerError> {
     let mut env = environment();
-    env.add_template("chat", template).map_err(|e| TokenizerError::Template(e.to_string()))
+    env.add_template("chat", template)
+        .map_err(|e| TokenizerError::Template(e.to_string()))
 }
 
 pub(crate) fn render(
@@ -55,8 +59,11 @@ pub(crate) fn render(
     special: &SpecialTokens,
 ) -> Result<String, TokenizerError> {
     let mut env = environment();
-    env.add_template("chat", template).map_err(|e| TokenizerError::Template(e.to_string()))?;
-    let tmpl = env.get_template("chat").map_err(|e| TokenizerError::Template(e.to_string()))?;
+    env.add_template("chat", template)
+        .map_err(|e| TokenizerError::Template(e.to_string()))?;
+    let tmpl = env
+        .get_template("chat")
+        .map_err(|e| TokenizerError::Template(e.to_string()))?;
     tmpl.render(minijinja::context! {
         messages => messages,
         add_generation_prompt => add_generation_prompt,
@@ -72,13 +79,22 @@ mod tests {
 
     #[test]
     fn chatml_fallback_and_python_methods() {
-        let special = SpecialTokens { bos_token: "<s>".into(), eos_token: "</s>".into() };
+        let special = SpecialTokens {
+            bos_token: "<s>".into(),
+            eos_token: "</s>".into(),
+        };
         let out = render(CHATML, &[ChatMessage::user("hi")], true, &special).unwrap();
-        assert_eq!(out, "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n");
+        assert_eq!(
+            out,
+            "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+        );
         let t = "{{ bos_token }}{% for m in messages %}{{ m['content'].strip() }}{% endfor %}";
         let out = render(t, &[ChatMessage::user("  x  ")], false, &special).unwrap();
         assert_eq!(out, "<s>x");
         let t = "{{ raise_exception('only user turns') }}";
-        assert!(render(t, &[], false, &special).unwrap_err().to_string().contains("only user turns"));
+        assert!(render(t, &[], false, &special)
+            .unwrap_err()
+            .to_string()
+            .contains("only user turns"));
     }
 }

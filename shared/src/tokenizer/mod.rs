@@ -48,7 +48,12 @@ impl Tokenizer {
         if let Some(t) = &chat_template {
             chat::check(t)?;
         }
-        Ok(Self { inner, chat_template, bos_id, eos_ids })
+        Ok(Self {
+            inner,
+            chat_template,
+            bos_id,
+            eos_ids,
+        })
     }
 
     /// From a `tokenizer.json`, with the chat template and EOS token of `tokenizer_config.json` when given.
@@ -59,12 +64,17 @@ impl Tokenizer {
     ) -> Result<Self, TokenizerError> {
         let inner = tokenizers::Tokenizer::from_bytes(tokenizer_json.as_bytes())
             .map_err(|e| TokenizerError::Build(format!("tokenizer.json: {e}")))?;
-        let template = tokenizer_config.and_then(|c| c.get("chat_template")).and_then(|t| t.as_str());
+        let template = tokenizer_config
+            .and_then(|c| c.get("chat_template"))
+            .and_then(|t| t.as_str());
         let mut eos_ids = config.eos_token_ids.clone();
         let named = |key: &str| {
             tokenizer_config
                 .and_then(|c| c.get(key))
-                .and_then(|v| v.as_str().or_else(|| v.get("content").and_then(|c| c.as_str())))
+                .and_then(|v| {
+                    v.as_str()
+                        .or_else(|| v.get("content").and_then(|c| c.as_str()))
+                })
                 .and_then(|t| inner.token_to_id(t))
         };
         if let Some(id) = named("eos_token") {
@@ -78,13 +88,18 @@ impl Tokenizer {
 
     /// Ids of `text`; special tokens written in the text (like `<|im_end|>`) are recognised, no BOS is added.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
-        let enc = self.inner.encode(text, false).map_err(|e| TokenizerError::Encode(e.to_string()))?;
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| TokenizerError::Encode(e.to_string()))?;
         Ok(enc.get_ids().to_vec())
     }
 
     /// Text of `ids`; special tokens are kept unless `skip_special`.
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String, TokenizerError> {
-        self.inner.decode(ids, skip_special).map_err(|e| TokenizerError::Encode(e.to_string()))
+        self.inner
+            .decode(ids, skip_special)
+            .map_err(|e| TokenizerError::Encode(e.to_string()))
     }
 
     /// Number of ids, added tokens included.
@@ -113,7 +128,10 @@ impl Tokenizer {
         messages: &[ChatMessage],
         add_generation_prompt: bool,
     ) -> Result<String, TokenizerError> {
-        let token = |id: Option<u32>| id.and_then(|i| self.inner.id_to_token(i)).unwrap_or_default();
+        let token = |id: Option<u32>| {
+            id.and_then(|i| self.inner.id_to_token(i))
+                .unwrap_or_default()
+        };
         let special = chat::SpecialTokens {
             bos_token: token(self.bos_id),
             eos_token: token(self.eos_ids.first().copied()),

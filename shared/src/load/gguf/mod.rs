@@ -100,14 +100,23 @@ pub(crate) struct GgufSource {
 }
 
 fn format_err(path: &Path, reason: impl Into<String>) -> LoadError {
-    LoadError::Format { path: path.to_path_buf(), reason: reason.into() }
+    LoadError::Format {
+        path: path.to_path_buf(),
+        reason: reason.into(),
+    }
 }
 
 impl GgufSource {
     pub(crate) fn open(path: &Path) -> Result<Self, LoadError> {
-        let file = File::open(path).map_err(|source| LoadError::Io { path: path.to_path_buf(), source })?;
+        let file = File::open(path).map_err(|source| LoadError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
         // SAFETY: read-only private map; the file is not modified while loading.
-        let map = unsafe { Mmap::map(&file) }.map_err(|source| LoadError::Io { path: path.to_path_buf(), source })?;
+        let map = unsafe { Mmap::map(&file) }.map_err(|source| LoadError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
         let (metadata, directory) = parse(&map).map_err(|reason| format_err(path, reason))?;
         let arch = metadata
             .get("general.architecture")
@@ -119,7 +128,13 @@ impl GgufSource {
             let hf = hf_name(&t.gguf_name).unwrap_or_else(|| t.gguf_name.clone());
             tensors.insert(hf, t);
         }
-        Ok(Self { path: path.to_path_buf(), map, metadata, tensors, arch })
+        Ok(Self {
+            path: path.to_path_buf(),
+            map,
+            metadata,
+            tensors,
+            arch,
+        })
     }
 
     fn meta(&self, key: &str) -> Option<&Value> {
@@ -131,7 +146,12 @@ impl GgufSource {
         self.meta(&full)
             .and_then(Value::as_u64)
             .map(|x| x as usize)
-            .ok_or_else(|| format_err(&self.path, format!("metadata `{full}` is missing or not an integer")))
+            .ok_or_else(|| {
+                format_err(
+                    &self.path,
+                    format!("metadata `{full}` is missing or not an integer"),
+                )
+            })
     }
 
     /// The architecture, from the `{arch}.*` metadata keys and the tensors present.
@@ -151,7 +171,9 @@ impl GgufSource {
         let a = &self.arch;
         let hidden_size = self.arch_usize("embedding_length")?;
         let num_attention_heads = self.arch_usize("attention.head_count")?;
-        let num_key_value_heads = self.arch_usize("attention.head_count_kv").unwrap_or(num_attention_heads);
+        let num_key_value_heads = self
+            .arch_usize("attention.head_count_kv")
+            .unwrap_or(num_attention_heads);
         let vocab_size = match self.arch_usize("vocab_size") {
             Ok(v) => v,
             Err(_) => self
@@ -166,21 +188,37 @@ impl GgufSource {
             .unwrap_or(hidden_size / num_attention_heads.max(1));
         let f = |k: &str| self.meta(&format!("{a}.{k}")).and_then(Value::as_f64);
         let rope_scaling = if let Some(t) = self.tensors.get("rope_freqs.weight") {
-            Some(RopeScaling::Factors { factors: self.read_gguf(t)?.data })
+            Some(RopeScaling::Factors {
+                factors: self.read_gguf(t)?.data,
+            })
         } else {
-            match self.meta(&format!("{a}.rope.scaling.type")).and_then(Value::as_str) {
+            match self
+                .meta(&format!("{a}.rope.scaling.type"))
+                .and_then(Value::as_str)
+            {
                 None | Some("none") => None,
-                Some("linear") => Some(RopeScaling::Linear { factor: f("rope.scaling.factor").unwrap_or(1.0) }),
+                Some("linear") => Some(RopeScaling::Linear {
+                    factor: f("rope.scaling.factor").unwrap_or(1.0),
+                }),
                 Some(other) => {
                     return Err(LoadError::Model {
                         path: self.path.clone(),
-                        source: crate::model::ModelError::Unsupported(format!("GGUF rope scaling `{other}`")),
+                        source: crate::model::ModelError::Unsupported(format!(
+                            "GGUF rope scaling `{other}`"
+                        )),
                     })
                 }
             }
         };
-        let token = |k: &str| self.meta(&format!("tokenizer.ggml.{k}")).and_then(Value::as_u64).map(|x| x as u32);
-        let mut eos_token_ids: Vec<u32> = [token("eos_token_id"), token("eot_token_id")].into_iter().flatten().collect();
+        let token = |k: &str| {
+            self.meta(&format!("tokenizer.ggml.{k}"))
+                .and_then(Value::as_u64)
+                .map(|x| x as u32)
+        };
+        let mut eos_token_ids: Vec<u32> = [token("eos_token_id"), token("eot_token_id")]
+            .into_iter()
+            .flatten()
+            .collect();
         eos_token_ids.dedup();
         let config = LlamaConfig {
             model_type: model_type.into(),
@@ -196,11 +234,16 @@ impl GgufSource {
             rope_scaling,
             max_position_embeddings: self.arch_usize("context_length").unwrap_or(2048),
             tie_word_embeddings: !self.tensors.contains_key("lm_head.weight"),
-            attention_bias: self.tensors.contains_key("model.layers.0.self_attn.q_proj.bias"),
+            attention_bias: self
+                .tensors
+                .contains_key("model.layers.0.self_attn.q_proj.bias"),
             bos_token_id: token("bos_token_id"),
             eos_token_ids,
         };
-        config.validate().map_err(|source| LoadError::Model { path: self.path.clone(), source })?;
+        config.validate().map_err(|source| LoadError::Model {
+            path: self.path.clone(),
+            source,
+        })?;
         Ok(config)
     }
 
@@ -215,7 +258,10 @@ impl GgufSource {
         let data = quant::dequantize(t.ty, bytes, numel).map_err(|reason| {
             format_err(&self.path, format!("tensor `{}`: {reason}", t.gguf_name))
         })?;
-        Ok(F32Tensor { data, shape: t.shape.clone() })
+        Ok(F32Tensor {
+            data,
+            shape: t.shape.clone(),
+        })
     }
 
     /// Heads whose rows llama.cpp permuted in this tensor, if any.
@@ -223,14 +269,18 @@ impl GgufSource {
         if self.arch != "llama" {
             return None;
         }
-        let key = if hf.ends_with("self_attn.q_proj.weight") || hf.ends_with("self_attn.q_proj.bias") {
+        let key = if hf.ends_with("self_attn.q_proj.weight")
+            || hf.ends_with("self_attn.q_proj.bias")
+        {
             "attention.head_count"
         } else if hf.ends_with("self_attn.k_proj.weight") || hf.ends_with("self_attn.k_proj.bias") {
             "attention.head_count_kv"
         } else {
             return None;
         };
-        self.arch_usize(key).ok().or_else(|| self.arch_usize("attention.head_count").ok())
+        self.arch_usize(key)
+            .ok()
+            .or_else(|| self.arch_usize("attention.head_count").ok())
     }
 }
 
@@ -242,7 +292,12 @@ impl TensorSource for GgufSource {
     fn infos(&self) -> Vec<TensorInfo> {
         self.tensors
             .iter()
-            .map(|(name, t)| TensorInfo { name: name.clone(), dtype: t.ty.name().into(), shape: t.shape.clone(), bytes: t.len })
+            .map(|(name, t)| TensorInfo {
+                name: name.clone(),
+                dtype: t.ty.name(),
+                shape: t.shape.clone(),
+                bytes: t.len,
+            })
             .collect()
     }
 
@@ -254,29 +309,39 @@ impl TensorSource for GgufSource {
         let t = self
             .tensors
             .get(name)
-            .ok_or_else(|| LoadError::MissingTensor { path: self.path.clone(), tensor: name.into() })?;
+            .ok_or_else(|| LoadError::MissingTensor {
+                path: self.path.clone(),
+                tensor: name.into(),
+            })?;
         if !t.ty.is_supported() {
             return Err(LoadError::UnsupportedType {
                 path: self.path.clone(),
                 tensor: t.gguf_name.clone(),
-                dtype: t.ty.name().into(),
+                dtype: t.ty.name(),
             });
         }
         let mut out = self.read_gguf(t)?;
         if let Some(heads) = self.permuted_heads(name) {
-            out.data = unpermute_rows(&out.data, &out.shape, heads)
-                .map_err(|reason| format_err(&self.path, format!("tensor `{}`: {reason}", t.gguf_name)))?;
+            out.data = unpermute_rows(&out.data, &out.shape, heads).map_err(|reason| {
+                format_err(&self.path, format!("tensor `{}`: {reason}", t.gguf_name))
+            })?;
         }
         Ok(out)
     }
 }
 
 /// Undoes llama.cpp's `permute(w, n_head)`: within each head, GGUF row `2i + j` is Hugging Face row `j·(d/2) + i`.
-pub(crate) fn unpermute_rows(data: &[f32], shape: &[usize], heads: usize) -> Result<Vec<f32>, String> {
+pub(crate) fn unpermute_rows(
+    data: &[f32],
+    shape: &[usize],
+    heads: usize,
+) -> Result<Vec<f32>, String> {
     let rows = shape[0];
     let cols: usize = shape[1..].iter().product();
-    if heads == 0 || rows % heads != 0 || (rows / heads) % 2 != 0 {
-        return Err(format!("{rows} rows cannot be split into {heads} heads of even width"));
+    if heads == 0 || !rows.is_multiple_of(heads) || !(rows / heads).is_multiple_of(2) {
+        return Err(format!(
+            "{rows} rows cannot be split into {heads} heads of even width"
+        ));
     }
     let d = rows / heads;
     let half = d / 2;
@@ -286,7 +351,8 @@ pub(crate) fn unpermute_rows(data: &[f32], shape: &[usize], heads: usize) -> Res
             for j in 0..2 {
                 let src = h * d + 2 * i + j;
                 let dst = h * d + j * half + i;
-                out[dst * cols..(dst + 1) * cols].copy_from_slice(&data[src * cols..(src + 1) * cols]);
+                out[dst * cols..(dst + 1) * cols]
+                    .copy_from_slice(&data[src * cols..(src + 1) * cols]);
             }
         }
     }
@@ -353,33 +419,51 @@ fn parse(bytes: &[u8]) -> Result<(BTreeMap<String, Value>, Vec<GgufTensor>), Str
         let mut dims = Vec::with_capacity(n_dims as usize);
         for _ in 0..n_dims {
             let d = c.u64("tensor dimension")?;
-            dims.push(usize::try_from(d).map_err(|_| format!("tensor `{name}` dimension {d} too large"))?);
+            dims.push(
+                usize::try_from(d)
+                    .map_err(|_| format!("tensor `{name}` dimension {d} too large"))?,
+            );
         }
         let ty = GgmlType::from_id(c.u32("tensor type")?);
         let offset = c.u64("tensor offset")?;
         raw.push((name, dims, ty, offset));
     }
     let alignment = match metadata.get("general.alignment") {
-        Some(v) => v.as_u64().filter(|a| *a > 0 && a.is_power_of_two()).ok_or("bad general.alignment")? as usize,
+        Some(v) => v
+            .as_u64()
+            .filter(|a| *a > 0 && a.is_power_of_two())
+            .ok_or("bad general.alignment")? as usize,
         None => 32,
     };
     let data_start = c.position().div_ceil(alignment) * alignment;
-    let data_len = bytes.len().checked_sub(data_start).ok_or("truncated before the tensor data")?;
+    let data_len = bytes
+        .len()
+        .checked_sub(data_start)
+        .ok_or("truncated before the tensor data")?;
     let mut tensors = Vec::with_capacity(raw.len());
     for (name, dims, ty, offset) in raw {
         let numel = dims
             .iter()
             .try_fold(1usize, |a, &d| a.checked_mul(d))
             .ok_or_else(|| format!("tensor `{name}` has too many elements"))?;
-        let len = ty.byte_len(dims[0], numel).map_err(|e| format!("tensor `{name}`: {e}"))?;
-        let start = usize::try_from(offset).map_err(|_| format!("tensor `{name}` offset too large"))?;
+        let len = ty
+            .byte_len(dims[0], numel)
+            .map_err(|e| format!("tensor `{name}`: {e}"))?;
+        let start =
+            usize::try_from(offset).map_err(|_| format!("tensor `{name}` offset too large"))?;
         if start.checked_add(len).is_none_or(|end| end > data_len) {
             return Err(format!(
                 "tensor `{name}` ({len} bytes at offset {start}) runs past the end of the data section ({data_len} bytes): truncated file?"
             ));
         }
         let shape = dims.iter().rev().copied().collect();
-        tensors.push(GgufTensor { gguf_name: name, shape, ty, start: data_start + start, len });
+        tensors.push(GgufTensor {
+            gguf_name: name,
+            shape,
+            ty,
+            start: data_start + start,
+            len,
+        });
     }
     Ok((metadata, tensors))
 }
@@ -387,7 +471,9 @@ fn parse(bytes: &[u8]) -> Result<(BTreeMap<String, Value>, Vec<GgufTensor>), Str
 fn string(c: &mut Cursor, what: &str) -> Result<String, String> {
     let n = c.count(1, what)?;
     if n > MAX_STRING {
-        return Err(format!("{what} of {n} bytes exceeds the {MAX_STRING}-byte limit"));
+        return Err(format!(
+            "{what} of {n} bytes exceeds the {MAX_STRING}-byte limit"
+        ));
     }
     String::from_utf8(c.take(n, what)?.to_vec()).map_err(|_| format!("{what} is not UTF-8"))
 }
@@ -414,7 +500,11 @@ fn value(c: &mut Cursor, ty: u32, key: &str, depth: u32) -> Result<Value, String
                 2 | 3 => 2,
                 4..=6 => 4,
                 8 | 10..=12 => 8,
-                _ => return Err(format!("metadata `{key}`: unknown array element type {elem}")),
+                _ => {
+                    return Err(format!(
+                        "metadata `{key}`: unknown array element type {elem}"
+                    ))
+                }
             };
             let n = c.count(min, what)?;
             let mut items = Vec::with_capacity(n);

@@ -87,11 +87,18 @@ impl GgmlType {
 
     /// Bytes a tensor of `numel` values with rows of `row` values occupies.
     pub(crate) fn byte_len(&self, row: usize, numel: usize) -> Result<usize, String> {
-        let (values, bytes) = self.block().ok_or_else(|| format!("unknown {}", self.name()))?;
-        if row % values != 0 {
-            return Err(format!("rows of {row} values are not a multiple of the {} block of {values}", self.name()));
+        let (values, bytes) = self
+            .block()
+            .ok_or_else(|| format!("unknown {}", self.name()))?;
+        if !row.is_multiple_of(values) {
+            return Err(format!(
+                "rows of {row} values are not a multiple of the {} block of {values}",
+                self.name()
+            ));
         }
-        (numel / values).checked_mul(bytes).ok_or_else(|| "size overflows".into())
+        (numel / values)
+            .checked_mul(bytes)
+            .ok_or_else(|| "size overflows".into())
     }
 }
 
@@ -102,8 +109,12 @@ fn half(b: &[u8], at: usize) -> f32 {
 /// Decodes `numel` values; `bytes` must be exactly the tensor's bytes.
 pub(crate) fn dequantize(ty: GgmlType, bytes: &[u8], numel: usize) -> Result<Vec<f32>, String> {
     let (values, block_bytes) = ty.block().ok_or_else(|| format!("unknown {}", ty.name()))?;
-    if numel % values != 0 || bytes.len() != numel / values * block_bytes {
-        return Err(format!("{} bytes do not hold {numel} {} values", bytes.len(), ty.name()));
+    if !numel.is_multiple_of(values) || bytes.len() != numel / values * block_bytes {
+        return Err(format!(
+            "{} bytes do not hold {numel} {} values",
+            bytes.len(),
+            ty.name()
+        ));
     }
     let mut out = Vec::with_capacity(numel);
     let blocks = bytes.chunks_exact(block_bytes);
@@ -128,7 +139,11 @@ pub(crate) fn dequantize(ty: GgmlType, bytes: &[u8], numel: usize) -> Result<Vec
             out.extend(qs.iter().map(|&q| (q >> 4) as f32 * d + m));
         }),
         GgmlType::Q5_0 | GgmlType::Q5_1 => blocks.for_each(|b| {
-            let (d, m, rest) = if ty == GgmlType::Q5_0 { (half(b, 0), None, &b[2..]) } else { (half(b, 0), Some(half(b, 2)), &b[4..]) };
+            let (d, m, rest) = if ty == GgmlType::Q5_0 {
+                (half(b, 0), None, &b[2..])
+            } else {
+                (half(b, 0), Some(half(b, 2)), &b[4..])
+            };
             let qh = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]);
             let qs = &rest[4..20];
             let value = |q: u32| match m {
@@ -141,20 +156,37 @@ pub(crate) fn dequantize(ty: GgmlType, bytes: &[u8], numel: usize) -> Result<Vec
         GgmlType::Q4K | GgmlType::Q5K => blocks.for_each(|b| {
             let (d, dmin) = (half(b, 0), half(b, 2));
             let scales = &b[4..16];
-            let (qh, qs) = if ty == GgmlType::Q5K { (Some(&b[16..48]), &b[48..176]) } else { (None, &b[16..144]) };
+            let (qh, qs) = if ty == GgmlType::Q5K {
+                (Some(&b[16..48]), &b[48..176])
+            } else {
+                (None, &b[16..144])
+            };
             for (chunk, q) in qs.chunks_exact(32).enumerate() {
                 let (sc1, m1) = scale_min_k4(2 * chunk, scales);
                 let (sc2, m2) = scale_min_k4(2 * chunk + 1, scales);
-                let (d1, d2, m1, m2) = (d * sc1 as f32, d * sc2 as f32, dmin * m1 as f32, dmin * m2 as f32);
-                let high = |l: usize, bit: usize| qh.map_or(0.0, |h| if h[l] & (1 << bit) != 0 { 16.0 } else { 0.0 });
+                let (d1, d2, m1, m2) = (
+                    d * sc1 as f32,
+                    d * sc2 as f32,
+                    dmin * m1 as f32,
+                    dmin * m2 as f32,
+                );
+                let high = |l: usize, bit: usize| {
+                    qh.map_or(0.0, |h| if h[l] & (1 << bit) != 0 { 16.0 } else { 0.0 })
+                };
                 out.extend((0..32).map(|l| d1 * ((q[l] & 0xf) as f32 + high(l, 2 * chunk)) - m1));
-                out.extend((0..32).map(|l| d2 * ((q[l] >> 4) as f32 + high(l, 2 * chunk + 1)) - m2));
+                out.extend(
+                    (0..32).map(|l| d2 * ((q[l] >> 4) as f32 + high(l, 2 * chunk + 1)) - m2),
+                );
             }
         }),
         GgmlType::Q6K => blocks.for_each(|b| {
             let (ql, qh, sc, d) = (&b[0..128], &b[128..192], &b[192..208], half(b, 208));
             for half_block in 0..2 {
-                let (ql, qh, sc) = (&ql[64 * half_block..], &qh[32 * half_block..], &sc[8 * half_block..]);
+                let (ql, qh, sc) = (
+                    &ql[64 * half_block..],
+                    &qh[32 * half_block..],
+                    &sc[8 * half_block..],
+                );
                 let mut y = [0.0f32; 128];
                 for l in 0..32 {
                     let is = l / 16;
@@ -182,6 +214,9 @@ fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
     } else {
-        ((q[j + 4] & 0xf) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4))
+        (
+            (q[j + 4] & 0xf) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+        )
     }
 }

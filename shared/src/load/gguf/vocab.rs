@@ -27,23 +27,48 @@ fn err(msg: impl Into<String>) -> TokenizerError {
     TokenizerError::Build(msg.into())
 }
 
-fn strings<'a>(meta: &'a BTreeMap<String, Value>, key: &str) -> Result<Vec<&'a str>, TokenizerError> {
+fn strings<'a>(
+    meta: &'a BTreeMap<String, Value>,
+    key: &str,
+) -> Result<Vec<&'a str>, TokenizerError> {
     let array = meta
         .get(key)
         .and_then(Value::as_array)
         .ok_or_else(|| err(format!("GGUF metadata lacks `{key}`")))?;
-    array.iter().map(|v| v.as_str().ok_or_else(|| err(format!("`{key}` holds a non-string")))).collect()
+    array
+        .iter()
+        .map(|v| {
+            v.as_str()
+                .ok_or_else(|| err(format!("`{key}` holds a non-string")))
+        })
+        .collect()
 }
 
-pub(crate) fn build(meta: &BTreeMap<String, Value>, config: &LlamaConfig) -> Result<Tokenizer, TokenizerError> {
-    let model = meta.get("tokenizer.ggml.model").and_then(Value::as_str).unwrap_or("");
+pub(crate) fn build(
+    meta: &BTreeMap<String, Value>,
+    config: &LlamaConfig,
+) -> Result<Tokenizer, TokenizerError> {
+    let model = meta
+        .get("tokenizer.ggml.model")
+        .and_then(Value::as_str)
+        .unwrap_or("");
     let tokens = strings(meta, "tokenizer.ggml.tokens")?;
-    let types: Vec<u64> = match meta.get("tokenizer.ggml.token_type").and_then(Value::as_array) {
-        Some(a) => a.iter().map(|v| v.as_u64().unwrap_or(TOKEN_NORMAL)).collect(),
+    let types: Vec<u64> = match meta
+        .get("tokenizer.ggml.token_type")
+        .and_then(Value::as_array)
+    {
+        Some(a) => a
+            .iter()
+            .map(|v| v.as_u64().unwrap_or(TOKEN_NORMAL))
+            .collect(),
         None => vec![TOKEN_NORMAL; tokens.len()],
     };
     if types.len() != tokens.len() {
-        return Err(err(format!("{} token types for {} tokens", types.len(), tokens.len())));
+        return Err(err(format!(
+            "{} token types for {} tokens",
+            types.len(),
+            tokens.len()
+        )));
     }
     let mut vocab = serde_json::Map::with_capacity(tokens.len());
     for (id, t) in tokens.iter().enumerate() {
@@ -53,7 +78,9 @@ pub(crate) fn build(meta: &BTreeMap<String, Value>, config: &LlamaConfig) -> Res
         .iter()
         .zip(&types)
         .enumerate()
-        .filter(|(_, (_, &ty))| ty == TOKEN_CONTROL || ty == TOKEN_USER_DEFINED || ty == TOKEN_UNKNOWN)
+        .filter(|(_, (_, &ty))| {
+            ty == TOKEN_CONTROL || ty == TOKEN_USER_DEFINED || ty == TOKEN_UNKNOWN
+        })
         .map(|(id, (t, &ty))| {
             json!({"id": id, "content": t, "single_word": false, "lstrip": false, "rstrip": false,
                    "normalized": ty == TOKEN_USER_DEFINED, "special": ty != TOKEN_USER_DEFINED})
@@ -62,7 +89,10 @@ pub(crate) fn build(meta: &BTreeMap<String, Value>, config: &LlamaConfig) -> Res
     let spec = match model {
         "gpt2" => {
             let merges = strings(meta, "tokenizer.ggml.merges")?;
-            let pre = meta.get("tokenizer.ggml.pre").and_then(Value::as_str).unwrap_or("default");
+            let pre = meta
+                .get("tokenizer.ggml.pre")
+                .and_then(Value::as_str)
+                .unwrap_or("default");
             let (normalizer, pre_tokenizer, ignore_merges) = byte_level_pre(pre)?;
             json!({
                 "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
@@ -74,15 +104,27 @@ pub(crate) fn build(meta: &BTreeMap<String, Value>, config: &LlamaConfig) -> Res
             })
         }
         "llama" => {
-            let scores: Vec<f64> = match meta.get("tokenizer.ggml.scores").and_then(Value::as_array) {
+            let scores: Vec<f64> = match meta.get("tokenizer.ggml.scores").and_then(Value::as_array)
+            {
                 Some(a) => a.iter().map(|v| v.as_f64().unwrap_or(0.0)).collect(),
-                None => return Err(err("SentencePiece GGUF tokenizer lacks `tokenizer.ggml.scores`")),
+                None => {
+                    return Err(err(
+                        "SentencePiece GGUF tokenizer lacks `tokenizer.ggml.scores`",
+                    ))
+                }
             };
             if scores.len() != tokens.len() {
-                return Err(err(format!("{} scores for {} tokens", scores.len(), tokens.len())));
+                return Err(err(format!(
+                    "{} scores for {} tokens",
+                    scores.len(),
+                    tokens.len()
+                )));
             }
             let merges = sentencepiece_merges(&tokens, &types, &scores);
-            let add_space = meta.get("tokenizer.ggml.add_space_prefix").and_then(Value::as_bool).unwrap_or(true);
+            let add_space = meta
+                .get("tokenizer.ggml.add_space_prefix")
+                .and_then(Value::as_bool)
+                .unwrap_or(true);
             let unk = meta
                 .get("tokenizer.ggml.unknown_token_id")
                 .and_then(Value::as_u64)
@@ -92,7 +134,8 @@ pub(crate) fn build(meta: &BTreeMap<String, Value>, config: &LlamaConfig) -> Res
             if add_space {
                 normalizers.push(json!({"type": "Prepend", "prepend": "▁"}));
             }
-            normalizers.push(json!({"type": "Replace", "pattern": {"String": " "}, "content": "▁"}));
+            normalizers
+                .push(json!({"type": "Replace", "pattern": {"String": " "}, "content": "▁"}));
             let mut decoders = vec![
                 json!({"type": "Replace", "pattern": {"String": "▁"}, "content": " "}),
                 json!({"type": "ByteFallback"}),
@@ -111,23 +154,35 @@ pub(crate) fn build(meta: &BTreeMap<String, Value>, config: &LlamaConfig) -> Res
                           "ignore_merges": false, "vocab": vocab, "merges": merges}
             })
         }
-        other => return Err(err(format!("GGUF tokenizer model `{other}` (supported: gpt2 BPE, llama SentencePiece)"))),
+        other => {
+            return Err(err(format!(
+                "GGUF tokenizer model `{other}` (supported: gpt2 BPE, llama SentencePiece)"
+            )))
+        }
     };
     let inner = tokenizers::Tokenizer::from_bytes(spec.to_string().as_bytes())
         .map_err(|e| err(format!("GGUF tokenizer rejected: {e}")))?;
-    let template = meta.get("tokenizer.chat_template").and_then(Value::as_str).map(str::to_string);
-    let token = |k: &str| meta.get(&format!("tokenizer.ggml.{k}")).and_then(Value::as_u64).map(|x| x as u32);
-    Tokenizer::from_parts(inner, template, token("bos_token_id").or(config.bos_token_id), config.eos_token_ids.clone())
+    let template = meta
+        .get("tokenizer.chat_template")
+        .and_then(Value::as_str)
+        .map(str::to_string);
+    let token = |k: &str| {
+        meta.get(&format!("tokenizer.ggml.{k}"))
+            .and_then(Value::as_u64)
+            .map(|x| x as u32)
+    };
+    Tokenizer::from_parts(
+        inner,
+        template,
+        token("bos_token_id").or(config.bos_token_id),
+        config.eos_token_ids.clone(),
+    )
 }
 
 /// `(normalizer, pre_tokenizer, ignore_merges)` for llama.cpp's pre-tokenizer names of byte-level BPE models.
 fn byte_level_pre(pre: &str) -> Result<(Json, Json, bool), TokenizerError> {
-    let byte_level = |use_regex: bool| {
-        json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex})
-    };
-    let split = |pattern: &str| {
-        json!({"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": false})
-    };
+    let byte_level = |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex});
+    let split = |pattern: &str| json!({"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": false});
     Ok(match pre {
         "default" | "gpt-2" | "gpt2" => (Json::Null, byte_level(true), false),
         "smollm" | "starcoder" | "refact" => (
@@ -172,6 +227,14 @@ fn sentencepiece_merges(tokens: &[&str], types: &[u64], scores: &[f64]) -> Vec<J
             }
         }
     }
-    merges.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)).then(a.3.cmp(&b.3)));
-    merges.into_iter().map(|(_, _, l, r)| json!([tokens[l], tokens[r]])).collect()
+    merges.sort_by(|a, b| {
+        b.0.total_cmp(&a.0)
+            .then(a.1.cmp(&b.1))
+            .then(a.2.cmp(&b.2))
+            .then(a.3.cmp(&b.3))
+    });
+    merges
+        .into_iter()
+        .map(|(_, _, l, r)| json!([tokens[l], tokens[r]]))
+        .collect()
 }
