@@ -5,11 +5,12 @@ use std::path::{Path, PathBuf};
 use burn::tensor::{Int, Tensor, TensorData};
 use offsite::model::LlamaForCausalLM;
 
-/// `../shared/fixtures/<name>` beside the project root.
+/// `$OFFSITE_FIXTURES/<name>`, by default `../shared/fixtures/<name>` beside the project root.
 pub fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../shared/fixtures")
-        .join(name)
+    let root = std::env::var_os("OFFSITE_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures"));
+    root.join(name)
 }
 
 /// The SmolLM2-135M-Instruct GGUF: `$OFFSITE_SMOLLM2`, else where `fetch-smollm2` puts it. Panics with the command
