@@ -1,8 +1,10 @@
 //! Offsite's library: the LLaMA-family model, checkpoint loading (Hugging Face safetensors and GGUF), tokenizer,
 //! generation and device selection. Adapters, emulators, data and the wire protocol build on these.
 
+pub mod adapters;
 pub mod device;
 pub mod generate;
 pub mod load;
 pub mod model;
 pub mod tokenizer;
+pub mod train;

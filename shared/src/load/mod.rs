@@ -9,6 +9,9 @@ mod gguf;
 mod hf;
 mod reader;
 
+pub(crate) use build::transpose;
+pub(crate) use reader::{bf16s as decode_bf16, f16s as decode_f16, f32s as decode_f32};
+
 use std::fmt;
 use std::path::{Path, PathBuf};
 

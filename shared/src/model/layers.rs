@@ -14,6 +14,23 @@ pub struct Linear {
     pub weight: Param<Tensor<2>>,
     /// `[out_features]`, when the projection has a bias.
     pub bias: Option<Param<Tensor<1>>>,
+    /// A low-rank update added to the output, when LoRA targets this projection.
+    pub lora: Option<LoraBranch>,
+}
+
+/// LoRA's trainable low-rank update `scale · dropout(x) · A · B` (PEFT's `lora_A`, `lora_B`), stored transposed
+/// like [`Linear::weight`].
+#[derive(Module, Debug)]
+pub struct LoraBranch {
+    /// `[in_features, r]` (PEFT's `lora_A.weight`, `[r, in]`, transposed).
+    pub lora_a: Param<Tensor<2>>,
+    /// `[r, out_features]` (PEFT's `lora_B.weight`, `[out, r]`, transposed).
+    pub lora_b: Param<Tensor<2>>,
+    /// Dropout on the branch's input (only while training on an autodiff device).
+    pub dropout: burn::nn::Dropout,
+    /// `lora_alpha / r` (or `/ √r` with rsLoRA).
+    #[module(skip)]
+    pub scale: f64,
 }
 
 impl Linear {
@@ -22,6 +39,7 @@ impl Linear {
         Self {
             weight: Param::from_tensor(weight),
             bias: bias.map(Param::from_tensor),
+            lora: None,
         }
     }
 
@@ -30,10 +48,26 @@ impl Linear {
         self.weight.dims()[1]
     }
 
+    /// Input width.
+    pub fn in_features(&self) -> usize {
+        self.weight.dims()[0]
+    }
+
     /// # Shapes
     /// - `x`: `[..., in_features]` → `[..., out_features]`
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        burn::tensor::module::linear(x, self.weight.val(), self.bias.as_ref().map(|b| b.val()))
+        let y = burn::tensor::module::linear(
+            x.clone(),
+            self.weight.val(),
+            self.bias.as_ref().map(|b| b.val()),
+        );
+        match &self.lora {
+            Some(l) => {
+                let low = burn::tensor::module::linear(l.dropout.forward(x), l.lora_a.val(), None);
+                y.add(burn::tensor::module::linear(low, l.lora_b.val(), None).mul_scalar(l.scale))
+            }
+            None => y,
+        }
     }
 }
 

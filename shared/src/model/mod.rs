@@ -12,7 +12,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 pub use attention::{LlamaAttention, LlamaMlp};
 pub use cache::KvCache;
 pub use config::{LlamaConfig, RopeScaling};
-pub use layers::{Embedding, Linear, RmsNorm};
+pub use layers::{Embedding, Linear, LoraBranch, RmsNorm};
 
 use attention::AttentionContext;
 use rope::Rope;
@@ -219,6 +219,52 @@ impl LlamaForCausalLM {
         }
     }
 
+    /// Hugging Face module names of every decoder projection (`model.layers.{i}.self_attn.q_proj`, ...), in layer
+    /// order. The LM head is not included (PEFT's `all-linear` leaves it out too).
+    pub fn linear_names(&self) -> Vec<String> {
+        (0..self.model.layers.len())
+            .flat_map(|i| {
+                PROJECTIONS
+                    .iter()
+                    .map(move |p| format!("model.layers.{i}.{p}"))
+            })
+            .collect()
+    }
+
+    /// The projection with that Hugging Face module name.
+    pub fn linear(&self, name: &str) -> Option<&Linear> {
+        let (i, part) = split_projection_name(name)?;
+        let layer = self.model.layers.get(i)?;
+        let (a, m) = (&layer.self_attn, &layer.mlp);
+        Some(match part {
+            "self_attn.q_proj" => &a.q_proj,
+            "self_attn.k_proj" => &a.k_proj,
+            "self_attn.v_proj" => &a.v_proj,
+            "self_attn.o_proj" => &a.o_proj,
+            "mlp.gate_proj" => &m.gate_proj,
+            "mlp.up_proj" => &m.up_proj,
+            "mlp.down_proj" => &m.down_proj,
+            _ => return None,
+        })
+    }
+
+    /// The projection with that Hugging Face module name, mutably.
+    pub fn linear_mut(&mut self, name: &str) -> Option<&mut Linear> {
+        let (i, part) = split_projection_name(name)?;
+        let layer = self.model.layers.get_mut(i)?;
+        let (a, m) = (&mut layer.self_attn, &mut layer.mlp);
+        Some(match part {
+            "self_attn.q_proj" => &mut a.q_proj,
+            "self_attn.k_proj" => &mut a.k_proj,
+            "self_attn.v_proj" => &mut a.v_proj,
+            "self_attn.o_proj" => &mut a.o_proj,
+            "mlp.gate_proj" => &mut m.gate_proj,
+            "mlp.up_proj" => &mut m.up_proj,
+            "mlp.down_proj" => &mut m.down_proj,
+            _ => return None,
+        })
+    }
+
     /// Checks that every id is inside the vocabulary.
     pub fn check_ids(&self, ids: &[u32]) -> Result<(), ModelError> {
         match ids
@@ -232,6 +278,23 @@ impl LlamaForCausalLM {
             None => Ok(()),
         }
     }
+}
+
+/// Projection names inside a decoder layer, as Hugging Face names them.
+pub const PROJECTIONS: [&str; 7] = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+];
+
+/// `model.layers.{i}.{part}` → `(i, part)`.
+fn split_projection_name(name: &str) -> Option<(usize, &str)> {
+    let (i, part) = name.strip_prefix("model.layers.")?.split_once('.')?;
+    Some((i.parse().ok()?, part))
 }
 
 /// Rotary positions of the new tokens (count of real tokens before each, per row) and the additive mask
