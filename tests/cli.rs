@@ -40,6 +40,26 @@ fn logits_command_writes_reference_logits() {
 }
 
 #[test]
+fn logits_with_a_peft_adapter_match_peft() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("logits.safetensors");
+    let exp = Tensors::read(&fixture("tiny-llama-lora/expected.safetensors"));
+    let ids: Vec<String> = exp.i64("input_ids")[..9]
+        .iter()
+        .map(|i| i.to_string())
+        .collect();
+    run(server()
+        .args(["model", "logits", "--device", "cpu", "--model"])
+        .arg(fixture("tiny-llama"))
+        .arg("--adapter")
+        .arg(fixture("tiny-llama-lora"))
+        .args(["--ids", &ids.join(","), "--out"])
+        .arg(&out));
+    let got = Tensors::read(&out).f32("logits");
+    assert!(max_abs_diff(&got, &exp.f32("logits")[..9 * 256]) < 1e-4);
+}
+
+#[test]
 fn info_tokenize_and_generate_on_smollm2() {
     let model = smollm2_gguf();
     let info = run(server().args(["model", "info", "--model"]).arg(&model));

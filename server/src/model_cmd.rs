@@ -6,6 +6,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use burn::tensor::{Int, Tensor, TensorData};
 use clap::{Args, Subcommand};
+use offsite::adapters::import_peft;
 use offsite::device::{self, DeviceChoice};
 use offsite::generate::{generate, GenerationConfig};
 use offsite::load::{peak_rss_bytes, Checkpoint};
@@ -86,14 +87,17 @@ pub(crate) struct DeviceArgs {
     /// auto, cpu, gpu or gpu:N.
     #[arg(long, default_value = "auto")]
     device: DeviceChoice,
+    /// A PEFT LoRA directory (`adapter_config.json` + `adapter_model.safetensors`) applied to the model.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
 }
 
 fn open(path: &Path) -> Result<Checkpoint> {
     Checkpoint::open(path).with_context(|| format!("opening model {}", path.display()))
 }
 
-fn load(checkpoint: &Checkpoint, device: DeviceChoice) -> Result<LlamaForCausalLM> {
-    let (device, described) = device::resolve(device)?;
+fn load(checkpoint: &Checkpoint, args: &DeviceArgs) -> Result<LlamaForCausalLM> {
+    let (device, described) = device::resolve(args.device)?;
     info!(device = %described, "loading weights");
     let start = Instant::now();
     let model = checkpoint.load_model(&device)?;
@@ -102,6 +106,12 @@ fn load(checkpoint: &Checkpoint, device: DeviceChoice) -> Result<LlamaForCausalL
         peak_rss_mib = peak_rss_bytes().map(|b| b / (1 << 20)),
         "model loaded"
     );
+    let mut model = model;
+    if let Some(dir) = &args.adapter {
+        let config = import_peft(&mut model, dir)
+            .with_context(|| format!("applying adapter {}", dir.display()))?;
+        info!(adapter = %dir.display(), r = config.r, scale = config.scale(), "LoRA adapter applied");
+    }
     Ok(model)
 }
 
@@ -120,7 +130,7 @@ pub(crate) fn run(command: ModelCommand) -> Result<()> {
             device,
         } => {
             let checkpoint = open(&model.model)?;
-            let model = load(&checkpoint, device.device)?;
+            let model = load(&checkpoint, &device)?;
             model.check_ids(&ids)?;
             let len = ids.len();
             let ids: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
@@ -153,7 +163,7 @@ pub(crate) fn run(command: ModelCommand) -> Result<()> {
                 prompt
             };
             let ids = tokenizer.encode(&text)?;
-            let model = load(&checkpoint, device.device)?;
+            let model = load(&checkpoint, &device)?;
             let config = GenerationConfig {
                 max_new_tokens,
                 temperature,
