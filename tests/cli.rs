@@ -59,6 +59,47 @@ fn logits_with_a_peft_adapter_match_peft() {
     assert!(max_abs_diff(&got, &exp.f32("logits")[..9 * 256]) < 1e-4);
 }
 
+/// `export --format merged` writes a Hugging Face checkpoint whose plain logits are peft's adapted logits;
+/// `--format peft` writes peft's tensors back.
+#[test]
+fn export_merged_and_peft() {
+    let dir = tempfile::tempdir().unwrap();
+    let exp = Tensors::read(&fixture("tiny-llama-lora/expected.safetensors"));
+    for format in ["merged", "peft"] {
+        run(server()
+            .args(["export", "--format", format, "--model"])
+            .arg(fixture("tiny-llama"))
+            .arg("--adapter")
+            .arg(fixture("tiny-llama-lora"))
+            .arg("--out")
+            .arg(dir.path().join(format)));
+    }
+    let merged = dir.path().join("merged");
+    // The tiny fixture ships no tokenizer, so none is written.
+    assert!(merged.join("config.json").exists() && merged.join("model.safetensors").exists());
+    assert!(!merged.join("tokenizer.json").exists());
+    let out = dir.path().join("logits.safetensors");
+    let ids: Vec<String> = exp.i64("input_ids")[9..]
+        .iter()
+        .map(|i| i.to_string())
+        .collect();
+    run(server()
+        .args(["model", "logits", "--device", "cpu", "--model"])
+        .arg(&merged)
+        .args(["--ids", &ids.join(","), "--out"])
+        .arg(&out));
+    let diff = max_abs_diff(
+        &Tensors::read(&out).f32("logits"),
+        &exp.f32("logits")[9 * 256..],
+    );
+    assert!(diff < 1e-4, "merged logits differ by {diff}");
+    let theirs = Tensors::read(&fixture("tiny-llama-lora/adapter_model.safetensors"));
+    let ours = Tensors::read(&dir.path().join("peft/adapter_model.safetensors"));
+    for name in theirs.names() {
+        assert_eq!(ours.f32(&name), theirs.f32(&name), "{name}");
+    }
+}
+
 #[test]
 fn info_tokenize_and_generate_on_smollm2() {
     let model = smollm2_gguf();

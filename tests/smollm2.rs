@@ -54,6 +54,32 @@ fn tokenizer_ids_are_exact() {
     }
 }
 
+/// The tokenizer as `export --format merged` writes it (tokenizer.json + tokenizer_config.json) reads back the same.
+#[test]
+fn exported_tokenizer_round_trips() {
+    let exp = expected_json();
+    let tok = &loaded().tokenizer;
+    let config = Checkpoint::open(&smollm2_gguf()).unwrap().config().clone();
+    let back = Tokenizer::from_hf(
+        &tok.to_json().unwrap(),
+        Some(&tok.tokenizer_config_json()),
+        &config,
+    )
+    .unwrap();
+    for case in exp["tokenizer"].as_array().unwrap() {
+        assert_eq!(
+            back.encode(case["text"].as_str().unwrap()).unwrap(),
+            ids(&case["ids"])
+        );
+    }
+    let messages = [ChatMessage::user("What is the capital of France?")];
+    assert_eq!(
+        back.apply_chat_template(&messages, true).unwrap(),
+        exp["chat_prompt"].as_str().unwrap()
+    );
+    assert_eq!(back.eos_ids(), tok.eos_ids());
+}
+
 #[test]
 fn chat_template_matches_reference() {
     let exp = expected_json();

@@ -1,5 +1,6 @@
 //! `offsite-server`: the operator's side of Offsite.
 
+mod export_cmd;
 mod model_cmd;
 
 use anyhow::Result;
@@ -21,6 +22,8 @@ enum Command {
         #[command(subcommand)]
         command: model_cmd::ModelCommand,
     },
+    /// Export an adapter: as a PEFT directory, or merged into a Hugging Face checkpoint.
+    Export(export_cmd::ExportArgs),
 }
 
 fn main() -> Result<()> {
@@ -34,5 +37,6 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Model { command } => model_cmd::run(command),
+        Command::Export(args) => export_cmd::run(args),
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod adapters;
 pub mod device;
+pub mod export;
 pub mod generate;
 pub mod load;
 pub mod model;

@@ -122,6 +122,24 @@ impl Tokenizer {
         self.chat_template.as_deref()
     }
 
+    /// The tokenizer as a Hugging Face `tokenizer.json`.
+    pub fn to_json(&self) -> Result<String, TokenizerError> {
+        self.inner
+            .to_string(false)
+            .map_err(|e| TokenizerError::Build(e.to_string()))
+    }
+
+    /// A Hugging Face `tokenizer_config.json`: special tokens and chat template.
+    pub fn tokenizer_config_json(&self) -> serde_json::Value {
+        let token = |id: Option<u32>| id.and_then(|i| self.inner.id_to_token(i));
+        serde_json::json!({
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": token(self.bos_id),
+            "eos_token": token(self.eos_ids.first().copied()),
+            "chat_template": self.chat_template,
+        })
+    }
+
     /// Renders `messages` with the model's chat template (ChatML when the model has none).
     pub fn apply_chat_template(
         &self,

@@ -1,0 +1,63 @@
+//! `offsite-server export`: an adapter as a PEFT directory, or merged into a Hugging Face checkpoint.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use burn::tensor::Device;
+use clap::{Args, ValueEnum};
+use offsite::adapters::{export_peft, import_peft};
+use offsite::export::write_merged;
+use offsite::load::Checkpoint;
+use tracing::{info, warn};
+
+/// What `export` writes.
+#[derive(Clone, Copy, ValueEnum)]
+pub(crate) enum ExportFormat {
+    /// A PEFT adapter directory (`adapter_config.json` + `adapter_model.safetensors`).
+    Peft,
+    /// A full Hugging Face checkpoint with the adapter merged into the weights.
+    Merged,
+}
+
+#[derive(Args)]
+pub(crate) struct ExportArgs {
+    /// The base model: Hugging Face directory or `.gguf` file.
+    #[arg(long)]
+    model: PathBuf,
+    /// The adapter (a PEFT LoRA directory).
+    #[arg(long)]
+    adapter: PathBuf,
+    /// peft or merged.
+    #[arg(long, value_enum)]
+    format: ExportFormat,
+    /// Output directory.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+pub(crate) fn run(args: ExportArgs) -> Result<()> {
+    let checkpoint = Checkpoint::open(&args.model)
+        .with_context(|| format!("opening model {}", args.model.display()))?;
+    // Exporting is exact arithmetic on the host; the CPU backend avoids GPU start-up for a one-off job.
+    let mut model = checkpoint.load_model(&Device::flex())?;
+    let config = import_peft(&mut model, &args.adapter)
+        .with_context(|| format!("reading adapter {}", args.adapter.display()))?;
+    match args.format {
+        ExportFormat::Peft => {
+            let base = args.model.to_string_lossy();
+            export_peft(&model, &config, Some(&base), &args.out)?;
+        }
+        ExportFormat::Merged => {
+            let tokenizer = match checkpoint.tokenizer() {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    warn!("writing the checkpoint without a tokenizer: {e}");
+                    None
+                }
+            };
+            write_merged(&model, tokenizer.as_ref(), &args.out)?
+        }
+    }
+    info!(out = %args.out.display(), "exported");
+    Ok(())
+}
