@@ -7,7 +7,7 @@ use burn::tensor::Tensor;
 use serde_json::json;
 
 use crate::adapters::AdapterError;
-use crate::load::transpose;
+use crate::load::{transpose, write_f32_safetensors};
 use crate::model::{Linear, LlamaConfig, LlamaForCausalLM, RopeScaling};
 use crate::tokenizer::Tokenizer;
 
@@ -130,27 +130,8 @@ pub fn write_merged(
             vec![v, h],
         ));
     }
-    let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
-        .into_iter()
-        .map(|(n, d, s)| (n, d.iter().flat_map(|x| x.to_le_bytes()).collect(), s))
-        .collect();
-    let views = bytes
-        .iter()
-        .map(|(n, b, s)| {
-            Ok((
-                n.clone(),
-                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)?,
-            ))
-        })
-        .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()
-        .map_err(|e| AdapterError::Mismatch(e.to_string()))?;
-    let metadata = Some(std::collections::HashMap::from([(
-        "format".to_string(),
-        "pt".to_string(),
-    )]));
     let path = dir.join("model.safetensors");
-    safetensors::serialize_to_file(views, metadata, &path)
-        .map_err(|e| err(&path, e.to_string()))?;
+    write_f32_safetensors(&path, tensors).map_err(|e| err(&path, e))?;
     let write_json = |file: &str, value: &serde_json::Value| {
         let path = dir.join(file);
         std::fs::write(&path, serde_json::to_string_pretty(value).expect("JSON"))

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::AdapterError;
-use crate::load::F32Tensor;
+use crate::load::{write_f32_safetensors, F32Tensor};
 use crate::model::{LlamaForCausalLM, LoraBranch};
 
 /// Which projections LoRA adapts.
@@ -299,7 +299,7 @@ pub fn export_peft(
     dir: &Path,
 ) -> Result<(), AdapterError> {
     std::fs::create_dir_all(dir).map_err(|e| file_err(dir, e.to_string()))?;
-    let mut tensors: Vec<(String, Vec<u8>, Vec<usize>)> = Vec::new();
+    let mut tensors: Vec<(String, Vec<f32>, Vec<usize>)> = Vec::new();
     for name in model.linear_names() {
         let Some(lora) = model.linear(&name).and_then(|l| l.lora.as_ref()) else {
             continue;
@@ -312,13 +312,9 @@ pub fn export_peft(
                 .try_into_vec()
                 .map_err(|e| AdapterError::Mismatch(format!("`{name}.{suffix}`: {e:?}")))?;
             // Stored [in, r] / [r, out]; PEFT wants [r, in] / [out, r].
-            let bytes = crate::load::transpose(&values, rows, cols)
-                .iter()
-                .flat_map(|v| v.to_le_bytes())
-                .collect();
             tensors.push((
                 format!("{PEFT_PREFIX}{name}.{suffix}.weight"),
-                bytes,
+                crate::load::transpose(&values, rows, cols),
                 vec![cols, rows],
             ));
         }
@@ -328,19 +324,8 @@ pub fn export_peft(
             "the model has no LoRA branches to export".into(),
         ));
     }
-    let views = tensors
-        .iter()
-        .map(|(n, b, s)| {
-            Ok((
-                n.clone(),
-                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)?,
-            ))
-        })
-        .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()
-        .map_err(|e| AdapterError::Mismatch(e.to_string()))?;
     let path = dir.join("adapter_model.safetensors");
-    safetensors::serialize_to_file(views, None, &path)
-        .map_err(|e| file_err(&path, e.to_string()))?;
+    write_f32_safetensors(&path, tensors).map_err(|e| file_err(&path, e))?;
     let path = dir.join("adapter_config.json");
     let text = serde_json::to_string_pretty(&config.to_peft_json(base_model)).expect("JSON value");
     std::fs::write(&path, text).map_err(|e| file_err(&path, e.to_string()))

@@ -218,6 +218,32 @@ impl Checkpoint {
     }
 }
 
+/// Writes f32 tensors (name, values, shape) to a safetensors file tagged `format: pt`, as PyTorch writers do.
+pub(crate) fn write_f32_safetensors(
+    path: &Path,
+    tensors: Vec<(String, Vec<f32>, Vec<usize>)>,
+) -> Result<(), String> {
+    let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
+        .into_iter()
+        .map(|(n, d, s)| (n, d.iter().flat_map(|x| x.to_le_bytes()).collect(), s))
+        .collect();
+    let views = bytes
+        .iter()
+        .map(|(n, b, s)| {
+            Ok((
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)?,
+            ))
+        })
+        .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()
+        .map_err(|e| e.to_string())?;
+    let metadata = Some(std::collections::HashMap::from([(
+        "format".to_string(),
+        "pt".to_string(),
+    )]));
+    safetensors::serialize_to_file(views, metadata, path).map_err(|e| e.to_string())
+}
+
 /// Highest resident memory of this process so far, in bytes (Linux `VmHWM`); `None` elsewhere.
 pub fn peak_rss_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
