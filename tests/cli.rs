@@ -8,6 +8,11 @@ fn server() -> Command {
     Command::new(env!("CARGO_BIN_EXE_offsite-server"))
 }
 
+/// Token ids as `--ids` takes them: `1,2,3`.
+fn ids_arg(ids: &[i64]) -> String {
+    ids.iter().map(i64::to_string).collect::<Vec<_>>().join(",")
+}
+
 fn run(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap();
     assert!(
@@ -24,15 +29,11 @@ fn logits_command_writes_reference_logits() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("logits.safetensors");
     let exp = Tensors::read(&fixture("tiny-llama/expected.safetensors"));
-    let ids: Vec<String> = exp
-        .i64("input_ids.1")
-        .iter()
-        .map(|i| i.to_string())
-        .collect();
+    let ids = ids_arg(&exp.i64("input_ids.1"));
     run(server()
         .args(["model", "logits", "--device", "cpu", "--model"])
         .arg(fixture("tiny-llama"))
-        .args(["--ids", &ids.join(","), "--out"])
+        .args(["--ids", &ids, "--out"])
         .arg(&out));
     let got = Tensors::read(&out);
     assert_eq!(got.shape("logits"), vec![5, 256]);
@@ -44,16 +45,13 @@ fn logits_with_a_peft_adapter_match_peft() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("logits.safetensors");
     let exp = Tensors::read(&fixture("tiny-llama-lora/expected.safetensors"));
-    let ids: Vec<String> = exp.i64("input_ids")[..9]
-        .iter()
-        .map(|i| i.to_string())
-        .collect();
+    let ids = ids_arg(&exp.i64("input_ids")[..9]);
     run(server()
         .args(["model", "logits", "--device", "cpu", "--model"])
         .arg(fixture("tiny-llama"))
         .arg("--adapter")
         .arg(fixture("tiny-llama-lora"))
-        .args(["--ids", &ids.join(","), "--out"])
+        .args(["--ids", &ids, "--out"])
         .arg(&out));
     let got = Tensors::read(&out).f32("logits");
     assert!(max_abs_diff(&got, &exp.f32("logits")[..9 * 256]) < 1e-4);
@@ -79,14 +77,11 @@ fn export_merged_and_peft() {
     assert!(merged.join("config.json").exists() && merged.join("model.safetensors").exists());
     assert!(!merged.join("tokenizer.json").exists());
     let out = dir.path().join("logits.safetensors");
-    let ids: Vec<String> = exp.i64("input_ids")[9..]
-        .iter()
-        .map(|i| i.to_string())
-        .collect();
+    let ids = ids_arg(&exp.i64("input_ids")[9..]);
     run(server()
         .args(["model", "logits", "--device", "cpu", "--model"])
         .arg(&merged)
-        .args(["--ids", &ids.join(","), "--out"])
+        .args(["--ids", &ids, "--out"])
         .arg(&out));
     let diff = max_abs_diff(
         &Tensors::read(&out).f32("logits"),

@@ -109,35 +109,34 @@ fn copy_fixture(dir: &std::path::Path) {
     }
 }
 
+/// Writes `config` into `dir` and returns the error loading the model gives.
+fn load_with_config(dir: &std::path::Path, config: &str) -> LoadError {
+    std::fs::write(dir.join("config.json"), config).unwrap();
+    Checkpoint::open(dir)
+        .unwrap()
+        .load_model(&Device::flex())
+        .unwrap_err()
+}
+
 #[test]
 fn wrong_shapes_missing_tensors_and_truncation_are_named_errors() {
     let dir = tempfile::tempdir().unwrap();
     copy_fixture(dir.path());
     // A config that disagrees with the weights: the error names the tensor and both shapes.
     let config = std::fs::read_to_string(dir.path().join("config.json")).unwrap();
-    std::fs::write(
-        dir.path().join("config.json"),
-        config.replace("\"intermediate_size\": 160", "\"intermediate_size\": 128"),
-    )
-    .unwrap();
-    let err = Checkpoint::open(dir.path())
-        .unwrap()
-        .load_model(&Device::flex())
-        .unwrap_err();
+    let err = load_with_config(
+        dir.path(),
+        &config.replace("\"intermediate_size\": 160", "\"intermediate_size\": 128"),
+    );
     assert!(
         matches!(&err, LoadError::Shape { tensor, .. } if tensor.ends_with("mlp.gate_proj.weight")),
         "{err}"
     );
     // One layer more than the file holds: the first missing tensor is named.
-    std::fs::write(
-        dir.path().join("config.json"),
-        config.replace("\"num_hidden_layers\": 2", "\"num_hidden_layers\": 3"),
-    )
-    .unwrap();
-    let err = Checkpoint::open(dir.path())
-        .unwrap()
-        .load_model(&Device::flex())
-        .unwrap_err();
+    let err = load_with_config(
+        dir.path(),
+        &config.replace("\"num_hidden_layers\": 2", "\"num_hidden_layers\": 3"),
+    );
     assert!(
         matches!(&err, LoadError::MissingTensor { tensor, .. } if tensor == "model.layers.2.input_layernorm.weight"),
         "{err}"

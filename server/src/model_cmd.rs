@@ -100,13 +100,12 @@ fn load(checkpoint: &Checkpoint, args: &DeviceArgs) -> Result<LlamaForCausalLM> 
     let (device, described) = device::resolve(args.device)?;
     info!(device = %described, "loading weights");
     let start = Instant::now();
-    let model = checkpoint.load_model(&device)?;
+    let mut model = checkpoint.load_model(&device)?;
     info!(
         seconds = format!("{:.2}", start.elapsed().as_secs_f64()),
         peak_rss_mib = peak_rss_bytes().map(|b| b / (1 << 20)),
         "model loaded"
     );
-    let mut model = model;
     if let Some(dir) = &args.adapter {
         let config = import_peft(&mut model, dir)
             .with_context(|| format!("applying adapter {}", dir.display()))?;

@@ -85,7 +85,7 @@ pub fn gpu_adapters() -> Vec<GpuAdapter> {
     let instance = wgpu::Instance::new(descriptor);
     let mut adapters: Vec<GpuAdapter> = Vec::new();
     let mut per_type = [0usize; 4];
-    for adapter in pollster_adapters(&instance) {
+    for adapter in enumerate_adapters(&instance) {
         let info = adapter.get_info();
         let (slot, kind) = match info.device_type {
             wgpu::DeviceType::DiscreteGpu => (0, DeviceKind::DiscreteGpu(per_type[0])),
@@ -116,7 +116,7 @@ pub fn gpu_adapters() -> Vec<GpuAdapter> {
     adapters
 }
 
-fn pollster_adapters(instance: &wgpu::Instance) -> Vec<wgpu::Adapter> {
+fn enumerate_adapters(instance: &wgpu::Instance) -> Vec<wgpu::Adapter> {
     let future = instance.enumerate_adapters(wgpu::Backends::PRIMARY);
     block_on(future)
 }
