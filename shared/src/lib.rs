@@ -7,5 +7,6 @@ pub mod export;
 pub mod generate;
 pub mod load;
 pub mod model;
+pub mod quant;
 pub mod tokenizer;
 pub mod train;

@@ -1,0 +1,167 @@
+//! Matrix products through frozen low-precision weights, as a burn backend extension: the forward `x · W` and the
+//! input gradient `dy · Wᵀ` read the int8 (or f16) weight directly. Under autodiff the op records only handles to
+//! the quantized weight, so no full-precision copy of a frozen matrix outlives a single product; the weight gets no
+//! gradient.
+//!
+//! The default bodies (used by the CPU backend, and by wgpu until its own kernels land) widen the weight into a
+//! temporary that is dropped as soon as the product is done.
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::Autodiff;
+use burn::backend::tensor::{FloatTensor, IntTensor};
+use burn::backend::{backend_extension, Backend, Cube, Flex, TensorMetadata};
+use burn::tensor::{FloatDType, Shape};
+
+/// Products with frozen weights stored `[in, out]`: int8 with one f32 scale per output column, or f16.
+#[backend_extension(Flex, Cube: cfg(all()), Autodiff)]
+pub(crate) trait FrozenOps: Backend {
+    /// `x · (q ⊙ scale)`.
+    ///
+    /// # Shapes
+    /// - `x`: `[m, in]`, `q`: `[in, out]` (i8), `scale`: `[out]` → `[m, out]`
+    fn int8_matmul(
+        x: FloatTensor<Self>,
+        q: IntTensor<Self>,
+        scale: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let out = q.shape().dims::<2>()[1];
+        let w = Self::int_into_float(q, FloatDType::F32);
+        let y = Self::float_matmul(x, w);
+        Self::float_mul(y, Self::float_reshape(scale, Shape::new([1, out])))
+    }
+
+    /// `dy · (q ⊙ scale)ᵀ`, computed as `(dy ⊙ scale) · qᵀ`.
+    ///
+    /// # Shapes
+    /// - `dy`: `[m, out]`, `q`: `[in, out]` (i8), `scale`: `[out]` → `[m, in]`
+    fn int8_matmul_t(
+        dy: FloatTensor<Self>,
+        q: IntTensor<Self>,
+        scale: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let out = q.shape().dims::<2>()[1];
+        let dy = Self::float_mul(dy, Self::float_reshape(scale, Shape::new([1, out])));
+        // Transpose the narrow int8 matrix; the widening copy is then already contiguous.
+        let wt = Self::int_into_float(Self::int_transpose(q), FloatDType::F32);
+        Self::float_matmul(dy, wt)
+    }
+
+    /// `x · w` with `w` in f16.
+    ///
+    /// # Shapes
+    /// - `x`: `[m, in]`, `w`: `[in, out]` (f16) → `[m, out]`
+    fn f16_matmul(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
+        Self::float_matmul(x, Self::float_cast(w, FloatDType::F32))
+    }
+
+    /// `dy · wᵀ` with `w` in f16.
+    ///
+    /// # Shapes
+    /// - `dy`: `[m, out]`, `w`: `[in, out]` (f16) → `[m, in]`
+    fn f16_matmul_t(dy: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
+        let wt = Self::float_cast(Self::float_transpose(w), FloatDType::F32);
+        Self::float_matmul(dy, wt)
+    }
+}
+
+impl FrozenOps for Flex {}
+impl FrozenOps for Cube {}
+
+/// The quantized weight an op reads, kept by the autodiff graph for the backward pass (handles only).
+#[derive(Debug, Clone)]
+enum Frozen<B: Backend> {
+    Int8(IntTensor<B>, FloatTensor<B>),
+    F16(FloatTensor<B>),
+}
+
+impl<B: Backend + FrozenOps> Frozen<B> {
+    fn forward(&self, x: FloatTensor<B>) -> FloatTensor<B> {
+        match self.clone() {
+            Frozen::Int8(q, s) => B::int8_matmul(x, q, s),
+            Frozen::F16(w) => B::f16_matmul(x, w),
+        }
+    }
+
+    fn backward(&self, dy: FloatTensor<B>) -> FloatTensor<B> {
+        match self.clone() {
+            Frozen::Int8(q, s) => B::int8_matmul_t(dy, q, s),
+            Frozen::F16(w) => B::f16_matmul_t(dy, w),
+        }
+    }
+}
+
+/// Backward of `x · W` (or `x · Wᵀ` when `transposed`) for a frozen `W`: only `x` gets a gradient.
+#[derive(Debug)]
+struct FrozenBackward {
+    transposed: bool,
+}
+
+impl<B: Backend + FrozenOps> Backward<B, 1> for FrozenBackward {
+    type State = Frozen<B>;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        if let Some(node) = node_x {
+            let dx = if self.transposed {
+                ops.state.forward(grad)
+            } else {
+                ops.state.backward(grad)
+            };
+            grads.register::<B>(node.id, dx);
+        }
+    }
+}
+
+/// Records `x · W` (or `x · Wᵀ`) on the tape, keeping only the frozen weight's handles.
+fn record<B: Backend + FrozenOps, C: CheckpointStrategy>(
+    x: FloatTensor<Autodiff<B, C>>,
+    weight: Frozen<B>,
+    transposed: bool,
+) -> FloatTensor<Autodiff<B, C>> {
+    let apply = |w: &Frozen<B>, x| {
+        if transposed {
+            w.backward(x)
+        } else {
+            w.forward(x)
+        }
+    };
+    let (x, guard) = x.into_parts();
+    let op = FrozenBackward { transposed };
+    match op.prepare::<C>([guard]).compute_bound().stateful() {
+        OpsKind::Tracked(prep) => {
+            let out = apply(&weight, x);
+            prep.finish(weight, out)
+        }
+        OpsKind::UnTracked(prep) => prep.finish(apply(&weight, x)),
+    }
+}
+
+impl<B: Backend + FrozenOps, C: CheckpointStrategy> FrozenOps for Autodiff<B, C> {
+    fn int8_matmul(
+        x: FloatTensor<Self>,
+        q: IntTensor<Self>,
+        scale: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        record::<B, C>(x, Frozen::Int8(q, scale.into_primitive()), false)
+    }
+
+    fn int8_matmul_t(
+        dy: FloatTensor<Self>,
+        q: IntTensor<Self>,
+        scale: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        record::<B, C>(dy, Frozen::Int8(q, scale.into_primitive()), true)
+    }
+
+    fn f16_matmul(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
+        record::<B, C>(x, Frozen::F16(w.into_primitive()), false)
+    }
+
+    fn f16_matmul_t(dy: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
+        record::<B, C>(dy, Frozen::F16(w.into_primitive()), true)
+    }
+}

@@ -1,0 +1,95 @@
+use burn::tensor::{DType, Device, Distribution, Tensor, TensorData};
+
+use super::*;
+
+fn random(rows: usize, cols: usize, seed: u64) -> Vec<f32> {
+    // A small LCG keeps the test independent of any RNG crate's stream.
+    let mut s = seed;
+    (0..rows * cols)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+fn vec2(t: Tensor<2>) -> Vec<f32> {
+    t.into_data().convert::<f32>().try_into_vec::<f32>().unwrap()
+}
+
+fn max_rel(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs() / y.abs().max(1.0))
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn int8_codes_and_scales_follow_the_definition() {
+    let w = [0.5, -2.0, 0.0, -1.0, 1.0, 0.0];
+    let m = quantize_int8(&w, 2, 3, ScaleDType::F32);
+    assert_eq!(m.scale, vec![1.0 / 127.0, 2.0 / 127.0, 0.0]);
+    assert_eq!(m.q, vec![64, -127, 0, -127, 64, 0]);
+    let err = max_rel(&m.dequantize(), &w);
+    assert!(err <= 0.5 * 2.0 / 127.0, "{err}");
+}
+
+#[test]
+fn int8_f16_scales_are_representable() {
+    let w = random(7, 5, 1);
+    let m = quantize_int8(&w, 7, 5, ScaleDType::F16);
+    for s in &m.scale {
+        assert_eq!(half::f16::from_f32(*s).to_f32(), *s);
+    }
+}
+
+/// Forward and input gradient of the int8 product against a dense matmul with the dequantized weight, on a shape
+/// that is not a multiple of any tile.
+fn check_int8(device: &Device) {
+    let (m, k, n) = (5, 37, 19);
+    let w = random(k, n, 7);
+    let q8 = quantize_int8(&w, k, n, ScaleDType::F32);
+    let dense = Tensor::<2>::from_data(TensorData::new(q8.dequantize(), [k, n]), device);
+    let (q, scale) = q8.to_tensors(device);
+    assert_eq!(q.dtype(), DType::I8);
+    let x_data = Tensor::<2>::random([m, k], Distribution::Normal(0.0, 1.0), device).into_data();
+    let upstream = Tensor::<2>::random([m, n], Distribution::Normal(0.0, 1.0), device);
+
+    let ad = device.clone().autodiff();
+    let x = Tensor::<2>::from_data(x_data.clone(), &ad).require_grad();
+    let y = int8_matmul(x.clone(), q.to_device(&ad), scale.to_device(&ad));
+    let grads = y.clone().mul(upstream.clone().to_device(&ad)).sum().backward();
+    let dx = x.grad(&grads).unwrap();
+
+    let xr = Tensor::<2>::from_data(x_data, &ad).require_grad();
+    let yr = xr.clone().matmul(dense.to_device(&ad));
+    let grads_r = yr.clone().mul(upstream.to_device(&ad)).sum().backward();
+    let dxr = xr.grad(&grads_r).unwrap();
+
+    assert!(max_rel(&vec2(y), &vec2(yr)) < 1e-5);
+    assert!(max_rel(&vec2(dx), &vec2(dxr)) < 1e-5);
+}
+
+#[test]
+fn int8_matches_dequantized_dense_on_cpu() {
+    check_int8(&Device::flex());
+}
+
+#[test]
+fn f16_matches_dense_and_has_input_gradient() {
+    let device = Device::flex();
+    let (m, k, n) = (3, 33, 17);
+    let w = Tensor::<2>::from_data(TensorData::new(random(k, n, 3), [k, n]), &device)
+        .cast(burn::tensor::FloatDType::F16);
+    let wide = w.clone().cast(burn::tensor::FloatDType::F32);
+    let ad = device.clone().autodiff();
+    let x0 = Tensor::<2>::random([m, k], Distribution::Normal(0.0, 1.0), &device).into_data();
+    let x = Tensor::<2>::from_data(x0.clone(), &ad).require_grad();
+    let y = f16_matmul(x.clone(), w.to_device(&ad));
+    let dx = x.grad(&y.clone().sum().backward()).unwrap();
+    let xr = Tensor::<2>::from_data(x0, &ad).require_grad();
+    let yr = xr.clone().matmul(wide.to_device(&ad));
+    let dxr = xr.grad(&yr.clone().sum().backward()).unwrap();
+    assert!(max_rel(&vec2(y), &vec2(yr)) < 1e-5);
+    assert!(max_rel(&vec2(dx), &vec2(dxr)) < 1e-5);
+}
