@@ -188,3 +188,43 @@ pub fn llama_cpp_permute(data: &[f32], rows: usize, cols: usize, heads: usize) -
     }
     out
 }
+
+/// A 6-layer variant of the tiny fixture model written to `dir` as a Hugging Face checkpoint: layers 0 and 1 are the
+/// fixture's, layers 2–5 copy them with their weights scaled by 0.9, 1.1, 0.8 and 1.2, so every layer differs.
+/// Deep enough to drop middle layers from.
+pub fn tiny_llama_6_layers(dir: &Path) -> PathBuf {
+    let src = fixture("tiny-llama");
+    let t = Tensors::read(&src.join("model.safetensors"));
+    let mut out: Vec<(String, Vec<f32>, Vec<usize>)> = Vec::new();
+    for name in t.names() {
+        let (data, shape) = (t.f32(&name), t.shape(&name));
+        if let Some(rest) = name.strip_prefix("model.layers.") {
+            let (i, part) = rest.split_once('.').unwrap();
+            let i: usize = i.parse().unwrap();
+            for (copy, factor) in [(0, 1.0f32), (2, 0.9), (4, 0.8)] {
+                let f = if i == 1 && copy > 0 { factor + 0.2 + 0.1 * (copy as f32 - 2.0) } else { factor };
+                let scaled: Vec<f32> = data.iter().map(|v| v * f).collect();
+                out.push((format!("model.layers.{}.{part}", copy + i), scaled, shape.clone()));
+            }
+        } else {
+            out.push((name, data, shape));
+        }
+    }
+    let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = out
+        .into_iter()
+        .map(|(n, d, s)| (n, d.iter().flat_map(|x| x.to_le_bytes()).collect(), s))
+        .collect();
+    let views: Vec<_> = bytes
+        .iter()
+        .map(|(n, b, s)| {
+            (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).unwrap())
+        })
+        .collect();
+    std::fs::create_dir_all(dir).unwrap();
+    safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    config["num_hidden_layers"] = 6.into();
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    dir.to_path_buf()
+}

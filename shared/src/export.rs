@@ -26,7 +26,7 @@ fn host(t: Tensor<2>, what: &str) -> Result<Vec<f32>, AdapterError> {
 
 /// `W + scale · A·B` in PyTorch's `[out, in]` layout.
 fn merged(linear: &Linear, name: &str) -> Result<Vec<f32>, AdapterError> {
-    let mut w = linear.weight.val();
+    let mut w = linear.weight.to_f32();
     if let Some(l) = &linear.lora {
         w = w.add(l.lora_a.val().matmul(l.lora_b.val()).mul_scalar(l.scale));
     }

@@ -3,6 +3,7 @@
 
 pub mod adapters;
 pub mod device;
+pub mod emulator;
 pub mod export;
 pub mod generate;
 pub mod load;

@@ -4,12 +4,26 @@ use burn::tensor::{Device, Tensor, TensorData};
 
 use super::{LoadError, TensorSource};
 use crate::model::{
-    Embedding, Linear, LlamaAttention, LlamaConfig, LlamaDecoderLayer, LlamaForCausalLM, LlamaMlp,
-    LlamaModel, RmsNorm,
+    Embedding, Linear, LinearWeight, LlamaAttention, LlamaConfig, LlamaDecoderLayer,
+    LlamaForCausalLM, LlamaMlp, LlamaModel, RmsNorm,
 };
+
+/// Serves projection weights kept in low precision (an emulator's frozen middle), by Hugging Face name.
+pub(crate) trait FrozenSource {
+    /// The weight `{prefix}.weight` in low precision, `[in, out]`, if it is stored so; `None` means it is full
+    /// precision and comes from the [`TensorSource`].
+    fn frozen(
+        &self,
+        prefix: &str,
+        out: usize,
+        inp: usize,
+        device: &Device,
+    ) -> Result<Option<LinearWeight>, LoadError>;
+}
 
 struct Builder<'a> {
     source: &'a dyn TensorSource,
+    frozen: Option<&'a dyn FrozenSource>,
     device: &'a Device,
 }
 
@@ -56,17 +70,22 @@ impl Builder<'_> {
         inp: usize,
         bias: bool,
     ) -> Result<Linear, LoadError> {
+        let bias = if bias {
+            Some(self.tensor1(&format!("{prefix}.bias"), out)?)
+        } else {
+            None
+        };
+        if let Some(frozen) = self.frozen {
+            if let Some(weight) = frozen.frozen(prefix, out, inp, self.device)? {
+                return Ok(Linear::with_weight(weight, bias));
+            }
+        }
         let name = format!("{prefix}.weight");
         let values = self.values(&name, &[out, inp])?;
         let weight = Tensor::from_data(
             TensorData::new(transpose(&values, out, inp), [inp, out]),
             self.device,
         );
-        let bias = if bias {
-            Some(self.tensor1(&format!("{prefix}.bias"), out)?)
-        } else {
-            None
-        };
         Ok(Linear::new(weight, bias))
     }
 }
@@ -76,7 +95,24 @@ pub(crate) fn build_model(
     source: &dyn TensorSource,
     device: &Device,
 ) -> Result<LlamaForCausalLM, LoadError> {
-    let b = Builder { source, device };
+    let ids: Vec<usize> = (0..config.num_hidden_layers).collect();
+    build_layers(config, &ids, source, None, device)
+}
+
+/// Builds a model holding only the decoder layers `layer_ids` (full-model indices, kept under their names);
+/// projections that `frozen` serves stay in low precision.
+pub(crate) fn build_layers(
+    config: &LlamaConfig,
+    layer_ids: &[usize],
+    source: &dyn TensorSource,
+    frozen: Option<&dyn FrozenSource>,
+    device: &Device,
+) -> Result<LlamaForCausalLM, LoadError> {
+    let b = Builder {
+        source,
+        frozen,
+        device,
+    };
     let (h, i, d) = (
         config.hidden_size,
         config.intermediate_size,
@@ -89,8 +125,8 @@ pub(crate) fn build_model(
     let eps = config.rms_norm_eps;
     let embed_tokens =
         Embedding::new(b.tensor2("model.embed_tokens.weight", config.vocab_size, h)?);
-    let mut layers = Vec::with_capacity(config.num_hidden_layers);
-    for n in 0..config.num_hidden_layers {
+    let mut layers = Vec::with_capacity(layer_ids.len());
+    for &n in layer_ids {
         let p = format!("model.layers.{n}");
         let bias = config.attention_bias;
         layers.push(LlamaDecoderLayer {
@@ -128,9 +164,14 @@ pub(crate) fn build_model(
         embed_tokens,
         layers,
         norm,
+        layer_ids: layer_ids.to_vec(),
+    };
+    let config = LlamaConfig {
+        num_hidden_layers: layer_ids.len(),
+        ..config.clone()
     };
     Ok(LlamaForCausalLM::from_parts(
-        config.clone(),
+        config,
         model,
         lm_head,
         device,

@@ -13,12 +13,12 @@ use super::{F32Tensor, LoadError, TensorInfo, TensorSource};
 use crate::model::LlamaConfig;
 use crate::tokenizer::{Tokenizer, TokenizerError};
 
-/// One memory-mapped safetensors file and its parsed header.
-struct Shard {
-    path: PathBuf,
+/// One memory-mapped safetensors file and its parsed header (every tensor's byte range checked on open).
+pub(crate) struct Shard {
+    pub(crate) path: PathBuf,
     map: Mmap,
     data_start: usize,
-    metadata: Metadata,
+    pub(crate) metadata: Metadata,
 }
 
 /// All shards of a checkpoint, with a tensor-name → shard index.
@@ -103,7 +103,7 @@ impl SafetensorsSource {
 }
 
 impl Shard {
-    fn open(path: PathBuf) -> Result<Self, LoadError> {
+    pub(crate) fn open(path: PathBuf) -> Result<Self, LoadError> {
         let file = File::open(&path).map_err(io_err(&path))?;
         // SAFETY: the map is read-only and private to this process; the file is not modified while loading.
         let map = unsafe { Mmap::map(&file) }.map_err(io_err(&path))?;
@@ -129,8 +129,76 @@ impl Shard {
     }
 }
 
-fn dtype_name(d: Dtype) -> String {
+impl Shard {
+    /// A tensor's dtype, shape and bytes (length checked against the shape).
+    pub(crate) fn raw(&self, name: &str) -> Result<(Dtype, &[usize], &[u8]), LoadError> {
+        let info = self
+            .metadata
+            .info(name)
+            .ok_or_else(|| LoadError::MissingTensor {
+                path: self.path.clone(),
+                tensor: name.into(),
+            })?;
+        let (start, end) = info.data_offsets;
+        let bytes = &self.map[self.data_start + start..self.data_start + end];
+        let numel: usize = info.shape.iter().product();
+        if numel.checked_mul(info.dtype.bitsize()) != Some(bytes.len() * 8) {
+            return Err(format_err(
+                &self.path,
+                format!(
+                    "tensor `{name}` holds {} bytes for shape {:?} of {}",
+                    bytes.len(),
+                    info.shape,
+                    dtype_name(info.dtype)
+                ),
+            ));
+        }
+        Ok((info.dtype, &info.shape, bytes))
+    }
+
+    /// A float tensor decoded to f32.
+    pub(crate) fn read_f32(&self, name: &str) -> Result<F32Tensor, LoadError> {
+        let (dtype, shape, bytes) = self.raw(name)?;
+        let data = match dtype {
+            Dtype::F32 => f32s(bytes),
+            Dtype::F16 => f16s(bytes),
+            Dtype::BF16 => bf16s(bytes),
+            other => {
+                return Err(LoadError::UnsupportedType {
+                    path: self.path.clone(),
+                    tensor: name.into(),
+                    dtype: dtype_name(other),
+                })
+            }
+        };
+        Ok(F32Tensor {
+            data,
+            shape: shape.to_vec(),
+        })
+    }
+}
+
+pub(crate) fn dtype_name(d: Dtype) -> String {
     format!("{d:?}")
+}
+
+impl Shard {
+    /// Every tensor's name, dtype, shape and size.
+    pub(crate) fn infos(&self) -> Vec<TensorInfo> {
+        let mut out: Vec<TensorInfo> = self
+            .metadata
+            .tensors()
+            .into_iter()
+            .map(|(name, info)| TensorInfo {
+                name,
+                dtype: dtype_name(info.dtype),
+                shape: info.shape.clone(),
+                bytes: info.data_offsets.1 - info.data_offsets.0,
+            })
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
 }
 
 impl TensorSource for SafetensorsSource {
@@ -166,42 +234,7 @@ impl TensorSource for SafetensorsSource {
                 path: self.dir.clone(),
                 tensor: name.into(),
             })?;
-        let info = shard
-            .metadata
-            .info(name)
-            .ok_or_else(|| LoadError::MissingTensor {
-                path: shard.path.clone(),
-                tensor: name.into(),
-            })?;
-        let (start, end) = info.data_offsets;
-        let bytes = &shard.map[shard.data_start + start..shard.data_start + end];
-        let numel: usize = info.shape.iter().product();
-        let data = match info.dtype {
-            Dtype::F32 => f32s(bytes),
-            Dtype::F16 => f16s(bytes),
-            Dtype::BF16 => bf16s(bytes),
-            other => {
-                return Err(LoadError::UnsupportedType {
-                    path: shard.path.clone(),
-                    tensor: name.into(),
-                    dtype: dtype_name(other),
-                })
-            }
-        };
-        if data.len() != numel || bytes.len() != numel * info.dtype.bitsize() / 8 {
-            return Err(format_err(
-                &shard.path,
-                format!(
-                    "tensor `{name}` holds {} bytes for shape {:?}",
-                    bytes.len(),
-                    info.shape
-                ),
-            ));
-        }
-        Ok(F32Tensor {
-            data,
-            shape: info.shape.clone(),
-        })
+        shard.read_f32(name)
     }
 }
 

@@ -6,10 +6,10 @@
 
 mod build;
 mod gguf;
-mod hf;
+pub(crate) mod hf;
 mod reader;
 
-pub(crate) use build::transpose;
+pub(crate) use build::{build_layers, transpose, FrozenSource};
 pub(crate) use reader::{bf16s as decode_bf16, f16s as decode_f16, f32s as decode_f32};
 
 use std::fmt;
@@ -200,6 +200,45 @@ impl Checkpoint {
     /// Decodes the weights onto `device` and builds the model.
     pub fn load_model(&self, device: &Device) -> Result<LlamaForCausalLM, LoadError> {
         build::build_model(&self.config, self.source.as_ref(), device)
+    }
+
+    /// The tensors, by Hugging Face name.
+    pub(crate) fn source(&self) -> &dyn TensorSource {
+        self.source.as_ref()
+    }
+
+    /// SHA-256 (hex) of the checkpoint's content: the GGUF file, or `config.json` and the safetensors files of a
+    /// directory in name order. Identifies the base model an emulator or adapter was made from.
+    pub fn sha256(&self) -> Result<String, LoadError> {
+        use sha2::Digest;
+        let root = self.source.path();
+        let files: Vec<PathBuf> = if root.is_dir() {
+            let mut files: Vec<PathBuf> = std::fs::read_dir(root)
+                .map_err(|source| LoadError::Io {
+                    path: root.into(),
+                    source,
+                })?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| {
+                    p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                        n == "config.json" || n.ends_with(".safetensors")
+                    })
+                })
+                .collect();
+            files.sort();
+            files
+        } else {
+            vec![root.to_path_buf()]
+        };
+        let mut hasher = sha2::Sha256::new();
+        for path in files {
+            let mut f = std::fs::File::open(&path).map_err(|source| LoadError::Io {
+                path: path.clone(),
+                source,
+            })?;
+            std::io::copy(&mut f, &mut hasher).map_err(|source| LoadError::Io { path, source })?;
+        }
+        Ok(hex::encode(hasher.finalize()))
     }
 
     /// The tokenizer (from `tokenizer.json` or from the GGUF metadata).

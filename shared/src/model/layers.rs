@@ -1,7 +1,9 @@
-//! Building blocks with Hugging Face's parameter layout: `Linear` (weight `[out, in]`), `RmsNorm`, `Embedding`.
+//! Building blocks with Hugging Face's parameter names: `Linear`, `RmsNorm`, `Embedding`.
 
 use burn::module::{Module, Param};
 use burn::tensor::{Int, Tensor};
+
+use crate::quant::{f16_matmul, int8_matmul};
 
 /// A dense projection `y = x · W (+ b)`, named like Hugging Face's `nn.Linear` (`weight`, `bias`).
 ///
@@ -10,8 +12,8 @@ use burn::tensor::{Int, Tensor};
 /// transpose once.
 #[derive(Module, Debug)]
 pub struct Linear {
-    /// `[in_features, out_features]` (PyTorch's `weight.T`).
-    pub weight: Param<Tensor<2>>,
+    /// `[in_features, out_features]` (PyTorch's `weight.T`), full precision or frozen low precision.
+    pub weight: LinearWeight,
     /// `[out_features]`, when the projection has a bias.
     pub bias: Option<Param<Tensor<1>>>,
     /// A low-rank update added to the output, when LoRA targets this projection.
@@ -33,11 +35,94 @@ pub struct LoraBranch {
     pub scale: f64,
 }
 
+/// A projection matrix `[in, out]`: full precision (trainable or not), or frozen int8/f16 that products read
+/// directly (gradients flow to the input only).
+#[derive(Module, Debug)]
+pub enum LinearWeight {
+    /// f32.
+    Dense(Param<Tensor<2>>),
+    /// int8 codes with one scale per output column.
+    Int8(Int8Weight),
+    /// f16.
+    F16(Param<Tensor<2>>),
+}
+
+/// Frozen int8 weight: `W[i][j] = q[i][j] · scale[j]`.
+#[derive(Module, Debug)]
+pub struct Int8Weight {
+    /// `[in, out]`, i8.
+    pub q: Param<Tensor<2, Int>>,
+    /// `[out]`.
+    pub scale: Param<Tensor<1>>,
+}
+
+impl LinearWeight {
+    /// `[in, out]`.
+    pub fn dims(&self) -> [usize; 2] {
+        match self {
+            LinearWeight::Dense(w) | LinearWeight::F16(w) => w.dims(),
+            LinearWeight::Int8(w) => w.q.dims(),
+        }
+    }
+
+    /// The matrix in f32 (a copy for low-precision weights; for export and merging).
+    pub fn to_f32(&self) -> Tensor<2> {
+        match self {
+            LinearWeight::Dense(w) => w.val(),
+            LinearWeight::F16(w) => w.val().cast(burn::tensor::FloatDType::F32),
+            LinearWeight::Int8(w) => w
+                .q
+                .val()
+                .float()
+                .mul(w.scale.val().unsqueeze::<2>()),
+        }
+    }
+
+    /// The trainable matrix, when full precision.
+    pub fn dense(&self) -> Option<&Param<Tensor<2>>> {
+        match self {
+            LinearWeight::Dense(w) => Some(w),
+            _ => None,
+        }
+    }
+
+    /// `x · W`.
+    ///
+    /// # Shapes
+    /// - `x`: `[..., in]` → `[..., out]`
+    fn matmul<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        let flat = |x: Tensor<D>| {
+            let dims = x.dims();
+            let m = dims[..D - 1].iter().product();
+            (x.reshape([m, dims[D - 1]]), dims)
+        };
+        let out = self.dims()[1];
+        let (y, mut dims) = match self {
+            LinearWeight::Dense(w) => return burn::tensor::module::linear(x, w.val(), None),
+            LinearWeight::Int8(w) => {
+                let (x, dims) = flat(x);
+                (int8_matmul(x, w.q.val(), w.scale.val()), dims)
+            }
+            LinearWeight::F16(w) => {
+                let (x, dims) = flat(x);
+                (f16_matmul(x, w.val()), dims)
+            }
+        };
+        dims[D - 1] = out;
+        y.reshape(dims)
+    }
+}
+
 impl Linear {
     /// Wraps loaded tensors; `weight` is `[in_features, out_features]`.
     pub fn new(weight: Tensor<2>, bias: Option<Tensor<1>>) -> Self {
+        Self::with_weight(LinearWeight::Dense(Param::from_tensor(weight)), bias)
+    }
+
+    /// Wraps a weight in any precision.
+    pub fn with_weight(weight: LinearWeight, bias: Option<Tensor<1>>) -> Self {
         Self {
-            weight: Param::from_tensor(weight),
+            weight,
             bias: bias.map(Param::from_tensor),
             lora: None,
         }
@@ -56,11 +141,10 @@ impl Linear {
     /// # Shapes
     /// - `x`: `[..., in_features]` → `[..., out_features]`
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        let y = burn::tensor::module::linear(
-            x.clone(),
-            self.weight.val(),
-            self.bias.as_ref().map(|b| b.val()),
-        );
+        let mut y = self.weight.matmul(x.clone());
+        if let Some(b) = &self.bias {
+            y = y.add(b.val().unsqueeze());
+        }
         match &self.lora {
             Some(l) => {
                 let low = burn::tensor::module::linear(l.dropout.forward(x), l.lora_a.val(), None);

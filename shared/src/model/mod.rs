@@ -4,6 +4,7 @@ mod attention;
 mod cache;
 mod config;
 mod layers;
+mod params;
 mod rope;
 
 use burn::module::Module;
@@ -12,7 +13,8 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 pub use attention::{LlamaAttention, LlamaMlp};
 pub use cache::KvCache;
 pub use config::{LlamaConfig, RopeScaling};
-pub use layers::{Embedding, Linear, LoraBranch, RmsNorm};
+pub use layers::{Embedding, Int8Weight, Linear, LinearWeight, LoraBranch, RmsNorm};
+pub use params::NamedParam;
 
 use attention::AttentionContext;
 use rope::Rope;
@@ -75,6 +77,10 @@ pub struct LlamaModel {
     pub layers: Vec<LlamaDecoderLayer>,
     /// `model.norm`.
     pub norm: RmsNorm,
+    /// The full model's index of each entry of `layers` (`0..n` for a full model; an emulator keeps a subset of the
+    /// layers under their original names).
+    #[module(skip)]
+    pub layer_ids: Vec<usize>,
 }
 
 /// A causal language model: `model` plus the LM head (`lm_head`, or the embedding matrix when tied).
@@ -222,8 +228,10 @@ impl LlamaForCausalLM {
     /// Hugging Face module names of every decoder projection (`model.layers.{i}.self_attn.q_proj`, ...), in layer
     /// order. The LM head is not included (PEFT's `all-linear` leaves it out too).
     pub fn linear_names(&self) -> Vec<String> {
-        (0..self.model.layers.len())
-            .flat_map(|i| {
+        self.model
+            .layer_ids
+            .iter()
+            .flat_map(|&i| {
                 PROJECTIONS
                     .iter()
                     .map(move |p| format!("model.layers.{i}.{p}"))
@@ -234,7 +242,8 @@ impl LlamaForCausalLM {
     /// The projection with that Hugging Face module name.
     pub fn linear(&self, name: &str) -> Option<&Linear> {
         let (i, part) = split_projection_name(name)?;
-        let layer = self.model.layers.get(i)?;
+        let pos = self.model.layer_ids.iter().position(|&id| id == i)?;
+        let layer = &self.model.layers[pos];
         let (a, m) = (&layer.self_attn, &layer.mlp);
         Some(match part {
             "self_attn.q_proj" => &a.q_proj,
@@ -251,7 +260,8 @@ impl LlamaForCausalLM {
     /// The projection with that Hugging Face module name, mutably.
     pub fn linear_mut(&mut self, name: &str) -> Option<&mut Linear> {
         let (i, part) = split_projection_name(name)?;
-        let layer = self.model.layers.get_mut(i)?;
+        let pos = self.model.layer_ids.iter().position(|&id| id == i)?;
+        let layer = &mut self.model.layers[pos];
         let (a, m) = (&mut layer.self_attn, &mut layer.mlp);
         Some(match part {
             "self_attn.q_proj" => &mut a.q_proj,

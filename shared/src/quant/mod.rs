@@ -32,77 +32,61 @@ pub enum ScaleDType {
     F16,
 }
 
-/// An int8 matrix `[in, out]` (row-major) with one scale per output column: `W[i][j] ≈ q[i][j] · scale[j]`.
+/// An int8 matrix in PyTorch's `[out, in]` layout with one scale per output row: `W[o][i] ≈ q[o][i] · scale[o]`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Int8Matrix {
-    /// Codes in `[-127, 127]`, `rows × cols`.
+    /// Codes in `[-127, 127]`, `out × inp`, row-major.
     pub q: Vec<i8>,
-    /// One per column.
+    /// One per output row.
     pub scale: Vec<f32>,
-    /// Input width.
-    pub rows: usize,
-    /// Output width.
-    pub cols: usize,
+    /// Output width (rows).
+    pub out: usize,
+    /// Input width (columns).
+    pub inp: usize,
 }
 
-/// Quantizes `w` (`[rows, cols]` row-major, columns are output channels): `scale[j] = max_i |w[i][j]| / 127`, codes
-/// rounded to nearest. An all-zero column gets scale 0 and zero codes.
-pub fn quantize_int8(w: &[f32], rows: usize, cols: usize, scale_dtype: ScaleDType) -> Int8Matrix {
-    debug_assert_eq!(w.len(), rows * cols);
-    let mut amax = vec![0.0f32; cols];
-    for row in w.chunks_exact(cols) {
-        for (m, &v) in amax.iter_mut().zip(row) {
-            *m = m.max(v.abs());
-        }
+/// Quantizes `w` (`[out, inp]` row-major): `scale[o] = max_i |w[o][i]| / 127` (rounded to f16 first when the scales
+/// are stored in f16, so codes and scales agree), codes rounded to nearest. An all-zero row gets scale 0.
+pub fn quantize_int8(w: &[f32], out: usize, inp: usize, scale_dtype: ScaleDType) -> Int8Matrix {
+    debug_assert_eq!(w.len(), out * inp);
+    let mut q = Vec::with_capacity(w.len());
+    let mut scale = Vec::with_capacity(out);
+    for row in w.chunks_exact(inp) {
+        let amax = row.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let s = match scale_dtype {
+            ScaleDType::F32 => amax / 127.0,
+            ScaleDType::F16 => half::f16::from_f32(amax / 127.0).to_f32(),
+        };
+        let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
+        q.extend(row.iter().map(|&v| (v * inv).round().clamp(-127.0, 127.0) as i8));
+        scale.push(s);
     }
-    let scale: Vec<f32> = amax
-        .iter()
-        .map(|&m| {
-            let s = m / 127.0;
-            match scale_dtype {
-                ScaleDType::F32 => s,
-                ScaleDType::F16 => half::f16::from_f32(s).to_f32(),
-            }
-        })
-        .collect();
-    let inv: Vec<f32> = scale
-        .iter()
-        .map(|&s| if s > 0.0 { 1.0 / s } else { 0.0 })
-        .collect();
-    let q = w
-        .chunks_exact(cols)
-        .flat_map(|row| {
-            row.iter()
-                .zip(&inv)
-                .map(|(&v, &i)| (v * i).round().clamp(-127.0, 127.0) as i8)
-        })
-        .collect();
-    Int8Matrix {
-        q,
-        scale,
-        rows,
-        cols,
-    }
+    Int8Matrix { q, scale, out, inp }
 }
 
 impl Int8Matrix {
-    /// The dequantized matrix (for references and export).
+    /// The dequantized matrix, `[out, inp]` (for references and export).
     pub fn dequantize(&self) -> Vec<f32> {
         self.q
-            .chunks_exact(self.cols)
-            .flat_map(|row| row.iter().zip(&self.scale).map(|(&c, &s)| c as f32 * s))
+            .chunks_exact(self.inp)
+            .zip(&self.scale)
+            .flat_map(|(row, &s)| row.iter().map(move |&c| c as f32 * s))
             .collect()
     }
-}
 
-impl Int8Matrix {
-    /// The codes (`[rows, cols]`, kept as i8) and scales (`[cols]`) as tensors on `device`.
+    /// The codes transposed to the runtime's `[in, out]` (kept as i8) and the scales `[out]`, on `device`.
     pub fn to_tensors(&self, device: &Device) -> (Tensor<2, Int>, Tensor<1>) {
+        let mut t = vec![0i8; self.q.len()];
+        for (o, row) in self.q.chunks_exact(self.inp).enumerate() {
+            for (i, &c) in row.iter().enumerate() {
+                t[i * self.out + o] = c;
+            }
+        }
         let q = Tensor::<2, Int>::from_data(
-            TensorData::new(self.q.clone(), [self.rows, self.cols]),
+            TensorData::new(t, [self.inp, self.out]),
             TensorCreationOptions::new(device.clone()).with_dtype(DType::I8),
         );
-        let scale = Tensor::<1>::from_data(TensorData::new(self.scale.clone(), [self.cols]), device);
+        let scale = Tensor::<1>::from_data(TensorData::new(self.scale.clone(), [self.out]), device);
         (q, scale)
     }
 }

@@ -26,10 +26,11 @@ fn max_rel(a: &[f32], b: &[f32]) -> f32 {
 
 #[test]
 fn int8_codes_and_scales_follow_the_definition() {
-    let w = [0.5, -2.0, 0.0, -1.0, 1.0, 0.0];
-    let m = quantize_int8(&w, 2, 3, ScaleDType::F32);
+    // Rows are output channels.
+    let w = [0.5, -1.0, -2.0, 1.0, 0.0, 0.0];
+    let m = quantize_int8(&w, 3, 2, ScaleDType::F32);
     assert_eq!(m.scale, vec![1.0 / 127.0, 2.0 / 127.0, 0.0]);
-    assert_eq!(m.q, vec![64, -127, 0, -127, 64, 0]);
+    assert_eq!(m.q, vec![64, -127, -127, 64, 0, 0]);
     let err = max_rel(&m.dequantize(), &w);
     assert!(err <= 0.5 * 2.0 / 127.0, "{err}");
 }
@@ -47,9 +48,10 @@ fn int8_f16_scales_are_representable() {
 /// that is not a multiple of any tile.
 fn check_int8(device: &Device) {
     let (m, k, n) = (5, 37, 19);
-    let w = random(k, n, 7);
-    let q8 = quantize_int8(&w, k, n, ScaleDType::F32);
-    let dense = Tensor::<2>::from_data(TensorData::new(q8.dequantize(), [k, n]), device);
+    let w = random(n, k, 7);
+    let q8 = quantize_int8(&w, n, k, ScaleDType::F32);
+    // PyTorch layout [out, in]; the product wants [in, out].
+    let dense = Tensor::<2>::from_data(TensorData::new(q8.dequantize(), [n, k]), device).transpose();
     let (q, scale) = q8.to_tensors(device);
     assert_eq!(q.dtype(), DType::I8);
     let x_data = Tensor::<2>::random([m, k], Distribution::Normal(0.0, 1.0), device).into_data();

@@ -1,0 +1,176 @@
+//! Parameters by Hugging Face name: list them, mark which train, read their gradients and replace their values.
+//!
+//! Names come from the module tree (the field names mirror Hugging Face's), with two translations: the position of a
+//! decoder layer in `model.layers` becomes the layer's index in the full model (an emulator keeps a subset of the
+//! layers under their original names), and enum variants (`LinearWeight::Dense`) do not appear.
+
+use std::collections::HashMap;
+
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::tensor::Tensor;
+
+use super::LlamaForCausalLM;
+
+/// One float parameter, flattened.
+#[derive(Debug, Clone)]
+pub struct NamedParam {
+    /// Hugging Face name (`model.layers.28.mlp.up_proj.weight`).
+    pub name: String,
+    /// The shape as stored in the module (linear weights are `[in, out]`).
+    pub shape: Vec<usize>,
+    /// The values, flattened row-major.
+    pub value: Tensor<1>,
+    /// Whether the parameter is trained.
+    pub trainable: bool,
+}
+
+/// Tracks the module path during a visit or a map.
+#[derive(Default)]
+struct Path {
+    parts: Vec<(String, bool)>,
+    layer_ids: Vec<usize>,
+}
+
+impl Path {
+    fn enter(&mut self, name: &str, container: &str) {
+        self.parts
+            .push((name.to_string(), container.starts_with("Enum:")));
+    }
+
+    fn exit(&mut self) {
+        self.parts.pop();
+    }
+
+    /// The current parameter's Hugging Face name.
+    fn name(&self) -> String {
+        let parts: Vec<&str> = self
+            .parts
+            .iter()
+            .filter(|(_, is_enum)| !is_enum)
+            .map(|(n, _)| n.as_str())
+            .collect();
+        let mut out = Vec::with_capacity(parts.len());
+        let mut i = 0;
+        while i < parts.len() {
+            out.push(parts[i].to_string());
+            if i + 1 < parts.len() && parts[i] == "layers" && out.len() == 2 && out[0] == "model" {
+                let pos: usize = parts[i + 1].parse().unwrap_or(usize::MAX);
+                let id = self.layer_ids.get(pos).copied().unwrap_or(pos);
+                out.push(id.to_string());
+                i += 1;
+            }
+            i += 1;
+        }
+        out.join(".")
+    }
+}
+
+struct Collect {
+    path: Path,
+    out: Vec<NamedParam>,
+}
+
+impl ModuleVisitor for Collect {
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        self.path.enter(name, container_type);
+    }
+
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.path.exit();
+    }
+
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let value = param.val();
+        let shape = value.dims().to_vec();
+        let n: usize = shape.iter().product();
+        self.out.push(NamedParam {
+            name: self.path.name(),
+            shape,
+            value: value.reshape([n]),
+            trainable: param.is_require_grad(),
+        });
+    }
+}
+
+/// What a [`Rewrite`] does to each float parameter.
+enum Action<'a> {
+    /// Train exactly the parameters whose name passes.
+    Trainable(&'a dyn Fn(&str) -> bool),
+    /// Replace values by name (flattened; the shape is kept).
+    Replace(&'a mut HashMap<String, Tensor<1>>),
+}
+
+struct Rewrite<'a> {
+    path: Path,
+    action: Action<'a>,
+}
+
+impl ModuleMapper for Rewrite<'_> {
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        self.path.enter(name, container_type);
+    }
+
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.path.exit();
+    }
+
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let name = self.path.name();
+        match &mut self.action {
+            Action::Trainable(pred) => param.set_require_grad(pred(&name)),
+            Action::Replace(values) => match values.remove(&name) {
+                Some(v) if v.dims()[0] != param.shape().num_elements() => {
+                    values.insert(name, v);
+                    param
+                }
+                Some(v) => {
+                    let trainable = param.is_require_grad();
+                    param
+                        .map(|old| v.reshape(old.dims()).set_require_grad(trainable))
+                        .set_require_grad(trainable)
+                }
+                None => param,
+            },
+        }
+    }
+}
+
+impl LlamaForCausalLM {
+    /// Every float parameter under its Hugging Face name, in module order.
+    pub fn named_params(&self) -> Vec<NamedParam> {
+        let mut c = Collect {
+            path: self.path(),
+            out: Vec::new(),
+        };
+        self.visit(&mut c);
+        c.out
+    }
+
+    /// Trains exactly the parameters whose Hugging Face name passes `pred` (on an autodiff device); the others are
+    /// frozen.
+    pub fn with_trainable(self, pred: &dyn Fn(&str) -> bool) -> Self {
+        let mut m = Rewrite {
+            path: self.path(),
+            action: Action::Trainable(pred),
+        };
+        self.map(&mut m)
+    }
+
+    /// Replaces parameter values by Hugging Face name (flattened, same element count). Names not in the model are
+    /// and values of the wrong size, are left in `values`;
+    /// the caller decides whether that is an error.
+    pub fn replace_params(self, values: &mut HashMap<String, Tensor<1>>) -> Self {
+        let mut m = Rewrite {
+            path: self.path(),
+            action: Action::Replace(values),
+        };
+        self.map(&mut m)
+    }
+
+    fn path(&self) -> Path {
+        Path {
+            parts: Vec::new(),
+            layer_ids: self.model.layer_ids.clone(),
+        }
+    }
+}

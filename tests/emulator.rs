@@ -1,0 +1,117 @@
+//! Emulators built from a 6-layer tiny model: which layers they keep, what they compute, and that a damaged file is
+//! refused.
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::Device;
+use offsite::emulator::{self, Emulator, EmulatorConfig, EmulatorError};
+use offsite::load::Checkpoint;
+use offsite::quant::{QuantFormat, ScaleDType};
+use offsite_tests::{logits, max_abs_diff, tiny_llama_6_layers};
+
+const IDS: [i64; 8] = [1, 15, 27, 99, 3, 200, 7, 42];
+
+fn build(dir: &Path, quant: QuantFormat) -> (PathBuf, PathBuf) {
+    let model = tiny_llama_6_layers(&dir.join("model"));
+    let config = EmulatorConfig {
+        bottom_layers: 1,
+        top_layers: 1,
+        drop_ratio: 0.5,
+        quant,
+        scale_dtype: ScaleDType::F32,
+    };
+    let out = dir.join(format!("{quant:?}.emu"));
+    let ckpt = Checkpoint::open(&model).unwrap();
+    let mut calls = 0;
+    emulator::build(&ckpt, "tiny-6", &config, &out, &mut |_, _| calls += 1).unwrap();
+    assert!(calls > 0);
+    (model, out)
+}
+
+fn rel(a: &[f32], b: &[f32]) -> f32 {
+    let scale = b.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+    max_abs_diff(a, b) / scale
+}
+
+#[test]
+fn f32_emulator_equals_the_full_model_without_the_dropped_layers() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model_dir, path) = build(dir.path(), QuantFormat::F32);
+    let emu = Emulator::open(&path).unwrap();
+    // Middle layers 1..5, half kept, spread uniformly: 1 and 4.
+    assert_eq!(emu.manifest().layers, vec![0, 1, 4, 5]);
+    assert_eq!(emu.manifest().adapter_layers, vec![0, 5]);
+    let device = Device::flex();
+    let got = logits(&emu.load_model(&device).unwrap(), &IDS);
+
+    let mut full = Checkpoint::open(&model_dir).unwrap().load_model(&device).unwrap();
+    for id in [3, 2] {
+        full.model.layers.remove(id);
+        full.model.layer_ids.remove(id);
+    }
+    let want = logits(&full, &IDS);
+    let diff = max_abs_diff(&got, &want);
+    assert!(diff < 1e-5, "max |diff| {diff}");
+    // And dropping layers changed the function (the check above is not vacuous).
+    let whole = logits(&Checkpoint::open(&model_dir).unwrap().load_model(&device).unwrap(), &IDS);
+    assert!(max_abs_diff(&whole, &want) > 1e-3);
+}
+
+#[test]
+fn quantized_emulators_stay_close_and_keep_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let device = Device::flex();
+    let reference = logits(
+        &Emulator::open(&build(dir.path(), QuantFormat::F32).1)
+            .unwrap()
+            .load_model(&device)
+            .unwrap(),
+        &IDS,
+    );
+    for (quant, tol) in [(QuantFormat::Int8, 2e-2), (QuantFormat::F16, 2e-3)] {
+        let (_, path) = build(dir.path(), quant);
+        let emu = Emulator::open(&path).unwrap();
+        let model = emu.load_model(&device).unwrap();
+        let r = rel(&logits(&model, &IDS), &reference);
+        assert!(r < tol, "{quant:?}: relative logit error {r}");
+        assert!(r > 0.0, "{quant:?}: quantization changed nothing");
+        let names: Vec<String> = model.named_params().into_iter().map(|p| p.name).collect();
+        assert!(names.contains(&"model.layers.4.input_layernorm.weight".to_string()));
+        assert!(!names.iter().any(|n| n.starts_with("model.layers.2.")));
+        assert!(emu.is_adapter_param("model.layers.5.mlp.up_proj.weight"));
+        assert!(!emu.is_adapter_param("model.layers.4.mlp.up_proj.weight"));
+        // The frozen middle is stored quantized, the adapters in f32.
+        let file = std::fs::read(&path).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&file).unwrap();
+        let dtype = |n: &str| st.tensor(n).unwrap().dtype();
+        let frozen = match quant {
+            QuantFormat::Int8 => safetensors::Dtype::I8,
+            _ => safetensors::Dtype::F16,
+        };
+        assert_eq!(dtype("model.layers.4.mlp.up_proj.weight"), frozen);
+        assert_eq!(dtype("model.layers.5.mlp.up_proj.weight"), safetensors::Dtype::F32);
+        assert!(st.names().iter().all(|n| !n.starts_with("model.layers.3.")));
+    }
+}
+
+#[test]
+fn damaged_files_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, path) = build(dir.path(), QuantFormat::Int8);
+    let bytes = std::fs::read(&path).unwrap();
+    // One flipped bit in the last tensor byte: the content hash no longer matches.
+    let mut flipped = bytes.clone();
+    *flipped.last_mut().unwrap() ^= 1;
+    let bad = dir.path().join("flipped.emu");
+    std::fs::write(&bad, &flipped).unwrap();
+    assert!(matches!(Emulator::open(&bad), Err(EmulatorError::Integrity { .. })));
+    // Truncation anywhere gives an error, never a panic.
+    for cut in [0, 7, 100, bytes.len() / 2, bytes.len() - 1] {
+        std::fs::write(&bad, &bytes[..cut]).unwrap();
+        assert!(Emulator::open(&bad).is_err(), "truncated at {cut}");
+    }
+    // A plain checkpoint is not an emulator.
+    let plain = dir.path().join("model/model.safetensors");
+    let err = Emulator::open(&plain).err().unwrap().to_string();
+    assert!(err.contains("not an Offsite emulator"), "{err}");
+}
