@@ -1,5 +1,7 @@
 //! `offsite-edge`: the laptop side of Offsite.
 
+mod train_cmd;
+
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use offsite::device::{self, gpu_adapters, DeviceChoice};
@@ -17,6 +19,8 @@ struct Cli {
 enum Command {
     /// List the GPU adapters wgpu finds and the device `--device auto` would choose.
     Devices,
+    /// Train the adapter of an emulator on local data (no network); writes a resumable adapter directory.
+    Train(train_cmd::TrainArgs),
 }
 
 fn main() -> Result<()> {
@@ -28,6 +32,7 @@ fn main() -> Result<()> {
         )
         .init();
     match Cli::parse().command {
+        Command::Train(args) => train_cmd::run(args),
         Command::Devices => {
             let adapters = gpu_adapters();
             if adapters.is_empty() {

@@ -2,10 +2,10 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use burn::tensor::Device;
 use clap::{Args, ValueEnum};
-use offsite::adapters::{export_peft, import_peft};
+use offsite::adapters::{self, export_peft, import_peft, Method};
 use offsite::export::write_merged;
 use offsite::load::Checkpoint;
 use tracing::{info, warn};
@@ -24,7 +24,8 @@ pub(crate) struct ExportArgs {
     /// The base model: Hugging Face directory or `.gguf` file.
     #[arg(long)]
     model: PathBuf,
-    /// The adapter (a PEFT LoRA directory).
+    /// The adapter: a PEFT LoRA directory, or an Offsite adapter directory (`layers` adapters export as `merged`
+    /// only).
     #[arg(long)]
     adapter: PathBuf,
     /// peft or merged.
@@ -39,15 +40,22 @@ pub(crate) fn run(args: ExportArgs) -> Result<()> {
     let checkpoint = Checkpoint::open(&args.model)
         .with_context(|| format!("opening model {}", args.model.display()))?;
     // Exporting is exact arithmetic on the host; the CPU backend avoids GPU start-up for a one-off job.
-    let mut model = checkpoint.load_model(&Device::flex())?;
-    let config = import_peft(&mut model, &args.adapter)
-        .with_context(|| format!("reading adapter {}", args.adapter.display()))?;
+    let model = checkpoint.load_model(&Device::flex())?;
+    let layers = adapters::read_manifest(&args.adapter)?.is_some_and(|m| m.method == Method::Layers);
     match args.format {
+        ExportFormat::Peft if layers => bail!(
+            "{} trains whole adapter layers, which PEFT cannot express; export it with --format merged",
+            args.adapter.display()
+        ),
         ExportFormat::Peft => {
+            let mut model = model;
+            let config = import_peft(&mut model, &args.adapter)
+                .with_context(|| format!("reading adapter {}", args.adapter.display()))?;
             let base = args.model.to_string_lossy();
             export_peft(&model, &config, Some(&base), &args.out)?;
         }
         ExportFormat::Merged => {
+            let model = crate::plug::plug_in(&checkpoint, model, &args.adapter)?;
             let tokenizer = match checkpoint.tokenizer() {
                 Ok(t) => Some(t),
                 Err(e) => {

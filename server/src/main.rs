@@ -1,13 +1,16 @@
 //! `offsite-server`: the operator's side of Offsite.
 
+mod emulator_cmd;
+mod eval_cmd;
 mod export_cmd;
 mod model_cmd;
+mod plug;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
-/// Offsite operator tools: inspect and run models (federation and emulators build on these).
+/// Offsite operator tools: inspect and run models, build emulators, evaluate and export adapters.
 #[derive(Parser)]
 #[command(name = "offsite-server", version, about)]
 struct Cli {
@@ -22,6 +25,13 @@ enum Command {
         #[command(subcommand)]
         command: model_cmd::ModelCommand,
     },
+    /// Build or inspect an emulator (the compressed model clients train against).
+    Emulator {
+        #[command(subcommand)]
+        command: emulator_cmd::EmulatorCommand,
+    },
+    /// Perplexity of the full model, an emulator and the plug-in model (full model + adapter) on the same data.
+    Eval(eval_cmd::EvalArgs),
     /// Export an adapter: as a PEFT directory, or merged into a Hugging Face checkpoint.
     Export(export_cmd::ExportArgs),
 }
@@ -38,5 +48,7 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Model { command } => model_cmd::run(command),
         Command::Export(args) => export_cmd::run(args),
+        Command::Emulator { command } => emulator_cmd::run(command),
+        Command::Eval(args) => eval_cmd::run(args),
     }
 }

@@ -6,7 +6,6 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use burn::tensor::{Int, Tensor, TensorData};
 use clap::{Args, Subcommand};
-use offsite::adapters::import_peft;
 use offsite::device::{self, DeviceChoice};
 use offsite::generate::{generate, GenerationConfig};
 use offsite::load::{peak_rss_bytes, Checkpoint};
@@ -87,7 +86,8 @@ pub(crate) struct DeviceArgs {
     /// auto, cpu, gpu or gpu:N.
     #[arg(long, default_value = "auto")]
     device: DeviceChoice,
-    /// A PEFT LoRA directory (`adapter_config.json` + `adapter_model.safetensors`) applied to the model.
+    /// An adapter applied to the model: a PEFT LoRA directory (`adapter_config.json` +
+    /// `adapter_model.safetensors`) or an Offsite adapter directory (from `offsite-edge train`).
     #[arg(long)]
     adapter: Option<PathBuf>,
 }
@@ -107,9 +107,7 @@ fn load(checkpoint: &Checkpoint, args: &DeviceArgs) -> Result<LlamaForCausalLM> 
         "model loaded"
     );
     if let Some(dir) = &args.adapter {
-        let config = import_peft(&mut model, dir)
-            .with_context(|| format!("applying adapter {}", dir.display()))?;
-        info!(adapter = %dir.display(), r = config.r, scale = config.scale(), "LoRA adapter applied");
+        model = crate::plug::plug_in(checkpoint, model, dir)?;
     }
     Ok(model)
 }

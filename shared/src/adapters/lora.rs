@@ -24,6 +24,7 @@ pub enum TargetModules {
 
 /// LoRA settings; the fields and their meaning are PEFT's `LoraConfig`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct LoraConfig {
     /// Rank of the update.
     pub r: usize,
@@ -37,6 +38,10 @@ pub struct LoraConfig {
     /// Rank-stabilised scaling `lora_alpha / √r`.
     #[serde(default)]
     pub use_rslora: bool,
+    /// Only these decoder layers (full-model indices) are adapted; all when absent. Offsite-tuning + LoRA sets it to
+    /// the emulator's adapter layers.
+    #[serde(default)]
+    pub layers_to_transform: Option<Vec<usize>>,
 }
 
 impl LoraConfig {
@@ -72,6 +77,15 @@ impl LoraConfig {
 
     /// Whether the projection with this Hugging Face module name is adapted.
     pub fn targets(&self, module: &str) -> bool {
+        if let Some(layers) = &self.layers_to_transform {
+            let layer = module
+                .strip_prefix("model.layers.")
+                .and_then(|r| r.split_once('.'))
+                .and_then(|(i, _)| i.parse::<usize>().ok());
+            if !layer.is_some_and(|i| layers.contains(&i)) {
+                return false;
+            }
+        }
         match &self.target_modules {
             TargetModules::Preset(_) => true,
             TargetModules::Names(names) => names
@@ -107,7 +121,7 @@ impl LoraConfig {
         refuse("bias", &|x| x == "none")?;
         refuse("rank_pattern", &is_empty)?;
         refuse("alpha_pattern", &is_empty)?;
-        refuse("layers_to_transform", &|_| false)?;
+        refuse("layers_pattern", &|x| x == "layers" || x == &json!(["layers"]))?;
         refuse("modules_to_save", &|_| false)?;
         let config = Self {
             r: v.get("r")
@@ -129,6 +143,15 @@ impl LoraConfig {
                 .get("use_rslora")
                 .and_then(|x| x.as_bool())
                 .unwrap_or(false),
+            layers_to_transform: match v.get("layers_to_transform") {
+                None | Some(serde_json::Value::Null) => None,
+                Some(serde_json::Value::Number(n)) => Some(vec![n.as_u64().ok_or_else(|| {
+                    AdapterError::Config(format!("`layers_to_transform` = {n} is not a layer index"))
+                })? as usize]),
+                Some(x) => Some(serde_json::from_value(x.clone()).map_err(|e| {
+                    AdapterError::Config(format!("`layers_to_transform`: {e}"))
+                })?),
+            },
         };
         config.validate()?;
         Ok(config)
@@ -141,7 +164,7 @@ impl LoraConfig {
             "r": self.r, "lora_alpha": self.lora_alpha, "lora_dropout": self.lora_dropout,
             "target_modules": self.target_modules, "use_rslora": self.use_rslora, "bias": "none",
             "fan_in_fan_out": false, "use_dora": false, "inference_mode": true, "init_lora_weights": true,
-            "modules_to_save": null, "layers_to_transform": null, "rank_pattern": {}, "alpha_pattern": {},
+            "modules_to_save": null, "layers_to_transform": self.layers_to_transform, "rank_pattern": {}, "alpha_pattern": {},
         })
     }
 
@@ -343,7 +366,11 @@ mod tests {
             target_modules: TargetModules::Names(vec!["q_proj".into(), "v_proj".into()]),
             lora_dropout: 0.05,
             use_rslora: false,
+            layers_to_transform: Some(vec![0, 5]),
         };
+        assert!(c.targets("model.layers.5.self_attn.q_proj"));
+        assert!(!c.targets("model.layers.4.self_attn.q_proj"));
+        assert!(!c.targets("model.layers.5.mlp.up_proj"));
         let back = LoraConfig::from_peft_json(&c.to_peft_json(Some("m")).to_string()).unwrap();
         assert_eq!(back, c);
         assert_eq!(c.scale(), 2.0);

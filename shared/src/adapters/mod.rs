@@ -1,9 +1,11 @@
-//! Parameter-efficient adapters attached to the model by module name. LoRA so far, in Hugging Face PEFT's own file
-//! layout so adapters move between Offsite and peft both ways.
+//! Parameter-efficient adapters attached to the model by module name. LoRA in Hugging Face PEFT's own file layout (so
+//! adapters move between Offsite and peft both ways) and Offsite's adapter layers, plugged in by name.
 
 mod lora;
+mod offsite;
 
 pub use lora::{export_peft, import_peft, LoraConfig, TargetModules};
+pub use offsite::{apply, read_manifest, save, AdapterManifest, AdapterSpec, Method, MANIFEST_FILE};
 
 /// Errors about adapters: their configuration, their files, or a mismatch with the model.
 #[derive(Debug, thiserror::Error)]

@@ -80,7 +80,7 @@ pub(crate) fn content_hash<'a>(
 }
 
 /// Writes `entries` with `metadata` to `path` atomically (a temporary file renamed into place).
-pub(crate) fn write_safetensors(
+fn write_safetensors(
     path: &Path,
     entries: &[Entry],
     metadata: HashMap<String, String>,

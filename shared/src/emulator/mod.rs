@@ -14,7 +14,7 @@ use safetensors::tensor::Dtype;
 pub use config::EmulatorConfig;
 pub use file::{EmulatorManifest, MANIFEST_VERSION};
 
-pub(crate) use file::{write_safetensors, Entry};
+use file::Entry;
 
 use crate::load::{
     build_layers, hf::Shard, Checkpoint, F32Tensor, FrozenSource, LoadError, TensorInfo,

@@ -283,6 +283,16 @@ pub(crate) fn write_f32_safetensors(
     safetensors::serialize_to_file(views, metadata, path).map_err(|e| e.to_string())
 }
 
+/// Reads every tensor of a safetensors file as f32 (f32/f16/bf16), by name.
+pub(crate) fn read_f32_safetensors(path: &Path) -> Result<Vec<(String, Vec<f32>)>, LoadError> {
+    let shard = hf::Shard::open(path.to_path_buf())?;
+    shard
+        .infos()
+        .into_iter()
+        .map(|i| Ok((i.name.clone(), shard.read_f32(&i.name)?.data)))
+        .collect()
+}
+
 /// Highest resident memory of this process so far, in bytes (Linux `VmHWM`); `None` elsewhere.
 pub fn peak_rss_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;

@@ -92,6 +92,32 @@ impl ModuleVisitor for Collect {
     }
 }
 
+struct Grads<'a> {
+    path: Path,
+    grads: &'a burn::tensor::Gradients,
+    out: Vec<(String, Tensor<1>)>,
+}
+
+impl ModuleVisitor for Grads<'_> {
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        self.path.enter(name, container_type);
+    }
+
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.path.exit();
+    }
+
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        if !param.is_require_grad() {
+            return;
+        }
+        if let Some(g) = param.val().grad(self.grads) {
+            let n = g.shape().num_elements();
+            self.out.push((self.path.name(), g.reshape([n])));
+        }
+    }
+}
+
 /// What a [`Rewrite`] does to each float parameter.
 enum Action<'a> {
     /// Train exactly the parameters whose name passes.
@@ -146,6 +172,17 @@ impl LlamaForCausalLM {
         c.out
     }
 
+    /// Gradients of the trainable parameters that received one, flattened, by Hugging Face name.
+    pub fn named_grads(&self, grads: &burn::tensor::Gradients) -> Vec<(String, Tensor<1>)> {
+        let mut g = Grads {
+            path: self.path(),
+            grads,
+            out: Vec::new(),
+        };
+        self.visit(&mut g);
+        g.out
+    }
+
     /// Trains exactly the parameters whose Hugging Face name passes `pred` (on an autodiff device); the others are
     /// frozen.
     pub fn with_trainable(self, pred: &dyn Fn(&str) -> bool) -> Self {
@@ -156,9 +193,8 @@ impl LlamaForCausalLM {
         self.map(&mut m)
     }
 
-    /// Replaces parameter values by Hugging Face name (flattened, same element count). Names not in the model are
-    /// and values of the wrong size, are left in `values`;
-    /// the caller decides whether that is an error.
+    /// Replaces parameter values by Hugging Face name (flattened, same element count). Names not in the model and
+    /// values of the wrong size are left in `values`; the caller decides whether that is an error.
     pub fn replace_params(self, values: &mut HashMap<String, Tensor<1>>) -> Self {
         let mut m = Rewrite {
             path: self.path(),
