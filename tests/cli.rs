@@ -152,3 +152,55 @@ fn bad_inputs_fail_with_a_clear_message() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("999"));
 }
+
+#[test]
+fn emulator_build_info_and_eval_on_smollm2() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = smollm2_gguf();
+    // Every layer kept, f32: the emulator is the full model, so its perplexity must equal the zero-shot one.
+    let config = dir.path().join("emu.toml");
+    std::fs::write(
+        &config,
+        "[emulator]\nbottom_layers = 1\ntop_layers = 1\ndrop_ratio = 0.0\nquant = \"f32\"\n",
+    )
+    .unwrap();
+    let emu = dir.path().join("smol.emu");
+    run(server().args(["emulator", "build", "--model"]).arg(&model).arg("--config").arg(&config).arg("--out").arg(&emu));
+    let info: serde_json::Value =
+        serde_json::from_str(&run(server().args(["emulator", "info", "--emulator"]).arg(&emu))).unwrap();
+    assert_eq!(info["adapter_layers"], serde_json::json!([0, 29]));
+    assert_eq!(info["layers"].as_array().unwrap().len(), 30);
+
+    let data = dir.path().join("text.txt");
+    std::fs::write(&data, "Friends, Romans, countrymen, lend me your ears; I come to bury Caesar.\n".repeat(6)).unwrap();
+    let job = dir.path().join("job.toml");
+    std::fs::write(&job, "[data]\nmax_len = 16\n").unwrap();
+    let json = dir.path().join("eval.json");
+    let table = run(server()
+        .args(["eval", "--device", "cpu", "--max-examples", "3", "--model"])
+        .arg(&model)
+        .arg("--emulator")
+        .arg(&emu)
+        .arg("--data")
+        .arg(&data)
+        .arg("--config")
+        .arg(&job)
+        .arg("--json")
+        .arg(&json));
+    assert!(table.contains("perplexity"), "{table}");
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let (full, emu_ppl) = (
+        r["zero-shot full model"]["perplexity"].as_f64().unwrap(),
+        r["emulator"]["perplexity"].as_f64().unwrap(),
+    );
+    assert_eq!(r["emulator"]["tokens"], 45);
+    assert!(full > 1.0 && full.is_finite());
+    assert!(((full - emu_ppl) / full).abs() < 1e-5, "full {full} vs emulator {emu_ppl}");
+
+    // An unknown key in the emulator table is named.
+    std::fs::write(&config, "[emulator]\nbottom_layers = 1\ntop_layers = 1\ndrop = 0.5\n").unwrap();
+    let out = server().args(["emulator", "build", "--model"]).arg(&model).arg("--config").arg(&config)
+        .arg("--out").arg(dir.path().join("x.emu")).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("drop"), "{err}");
+}
