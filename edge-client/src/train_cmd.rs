@@ -1,7 +1,7 @@
 //! `offsite-edge train`: trains the adapter of an emulator on local data, with no network.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -41,20 +41,8 @@ pub(crate) struct TrainArgs {
     resume: bool,
 }
 
-/// Reads a training job file, or the defaults.
-pub(crate) fn read_job(path: Option<&Path>) -> Result<TrainJob> {
-    match path {
-        None => Ok(TrainJob::default()),
-        Some(p) => {
-            let text =
-                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
-            TrainJob::from_toml(&text).with_context(|| format!("in {}", p.display()))
-        }
-    }
-}
-
 /// Tokenizes every data file with the emulator's tokenizer.
-pub(crate) fn load_examples(emu: &Emulator, job: &TrainJob, files: &[PathBuf]) -> Result<Vec<Example>> {
+fn load_examples(emu: &Emulator, job: &TrainJob, files: &[PathBuf]) -> Result<Vec<Example>> {
     let tokenizer = emu.tokenizer()?;
     let mut examples = Vec::new();
     for f in files {
@@ -80,7 +68,10 @@ fn eval_loss(model: &LlamaForCausalLM, held: &[Example], job: &TrainJob, when: &
 pub(crate) fn run(args: TrainArgs) -> Result<()> {
     let emu = Emulator::open(&args.emulator)
         .with_context(|| format!("opening emulator {}", args.emulator.display()))?;
-    let mut job = read_job(args.config.as_deref())?;
+    let mut job = match &args.config {
+        Some(p) => TrainJob::from_file(p)?,
+        None => TrainJob::default(),
+    };
     if let Some(steps) = args.steps {
         job.train.steps = steps;
     }

@@ -63,8 +63,7 @@ pub(crate) fn run(args: EvalArgs) -> Result<()> {
     let checkpoint = Checkpoint::open(&args.model)
         .with_context(|| format!("opening model {}", args.model.display()))?;
     let job = match &args.config {
-        Some(p) => TrainJob::from_toml(&std::fs::read_to_string(p)?)
-            .with_context(|| format!("in {}", p.display()))?,
+        Some(p) => TrainJob::from_file(p)?,
         None => TrainJob::default(),
     };
     let tokenizer = checkpoint.tokenizer()?;

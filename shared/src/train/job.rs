@@ -42,6 +42,18 @@ impl Default for TrainJob {
 }
 
 impl TrainJob {
+    /// Reads a TOML job file; errors name the file.
+    pub fn from_file(path: &std::path::Path) -> Result<Self, TrainError> {
+        let text = std::fs::read_to_string(path).map_err(|e| TrainError::File {
+            path: path.into(),
+            reason: e.to_string(),
+        })?;
+        Self::from_toml(&text).map_err(|e| TrainError::File {
+            path: path.into(),
+            reason: e.to_string(),
+        })
+    }
+
     /// Parses a TOML job; absent keys take their defaults.
     pub fn from_toml(text: &str) -> Result<Self, TrainError> {
         let job: Self = toml::from_str(text).map_err(|e| TrainError::Config(e.to_string()))?;
