@@ -41,16 +41,6 @@ pub(crate) struct TrainArgs {
     resume: bool,
 }
 
-/// Tokenizes every data file with the emulator's tokenizer.
-fn load_examples(emu: &Emulator, job: &TrainJob, files: &[PathBuf]) -> Result<Vec<Example>> {
-    let tokenizer = emu.tokenizer()?;
-    let mut examples = Vec::new();
-    for f in files {
-        examples.extend(job.data.load(f, &tokenizer)?);
-    }
-    Ok(examples)
-}
-
 fn eval_loss(model: &LlamaForCausalLM, held: &[Example], job: &TrainJob, when: &str) -> Result<()> {
     if held.is_empty() {
         return Ok(());
@@ -75,7 +65,7 @@ pub(crate) fn run(args: TrainArgs) -> Result<()> {
     if let Some(steps) = args.steps {
         job.train.steps = steps;
     }
-    let examples = load_examples(&emu, &job, &args.data)?;
+    let examples = job.data.load_all(&args.data, &emu.tokenizer()?)?;
     let (train, held) = split_holdout(examples, job.eval_fraction, job.train.seed);
     if train.is_empty() {
         bail!("no training examples left after holding out {} of the data", job.eval_fraction);

@@ -67,11 +67,7 @@ pub(crate) fn run(args: EvalArgs) -> Result<()> {
         None => TrainJob::default(),
     };
     let tokenizer = checkpoint.tokenizer()?;
-    let mut examples = Vec::new();
-    for f in &args.data {
-        examples.extend(job.data.load(f, &tokenizer)?);
-    }
-    let examples = spread(examples, args.max_examples);
+    let examples = spread(job.data.load_all(&args.data, &tokenizer)?, args.max_examples);
     let emulator = match &args.emulator {
         Some(p) => {
             let emu = Emulator::open(p).with_context(|| format!("opening emulator {}", p.display()))?;

@@ -110,6 +110,15 @@ pub struct Example {
 }
 
 impl DataConfig {
+    /// Reads and tokenizes several data files, pooling their examples in order.
+    pub fn load_all(&self, paths: &[PathBuf], tokenizer: &Tokenizer) -> Result<Vec<Example>, DataError> {
+        let mut examples = Vec::new();
+        for path in paths {
+            examples.extend(self.load(path, tokenizer)?);
+        }
+        Ok(examples)
+    }
+
     /// Reads and tokenizes a data file.
     pub fn load(&self, path: &Path, tokenizer: &Tokenizer) -> Result<Vec<Example>, DataError> {
         if self.max_len < 2 {
