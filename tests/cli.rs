@@ -204,3 +204,143 @@ fn emulator_build_info_and_eval_on_smollm2() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("drop"), "{err}");
 }
+
+/// A federation config for the 6-layer tiny model (with a word tokenizer) and three text files.
+fn tiny_federation(dir: &std::path::Path, rounds: u64, min_clients: usize) -> std::path::PathBuf {
+    let model = offsite_tests::tiny_llama_6_layers(&dir.join("model"));
+    offsite_tests::word_tokenizer(&model);
+    for (i, name) in ["a", "b", "c", "eval"].iter().enumerate() {
+        std::fs::write(dir.join(format!("{name}.txt")), offsite_tests::word_text(i as u32 + 1, 400)).unwrap();
+    }
+    let d = dir.display();
+    let config = format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+state_dir = "{d}/state"
+[model]
+path = "{d}/model"
+[emulator]
+bottom_layers = 1
+top_layers = 1
+drop_ratio = 0.5
+[adapter]
+method = "lora"
+[adapter.lora]
+r = 4
+lora_alpha = 8.0
+target_modules = ["q_proj", "v_proj"]
+[strategy]
+kind = "fedadam"
+server_lr = 0.01
+[federation]
+rounds = {rounds}
+min_clients = {min_clients}
+deadline_s = 120
+update_encoding = "int8"
+[local]
+steps = 2
+batch_size = 2
+lr = 0.01
+[data]
+format = "text"
+max_len = 32
+[eval]
+data = ["{d}/eval.txt"]
+max_examples = 4
+[sim]
+data = ["{d}/a.txt", "{d}/b.txt", "{d}/c.txt"]
+split = {{ kind = "files" }}
+"#
+    );
+    let path = dir.join("fed.toml");
+    std::fs::write(&path, config).unwrap();
+    path
+}
+
+#[test]
+fn sim_runs_a_federation_and_reports_perplexities() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = tiny_federation(dir.path(), 2, 3);
+    let out = run(server().args(["sim", "--device", "cpu", "--config"]).arg(&config));
+    let state = dir.path().join("state");
+    let metrics = std::fs::read_to_string(state.join("metrics.jsonl")).unwrap();
+    let rows: Vec<serde_json::Value> = metrics.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(rows.len(), 2, "{out}");
+    for r in &rows {
+        assert_eq!(r["participants"], 3);
+        assert!(r["eval_perplexity"].as_f64().unwrap().is_finite());
+    }
+    for label in ["zero-shot full model", "emulator before federation", "emulator + global adapter", "plug-in"] {
+        let line = out.lines().find(|l| l.starts_with(label)).unwrap_or_else(|| panic!("{label} missing:\n{out}"));
+        let ppl: f64 = line.split_whitespace().last().unwrap().parse().unwrap();
+        assert!(ppl.is_finite() && ppl > 1.0, "{line}");
+    }
+    // The final plug-in perplexity is the one the server measured after the last round.
+    let plug = out.lines().find(|l| l.starts_with("plug-in")).unwrap();
+    let last: f64 = plug.split_whitespace().last().unwrap().parse().unwrap();
+    assert!((last - rows[1]["eval_perplexity"].as_f64().unwrap()).abs() < 1e-3 * last);
+    assert!(std::fs::read_to_string(state.join("metrics.svg")).unwrap().contains("<svg"));
+    assert!(state.join("global-adapter/adapter_config.json").exists());
+    // The global adapter exports as a PEFT directory like any other adapter.
+    run(server()
+        .args(["export", "--format", "peft", "--model"])
+        .arg(dir.path().join("model"))
+        .arg("--adapter")
+        .arg(state.join("global-adapter"))
+        .arg("--out")
+        .arg(dir.path().join("peft")));
+    assert!(dir.path().join("peft/adapter_model.safetensors").exists());
+}
+
+#[test]
+fn serve_and_join_through_the_binaries_with_issued_and_revoked_tokens() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let config = tiny_federation(dir.path(), 1, 2);
+    let state = dir.path().join("state");
+    let issue = |client: &str| {
+        run(server().args(["token", "issue", "--client", client, "--state-dir"]).arg(&state)).trim().to_string()
+    };
+    let (t1, t2, t3) = (issue("one"), issue("two"), issue("three"));
+    run(server().args(["token", "revoke", "--client", "three", "--state-dir"]).arg(&state));
+    let list = run(server().args(["token", "list", "--state-dir"]).arg(&state));
+    assert!(list.contains("three\trevoked") && list.contains("one\tactive"), "{list}");
+    assert!(!std::fs::read_to_string(state.join("tokens.json")).unwrap().contains(&t1));
+
+    let mut srv = server()
+        .args(["serve", "--device", "cpu", "--config"])
+        .arg(&config)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(srv.stdout.take().unwrap()).lines();
+    let addr = lines.next().unwrap().unwrap().trim_start_matches("listening on ").to_string();
+    let fp = lines.next().unwrap().unwrap().split_whitespace().last().unwrap().to_string();
+    let edge_bin = std::path::Path::new(env!("CARGO_BIN_EXE_offsite-server")).with_file_name("offsite-edge");
+    assert!(edge_bin.exists(), "build the workspace first: {} is missing", edge_bin.display());
+    let join = |token: &str, name: &str| {
+        let mut c = Command::new(&edge_bin);
+        c.args(["join", "--device", "cpu", "--server", &addr, "--fingerprint", &fp, "--token", token, "--name", name])
+            .arg("--data")
+            .arg(dir.path().join(format!("{name}.txt")))
+            .arg("--cache")
+            .arg(dir.path().join(format!("cache-{name}")))
+            .arg("--data-config")
+            .arg(&config);
+        c
+    };
+    // The revoked token is refused with the reason, and the client gives up (no retry on a refusal).
+    let refused = join(&t3, "c").output().unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("unknown or revoked token"));
+    assert!(!dir.path().join("cache-c").exists(), "a refused client received no emulator");
+    let mut a = join(&t1, "a").spawn().unwrap();
+    let mut b = join(&t2, "b").spawn().unwrap();
+    assert!(a.wait().unwrap().success() && b.wait().unwrap().success());
+    assert!(srv.wait().unwrap().success());
+    let metrics = std::fs::read_to_string(state.join("metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().count(), 1);
+    assert!(metrics.contains("\"participants\":2"));
+}

@@ -228,3 +228,21 @@ pub fn tiny_llama_6_layers(dir: &Path) -> PathBuf {
     std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
     dir.to_path_buf()
 }
+
+/// Writes a word-level `tokenizer.json` into a tiny-model directory: words `w0` … `w255` are ids 0–255, split on
+/// whitespace, so text files of such words can train and evaluate the tiny model end to end.
+pub fn word_tokenizer(dir: &Path) {
+    let vocab: serde_json::Map<String, serde_json::Value> =
+        (0..256).map(|i| (format!("w{i}"), serde_json::Value::from(i))).collect();
+    let json = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": null,
+        "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null, "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "w0"}
+    });
+    std::fs::write(dir.join("tokenizer.json"), json.to_string()).unwrap();
+}
+
+/// A text of `words` tiny-tokenizer words following a pattern of its own (`seed`).
+pub fn word_text(seed: u32, words: u32) -> String {
+    (0..words).map(|t| format!("w{}", (seed * 31 + t * 13 + (t / 7) * seed) % 250 + 3)).collect::<Vec<_>>().join(" ")
+}

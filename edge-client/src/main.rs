@@ -1,5 +1,6 @@
 //! `offsite-edge`: the laptop side of Offsite.
 
+mod join_cmd;
 mod train_cmd;
 
 use anyhow::Result;
@@ -21,6 +22,8 @@ enum Command {
     Devices,
     /// Train the adapter of an emulator on local data (no network); writes a resumable adapter directory.
     Train(train_cmd::TrainArgs),
+    /// Join a federation: download the emulator, train each round on local data, upload only adapter updates.
+    Join(join_cmd::JoinArgs),
 }
 
 fn main() -> Result<()> {
@@ -33,6 +36,7 @@ fn main() -> Result<()> {
         .init();
     match Cli::parse().command {
         Command::Train(args) => train_cmd::run(args),
+        Command::Join(args) => join_cmd::run(args),
         Command::Devices => {
             let adapters = gpu_adapters();
             if adapters.is_empty() {

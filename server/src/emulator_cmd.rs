@@ -52,27 +52,7 @@ pub(crate) fn run(command: EmulatorCommand) -> Result<()> {
             let name = name.unwrap_or_else(|| {
                 model.file_name().map_or("model".into(), |n| n.to_string_lossy().into_owned())
             });
-            let bar = ProgressBar::new(0);
-            bar.set_style(
-                ProgressStyle::with_template("{bar:30} {pos}/{len} tensors [{elapsed}]")
-                    .expect("static template"),
-            );
-            let (manifest, sha) = emulator::build(&checkpoint, &name, &settings, &out, &mut |done, total| {
-                bar.set_length(total as u64);
-                bar.set_position(done as u64);
-            })?;
-            bar.finish_and_clear();
-            let bytes = std::fs::metadata(&out).map(|m| m.len()).unwrap_or(0);
-            info!(
-                out = %out.display(),
-                layers = ?manifest.layers,
-                adapter_layers = ?manifest.adapter_layers,
-                quant = ?manifest.quant,
-                mib = format!("{:.1}", bytes as f64 / (1 << 20) as f64),
-                sha256 = %sha,
-                "emulator written"
-            );
-            Ok(())
+            build_with_progress(&checkpoint, &name, &settings, &out)
         }
         EmulatorCommand::Info { emulator } => {
             let emu = Emulator::open(&emulator)
@@ -91,4 +71,33 @@ pub(crate) fn run(command: EmulatorCommand) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// Builds an emulator of `checkpoint` into `out` with a progress bar, and logs what was written.
+pub(crate) fn build_with_progress(
+    checkpoint: &Checkpoint,
+    name: &str,
+    settings: &EmulatorConfig,
+    out: &std::path::Path,
+) -> Result<()> {
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template("emulator {bar:30} {pos}/{len} tensors [{elapsed}]").expect("static template"),
+    );
+    let (manifest, sha) = emulator::build(checkpoint, name, settings, out, &mut |done, total| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    })?;
+    bar.finish_and_clear();
+    let bytes = std::fs::metadata(out).map(|m| m.len()).unwrap_or(0);
+    info!(
+        out = %out.display(),
+        layers = ?manifest.layers,
+        adapter_layers = ?manifest.adapter_layers,
+        quant = ?manifest.quant,
+        mib = format!("{:.1}", bytes as f64 / (1 << 20) as f64),
+        sha256 = %sha,
+        "emulator written"
+    );
+    Ok(())
 }

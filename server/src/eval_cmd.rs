@@ -46,7 +46,7 @@ pub(crate) struct EvalArgs {
 }
 
 /// `n` examples at evenly spaced positions (all of them when there are fewer).
-fn spread(examples: Vec<Example>, n: Option<usize>) -> Vec<Example> {
+pub(crate) fn spread(examples: Vec<Example>, n: Option<usize>) -> Vec<Example> {
     match n {
         Some(n) if n < examples.len() => {
             let len = examples.len();

@@ -3,6 +3,7 @@
 mod emulator_cmd;
 mod eval_cmd;
 mod export_cmd;
+mod fed_cmd;
 mod model_cmd;
 mod plug;
 
@@ -34,6 +35,15 @@ enum Command {
     Eval(eval_cmd::EvalArgs),
     /// Export an adapter: as a PEFT directory, or merged into a Hugging Face checkpoint.
     Export(export_cmd::ExportArgs),
+    /// Run a federation server for edge clients (QUIC, TLS 1.3, token authentication).
+    Serve(fed_cmd::serve::ServeArgs),
+    /// Simulate a federation on this machine: the server and N clients over the real protocol on loopback.
+    Sim(fed_cmd::sim::SimArgs),
+    /// Issue, revoke or list client tokens.
+    Token {
+        #[command(subcommand)]
+        command: fed_cmd::token::TokenCommand,
+    },
 }
 
 fn main() -> Result<()> {
@@ -50,5 +60,8 @@ fn main() -> Result<()> {
         Command::Export(args) => export_cmd::run(args),
         Command::Emulator { command } => emulator_cmd::run(command),
         Command::Eval(args) => eval_cmd::run(args),
+        Command::Serve(args) => fed_cmd::serve::run(args),
+        Command::Sim(args) => fed_cmd::sim::run(args),
+        Command::Token { command } => fed_cmd::token::run(command),
     }
 }

@@ -2,12 +2,14 @@
 //! only), or plain text cut into token blocks; held-out splits and padded batches.
 
 mod batch;
+mod split;
 
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 pub use batch::{batches, split_holdout, Batch};
+pub use split::Split;
 
 use crate::tokenizer::Tokenizer;
 use crate::train::IGNORE_INDEX;
@@ -44,6 +46,9 @@ pub enum DataError {
     /// The settings are invalid, or the data gives nothing to train on.
     #[error("data: {0}")]
     Config(String),
+    /// Examples cannot be split across clients as asked.
+    #[error("data split: {0}")]
+    Split(String),
 }
 
 /// How a data file is read.

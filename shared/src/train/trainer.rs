@@ -80,6 +80,9 @@ pub struct Trainer {
     step: usize,
     nonfinite_run: usize,
     skipped: usize,
+    /// FedProx: μ and the global parameters the proximal term pulls towards (not checkpointed: a federated round
+    /// starts a fresh trainer).
+    proximal: Option<(f64, HashMap<String, Tensor<1>>)>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -118,12 +121,20 @@ impl Trainer {
             step: 0,
             nonfinite_run: 0,
             skipped: 0,
+            proximal: None,
         })
     }
 
     /// The same run extended (or shortened) to `steps` optimizer steps; the schedule follows the new total.
     pub fn with_steps(mut self, steps: usize) -> Self {
         self.config.steps = steps;
+        self
+    }
+
+    /// Adds FedProx's proximal term μ/2·‖w − anchor‖² to the objective; `anchor` holds the global value of each
+    /// trainable parameter by name (flattened, on the model's device).
+    pub fn with_proximal(mut self, mu: f64, anchor: HashMap<String, Tensor<1>>) -> Self {
+        self.proximal = (mu > 0.0).then_some((mu, anchor));
         self
     }
 
@@ -199,7 +210,22 @@ impl Trainer {
         model: LlamaForCausalLM,
         micro: &[Batch],
     ) -> Result<(LlamaForCausalLM, StepReport), TrainError> {
-        let (loss, tokens, grads) = self.gradients(&model, micro)?;
+        let (loss, tokens, mut grads) = self.gradients(&model, micro)?;
+        let current: HashMap<String, (Tensor<1>, bool)> = model
+            .named_params()
+            .into_iter()
+            .filter(|p| p.trainable)
+            .map(|p| (p.name, (p.value.inner(), p.shape.len() >= 2)))
+            .collect();
+        if let Some((mu, anchor)) = &self.proximal {
+            // ∇ μ/2·‖w − w_global‖² = μ(w − w_global), added before the norm is taken and clipped.
+            for (name, g) in grads.iter_mut() {
+                if let (Some((w, _)), Some(a)) = (current.get(name), anchor.get(name)) {
+                    let prox = Tensor::<1>::from_inner(w.clone().sub(a.clone().inner()).mul_scalar(*mu));
+                    *g = g.clone().add(prox);
+                }
+            }
+        }
         let sq: Vec<f32> = grads
             .values()
             .map(|g| g.clone().square().sum())
@@ -235,12 +261,6 @@ impl Trainer {
             Some(max) if grad_norm > max => max / (grad_norm + 1e-6),
             _ => 1.0,
         };
-        let current: HashMap<String, (Tensor<1>, bool)> = model
-            .named_params()
-            .into_iter()
-            .filter(|p| p.trainable)
-            .map(|p| (p.name, (p.value.inner(), p.shape.len() >= 2)))
-            .collect();
         let mut updated = HashMap::with_capacity(grads.len());
         for (name, g) in grads {
             let Some((value, matrix)) = current.get(&name) else {

@@ -1,0 +1,101 @@
+//! `offsite-edge join`: takes part in a federation. Downloads (or reuses) the emulator, trains each round's task on
+//! local data and uploads only the adapter update; the data never leaves this machine.
+
+use std::net::ToSocketAddrs;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use offsite::data::DataConfig;
+use offsite::device::{self, DeviceChoice};
+use offsite::net::{join, JoinSettings, LocalData, Trust, SERVER_NAME};
+use tracing::info;
+
+#[derive(Args)]
+pub(crate) struct JoinArgs {
+    /// The server, HOST:PORT.
+    #[arg(long)]
+    server: String,
+    /// This client's token (from `offsite-server token issue`); or set OFFSITE_TOKEN.
+    #[arg(long, env = "OFFSITE_TOKEN", hide_env_values = true)]
+    token: String,
+    /// Local training data: JSONL instruction records or plain text (repeatable).
+    #[arg(long, required = true)]
+    data: Vec<PathBuf>,
+    /// Pin the server's certificate by its SHA-256 fingerprint (printed by `offsite-server serve`).
+    #[arg(long, conflicts_with = "ca")]
+    fingerprint: Option<String>,
+    /// Verify the server's certificate against this CA file (PEM) instead.
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// The name in the server's certificate.
+    #[arg(long, default_value = SERVER_NAME)]
+    server_name: String,
+    /// Emulators are cached here by hash.
+    #[arg(long, default_value = "offsite-cache")]
+    cache: PathBuf,
+    /// A TOML file with a [data] table saying how the data is read (defaults otherwise).
+    #[arg(long)]
+    data_config: Option<PathBuf>,
+    /// auto, cpu, gpu or gpu:N.
+    #[arg(long, default_value = "auto")]
+    device: DeviceChoice,
+    /// Give up after this many failed reconnections in a row.
+    #[arg(long, default_value_t = 8)]
+    max_reconnects: u32,
+    /// Also write each uploaded update to this directory (`round-N.safetensors`), for auditing.
+    #[arg(long)]
+    save_updates: Option<PathBuf>,
+    /// A name for the server's logs.
+    #[arg(long, default_value = "edge")]
+    name: String,
+}
+
+fn data_config(path: &Option<PathBuf>) -> Result<DataConfig> {
+    let Some(path) = path else {
+        return Ok(DataConfig::default());
+    };
+    #[derive(serde::Deserialize)]
+    struct File {
+        #[serde(default)]
+        data: DataConfig,
+    }
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let f: File = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.message()))?;
+    Ok(f.data)
+}
+
+pub(crate) fn run(args: JoinArgs) -> Result<()> {
+    let server = args
+        .server
+        .to_socket_addrs()
+        .with_context(|| format!("resolving {}", args.server))?
+        .next()
+        .with_context(|| format!("{} resolves to no address", args.server))?;
+    let trust = match (args.fingerprint, args.ca) {
+        (Some(f), None) => Trust::Pinned(f),
+        (None, Some(ca)) => Trust::Ca(ca),
+        _ => bail!("give the server's --fingerprint to pin, or a --ca file to verify against"),
+    };
+    let (device, described) = device::resolve(args.device)?;
+    info!(device = %described, %server, "joining");
+    let settings = JoinSettings {
+        server,
+        server_name: args.server_name,
+        trust,
+        token: args.token,
+        name: args.name,
+        cache_dir: args.cache,
+        device,
+        data: LocalData::Files {
+            paths: args.data,
+            config: data_config(&args.data_config)?,
+        },
+        max_reconnects: args.max_reconnects,
+        save_updates: args.save_updates,
+    };
+    let runtime = tokio::runtime::Runtime::new()?;
+    let summary = runtime.block_on(join(settings))?;
+    info!(rounds = summary.rounds, accepted = summary.accepted, connections = summary.connections, "federation finished");
+    Ok(())
+}

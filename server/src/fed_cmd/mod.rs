@@ -1,0 +1,154 @@
+//! `offsite-server serve`, `sim` and `token`: the federation server, a loopback simulation of a whole federation,
+//! and client token management.
+
+mod config;
+mod plot;
+pub(crate) mod serve;
+pub(crate) mod sim;
+pub(crate) mod token;
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use offsite::adapters::{self, AdapterManifest, AdapterSpec};
+use offsite::data::{DataConfig, Example};
+use offsite::emulator::Emulator;
+use offsite::fed::{adapter_state, load_state, Params};
+use offsite::load::Checkpoint;
+use offsite::model::LlamaForCausalLM;
+use offsite::net::{EmulatorSource, Identity, ServeSettings};
+use offsite::train::{evaluate, EvalReport};
+use tracing::info;
+
+use config::FedFile;
+
+/// The emulator named in the config, or one built from `[emulator]` into the state directory (reused when it
+/// exists and was built from this model).
+fn emulator_for(file: &FedFile, checkpoint: &Checkpoint) -> Result<PathBuf> {
+    if let Some(p) = &file.model.emulator {
+        return Ok(p.clone());
+    }
+    let settings = file
+        .emulator
+        .as_ref()
+        .context("the config needs [model] emulator = PATH or an [emulator] table")?;
+    let out = file.server.state_dir.join("emulator.emu");
+    if out.exists() {
+        let emu = Emulator::open(&out).with_context(|| format!("opening {}", out.display()))?;
+        let m = emu.manifest();
+        let n = checkpoint.config().num_hidden_layers;
+        let same = m.base_model_sha256 == checkpoint.sha256()?
+            && m.layers == settings.choose_layers(n)?
+            && m.adapter_layers.len() == settings.bottom_layers + settings.top_layers
+            && m.quant == settings.quant
+            && m.scale_dtype == settings.scale_dtype;
+        if same {
+            info!(path = %out.display(), "reusing the emulator built earlier");
+            return Ok(out);
+        }
+    }
+    std::fs::create_dir_all(&file.server.state_dir)?;
+    let name = file
+        .model
+        .path
+        .file_name()
+        .map_or("model".into(), |n| n.to_string_lossy().into_owned());
+    crate::emulator_cmd::build_with_progress(checkpoint, &name, settings, &out)?;
+    Ok(out)
+}
+
+/// The settings `Server::bind` needs, and the TLS identity.
+fn serve_settings(file: &FedFile, emulator: PathBuf) -> Result<(ServeSettings, Identity)> {
+    let identity = match (&file.server.cert, &file.server.key) {
+        (Some(c), Some(k)) => Identity::from_pem(c, k)?,
+        (None, None) => Identity::self_signed_in(&file.server.state_dir)?,
+        _ => bail!("[server] needs both cert and key, or neither (self-signed)"),
+    };
+    let source = EmulatorSource::open(emulator, file.server.chunk_kib.saturating_mul(1024))?;
+    let settings = ServeSettings {
+        listen: file.server.listen,
+        state_dir: file.server.state_dir.clone(),
+        emulator: source,
+        adapter_json: serde_json::to_string(&file.adapter)?,
+        federation: file.federation.clone(),
+        local: file.local.clone(),
+        strategy: file.strategy.clone(),
+        hello_timeout_s: file.server.hello_timeout_s,
+    };
+    Ok((settings, identity))
+}
+
+/// The emulator's model with the adapter attached (on the CPU autodiff device, so trainable parameters are marked).
+fn prepared_emulator(emu: &Emulator, spec: &AdapterSpec, seed: u64) -> Result<(LlamaForCausalLM, Option<adapters::LoraConfig>)> {
+    let device = burn::tensor::Device::flex();
+    device.seed(seed);
+    let model = emu.load_model(&device.autodiff())?;
+    Ok(spec.prepare(model, &emu.manifest().adapter_layers)?)
+}
+
+/// The initial global adapter: the emulator's adapter layers, or fresh LoRA branches (seeded).
+fn initial_state(emu: &Emulator, spec: &AdapterSpec, seed: u64) -> Result<Params> {
+    let (model, _) = prepared_emulator(emu, spec, seed)?;
+    Ok(adapter_state(&model)?)
+}
+
+/// Writes the global adapter as an Offsite adapter directory (plug in, export or evaluate it like any other).
+fn save_adapter(emu: &Emulator, spec: &AdapterSpec, global: &Params, dir: &Path) -> Result<()> {
+    let (model, lora) = prepared_emulator(emu, spec, 0)?;
+    let model = load_state(model, global)?;
+    let manifest = AdapterManifest {
+        format_version: 1,
+        method: spec.method,
+        base_model_sha256: emu.manifest().base_model_sha256.clone(),
+        emulator_sha256: Some(emu.sha256().to_string()),
+        layers: emu.manifest().adapter_layers.clone(),
+    };
+    adapters::save(dir, &model, &manifest, lora.as_ref())?;
+    info!(dir = %dir.display(), "global adapter written");
+    Ok(())
+}
+
+/// Evaluation data, spread to at most `max` examples.
+fn eval_examples(data: &DataConfig, paths: &[PathBuf], tok: &offsite::tokenizer::Tokenizer, max: Option<usize>) -> Result<Vec<Example>> {
+    let examples = crate::eval_cmd::spread(data.load_all(paths, tok)?, max);
+    if examples.is_empty() {
+        bail!("the evaluation data holds no example");
+    }
+    Ok(examples)
+}
+
+/// Perplexity of a model, logged.
+fn measure(label: &str, model: &LlamaForCausalLM, examples: &[Example], batch: usize) -> Result<EvalReport> {
+    let start = Instant::now();
+    let r = evaluate(model, examples, batch)?;
+    info!(
+        model = label,
+        perplexity = format!("{:.3}", r.perplexity),
+        seconds = format!("{:.1}", start.elapsed().as_secs_f64()),
+        "evaluated"
+    );
+    Ok(r)
+}
+
+/// The full model with a global adapter plugged in by name (on `model`'s device).
+fn plug_in(full: LlamaForCausalLM, layers: &[usize], spec: &AdapterSpec, global: &Params) -> Result<LlamaForCausalLM> {
+    let (model, _) = spec.prepare(full, layers)?;
+    Ok(load_state(model, global)?)
+}
+
+/// The round evaluator: perplexity of the plug-in model (full model + global adapter) on the validation data.
+fn evaluator(
+    full: LlamaForCausalLM,
+    layers: Vec<usize>,
+    spec: AdapterSpec,
+    examples: Vec<Example>,
+    batch: usize,
+) -> offsite::net::Evaluator {
+    Box::new(move |round, global| {
+        let model = plug_in(full.clone(), &layers, &spec, global).map_err(|e| e.to_string())?;
+        measure(&format!("plug-in after round {round}"), &model, &examples, batch)
+            .map(|r| r.perplexity)
+            .map_err(|e| e.to_string())
+    })
+}

@@ -1,0 +1,64 @@
+//! `offsite-server serve --config FILE`: runs a federation for real clients.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use offsite::device::{self, DeviceChoice};
+use offsite::emulator::Emulator;
+use offsite::load::Checkpoint;
+use offsite::net::Server;
+use tracing::info;
+
+use super::config::FedFile;
+
+#[derive(Args)]
+pub(crate) struct ServeArgs {
+    /// The federation config (TOML): [server], [model], [emulator], [adapter], [strategy], [federation], [local],
+    /// [data], [eval].
+    #[arg(long)]
+    config: PathBuf,
+    /// Where the server evaluates the plug-in model: auto, cpu, gpu or gpu:N.
+    #[arg(long, default_value = "cpu")]
+    device: DeviceChoice,
+}
+
+pub(crate) fn run(args: ServeArgs) -> Result<()> {
+    let file = FedFile::load(&args.config)?;
+    let checkpoint = Checkpoint::open(&file.model.path)
+        .with_context(|| format!("opening model {}", file.model.path.display()))?;
+    let emu_path = super::emulator_for(&file, &checkpoint)?;
+    let emu = Emulator::open(&emu_path).with_context(|| format!("opening emulator {}", emu_path.display()))?;
+    if emu.manifest().base_model_sha256 != checkpoint.sha256()? {
+        bail!("emulator {} was built from another model", emu_path.display());
+    }
+    let initial = super::initial_state(&emu, &file.adapter, file.federation.seed)?;
+    let evaluator = match &file.eval {
+        Some(eval) => {
+            let (device, described) = device::resolve(args.device)?;
+            let examples =
+                super::eval_examples(&file.data, &eval.data, &checkpoint.tokenizer()?, eval.max_examples)?;
+            info!(device = %described, examples = examples.len(), "plug-in evaluation data ready");
+            Some(super::evaluator(
+                checkpoint.load_model(&device)?,
+                emu.manifest().adapter_layers.clone(),
+                file.adapter.clone(),
+                examples,
+                eval.batch_size,
+            ))
+        }
+        None => None,
+    };
+    let (settings, identity) = super::serve_settings(&file, emu_path)?;
+    let state_dir = settings.state_dir.clone();
+    let runtime = tokio::runtime::Runtime::new()?;
+    let state = runtime.block_on(async move {
+        let server = Server::bind(settings, identity)?;
+        println!("listening on {}", server.local_addr()?);
+        println!("certificate fingerprint (pin with --fingerprint) {}", server.fingerprint());
+        server.run(initial, evaluator, &mut |_| {}).await.map_err(anyhow::Error::from)
+    })?;
+    super::save_adapter(&emu, &file.adapter, &state.global, &state_dir.join("global-adapter"))?;
+    super::plot::write(&state_dir)?;
+    Ok(())
+}

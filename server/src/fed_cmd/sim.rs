@@ -1,0 +1,176 @@
+//! `offsite-server sim --config FILE`: a whole federation on one machine — the server and N edge clients over the
+//! real protocol on loopback QUIC, the data split across clients — with zero-shot, emulator and plug-in
+//! perplexities before and after.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use offsite::device::{self, DeviceChoice};
+use offsite::emulator::Emulator;
+use offsite::fed::{load_state, TokenStore};
+use offsite::load::Checkpoint;
+use offsite::net::{join, JoinSettings, LocalData, RoundReport, Server, Trust, SERVER_NAME};
+use tracing::info;
+
+use super::config::FedFile;
+
+#[derive(Args)]
+pub(crate) struct SimArgs {
+    /// The federation config (TOML), with a [sim] table.
+    #[arg(long)]
+    config: PathBuf,
+    /// Overrides [model] path.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Overrides [sim] data (repeatable).
+    #[arg(long)]
+    data: Vec<PathBuf>,
+    /// Overrides [eval] data (repeatable).
+    #[arg(long)]
+    eval_data: Vec<PathBuf>,
+    /// Overrides [server] state_dir.
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Overrides [federation] rounds.
+    #[arg(long)]
+    rounds: Option<u64>,
+    /// Where clients train and the server evaluates: auto, cpu, gpu or gpu:N.
+    #[arg(long, default_value = "cpu")]
+    device: DeviceChoice,
+}
+
+pub(crate) fn run(args: SimArgs) -> Result<()> {
+    let mut file = FedFile::load(&args.config)?;
+    if let Some(m) = args.model {
+        file.model.path = m;
+    }
+    if let Some(d) = args.state_dir {
+        file.server.state_dir = d;
+    }
+    if let Some(r) = args.rounds {
+        file.federation.rounds = r;
+    }
+    if !args.eval_data.is_empty() {
+        file.eval.as_mut().context("--eval-data needs an [eval] table")?.data = args.eval_data;
+    }
+    let mut sim = file.sim.clone().context("the config has no [sim] table")?;
+    if !args.data.is_empty() {
+        sim.data = args.data;
+    }
+    file.server.listen = ([127, 0, 0, 1], 0).into();
+    let dir = file.server.state_dir.clone();
+    // A simulation starts from round 0 with fresh tokens (the emulator and certificate are reused).
+    for f in [offsite::fed::STATE_FILE, "metrics.jsonl", "tokens.json"] {
+        let _ = std::fs::remove_file(dir.join(f));
+    }
+    std::fs::create_dir_all(&dir)?;
+
+    let checkpoint = Checkpoint::open(&file.model.path)
+        .with_context(|| format!("opening model {}", file.model.path.display()))?;
+    let emu_path = super::emulator_for(&file, &checkpoint)?;
+    let emu = Emulator::open(&emu_path)?;
+    let tokenizer = emu.tokenizer()?;
+    let per_file = sim
+        .data
+        .iter()
+        .map(|p| file.data.load(p, &tokenizer).with_context(|| format!("reading {}", p.display())))
+        .collect::<Result<Vec<_>>>()?;
+    let clients: Vec<_> = sim
+        .split
+        .apply(per_file, file.federation.seed)?
+        .into_iter()
+        .map(|c| crate::eval_cmd::spread(c, sim.max_examples_per_client))
+        .collect();
+    if clients.len() < file.federation.min_clients {
+        bail!("{} clients cannot meet min_clients = {}", clients.len(), file.federation.min_clients);
+    }
+    let tokens_path = TokenStore::path(&dir);
+    let mut store = TokenStore::load(&tokens_path)?;
+    let tokens = (0..clients.len())
+        .map(|i| store.issue(&format!("client-{i}")))
+        .collect::<Result<Vec<_>, _>>()?;
+    store.save(&tokens_path)?;
+    info!(clients = clients.len(), examples = ?clients.iter().map(Vec::len).collect::<Vec<_>>(), "data split");
+
+    let (device, described) = device::resolve(args.device)?;
+    let eval = file.eval.clone().context("a simulation reports perplexities: add an [eval] table")?;
+    let examples = super::eval_examples(&file.data, &eval.data, &checkpoint.tokenizer()?, eval.max_examples)?;
+    info!(device = %described, examples = examples.len(), "evaluating before federation");
+    let full = checkpoint.load_model(&device)?;
+    let zero_shot = super::measure("zero-shot full model", &full, &examples, eval.batch_size)?;
+    let emu_before = super::measure("emulator", &emu.load_model(&device)?, &examples, eval.batch_size)?;
+    let layers = emu.manifest().adapter_layers.clone();
+    let evaluator = super::evaluator(full.clone(), layers.clone(), file.adapter.clone(), examples.clone(), eval.batch_size);
+    let initial = super::initial_state(&emu, &file.adapter, file.federation.seed)?;
+    let (settings, identity) = super::serve_settings(&file, emu_path)?;
+
+    let runtime = tokio::runtime::Runtime::new()?;
+    let state = runtime.block_on(async {
+        let server = Server::bind(settings, identity)?;
+        let addr = server.local_addr()?;
+        let trust = Trust::Pinned(server.fingerprint().to_string());
+        info!(%addr, clients = clients.len(), "server up; starting clients");
+        let mut handles = Vec::new();
+        for (i, (data, token)) in clients.iter().zip(&tokens).enumerate() {
+            let s = JoinSettings {
+                server: addr,
+                server_name: SERVER_NAME.into(),
+                trust: trust.clone(),
+                token: token.clone(),
+                name: format!("sim-{i}"),
+                cache_dir: dir.join(format!("client-{i}")),
+                device: device.clone(),
+                data: LocalData::Examples(data.clone()),
+                max_reconnects: 5,
+                save_updates: None,
+            };
+            handles.push(tokio::spawn(join(s)));
+        }
+        println!(
+            "{:>5} {:>12} {:>8} {:>11} {:>11} {:>10} {:>10} {:>8}",
+            "round", "participants", "rejected", "bytes in", "bytes out", "train loss", "plug-in", "seconds"
+        );
+        let mut print = |r: &RoundReport| {
+            println!(
+                "{:>5} {:>12} {:>8} {:>11} {:>11} {:>10.4} {:>10} {:>8.1}",
+                r.round,
+                r.participants,
+                r.rejected,
+                r.bytes_in,
+                r.bytes_out,
+                r.train_loss,
+                r.eval_perplexity.map_or("-".into(), |p| format!("{p:.3}")),
+                r.wall_s
+            );
+        };
+        let state = server.run(initial, Some(evaluator), &mut print).await?;
+        for (i, h) in handles.into_iter().enumerate() {
+            let summary = h.await.context("client task")??;
+            info!(client = i, rounds = summary.rounds, accepted = summary.accepted, "client finished");
+        }
+        anyhow::Ok(state)
+    })?;
+
+    let emu_model = {
+        let (m, _) = file.adapter.prepare(emu.load_model(&device)?, &layers)?;
+        load_state(m, &state.global)?
+    };
+    let emu_after = super::measure("emulator + global adapter", &emu_model, &examples, eval.batch_size)?;
+    let plugged = super::plug_in(full, &layers, &file.adapter, &state.global)?;
+    let plug = super::measure("plug-in (full model + global adapter)", &plugged, &examples, eval.batch_size)?;
+    super::save_adapter(&emu, &file.adapter, &state.global, &dir.join("global-adapter"))?;
+    super::plot::write(&dir)?;
+    println!();
+    println!("{:<40} {:>12}", "held-out perplexity", "");
+    for (label, r) in [
+        ("zero-shot full model", zero_shot),
+        ("emulator before federation", emu_before),
+        ("emulator + global adapter", emu_after),
+        ("plug-in (full model + global adapter)", plug),
+    ] {
+        println!("{label:<40} {:>12.3}", r.perplexity);
+    }
+    println!("(on {} held-out examples, {} tokens; state in {})", examples.len(), zero_shot.tokens, dir.display());
+    Ok(())
+}
