@@ -369,3 +369,68 @@ fn a_restarted_server_resumes_at_the_next_round_with_the_same_global_adapter() {
     assert!(max_diff(&expected, &second.global) < 1e-6);
     assert!(!f.dir.join("a-second/round-1.safetensors").exists());
 }
+
+#[test]
+fn fedprox_keeps_local_training_closer_to_the_global_adapter() {
+    use offsite::fed::params::l2_norm;
+    use offsite::protocol::LocalSettings;
+    let f = fixture();
+    let emu = Emulator::open(&f.emulator).unwrap();
+    let device = burn::tensor::Device::flex();
+    let layers = emu.manifest().adapter_layers.clone();
+    let settings = |mu: f64| LocalSettings {
+        steps: 6,
+        batch_size: 2,
+        lr: 2e-2,
+        min_lr: 2e-2,
+        warmup_steps: 0,
+        max_grad_norm: 0.0,
+        weight_decay: 0.0,
+        proximal_mu: mu,
+        seed: 1,
+    };
+    let norm = |mu: f64| {
+        let (model, _) = spec().prepare(emu.load_model(&device.clone().autodiff()).unwrap(), &layers).unwrap();
+        let (_, r) = offsite::fed::train_round(model, &f.initial, &settings(mu), &examples(0, 8), &mut |_| {}).unwrap();
+        l2_norm(&r.delta)
+    };
+    let (plain, same, prox) = (norm(0.0), norm(0.0), norm(50.0));
+    assert_eq!(plain, same, "local training is deterministic");
+    assert!(prox < 0.9 * plain, "μ = 50 pulls towards the global adapter: ‖Δ‖ {prox} vs {plain}");
+}
+
+#[test]
+fn an_interrupted_download_resumes_and_a_corrupt_partial_file_is_discarded() {
+    let f = fixture();
+    let state = f.dir.join("state");
+    let tokens = issue(&state, &["a", "b"]);
+    let emulator = std::fs::read(&f.emulator).unwrap();
+    let source = EmulatorSource::open(f.emulator.clone(), 64 * 1024).unwrap();
+    assert!(source.offer.chunks() >= 3, "the test needs a multi-chunk emulator");
+    let sha = source.offer.sha256.clone();
+    // Client a stopped after 1.5 chunks; client b holds 2 chunks of which the first was corrupted on disk.
+    let cache_a = f.dir.join("a-cache");
+    std::fs::create_dir_all(&cache_a).unwrap();
+    std::fs::write(cache_a.join(format!("{sha}.part")), &emulator[..96 * 1024]).unwrap();
+    let cache_b = f.dir.join("b-cache");
+    std::fs::create_dir_all(&cache_b).unwrap();
+    let mut bad = emulator[..128 * 1024].to_vec();
+    bad[10] ^= 0xff;
+    std::fs::write(cache_b.join(format!("{sha}.part")), &bad).unwrap();
+    let rt = runtime();
+    let (a, b) = rt.block_on(async {
+        let server = Server::bind(settings(&f, &state, 1, 2), Identity::self_signed_in(&state).unwrap()).unwrap();
+        let a = tokio::spawn(join(client(&server, &f.dir, "a", &tokens[0], examples(0, 4))));
+        let b = tokio::spawn(join(client(&server, &f.dir, "b", &tokens[1], examples(1, 4))));
+        server.run(f.initial.clone(), None, &mut |_| {}).await.unwrap();
+        (a.await.unwrap().unwrap(), b.await.unwrap().unwrap())
+    });
+    assert_eq!((a.connections, a.accepted), (1, 1), "a resumed and finished on its first connection");
+    // b resumed from chunk 2, the whole-file hash failed, the part was discarded and the next connection
+    // downloaded it all.
+    assert_eq!((b.connections, b.accepted), (2, 1));
+    for cache in [cache_a, cache_b] {
+        assert_eq!(std::fs::read(cache.join(format!("{sha}.emu"))).unwrap(), emulator);
+        assert!(!cache.join(format!("{sha}.part")).exists());
+    }
+}

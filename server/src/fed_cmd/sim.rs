@@ -162,7 +162,7 @@ pub(crate) fn run(args: SimArgs) -> Result<()> {
     super::save_adapter(&emu, &file.adapter, &state.global, &dir.join("global-adapter"))?;
     super::plot::write(&dir)?;
     println!();
-    println!("{:<40} {:>12}", "held-out perplexity", "");
+    println!("held-out perplexity");
     for (label, r) in [
         ("zero-shot full model", zero_shot),
         ("emulator before federation", emu_before),
