@@ -94,6 +94,7 @@ fn settings(f: &Fixture, state: &Path, rounds: u64, min_clients: usize) -> Serve
         },
         strategy: StrategyConfig::FedAvg { norm_bound: None },
         hello_timeout_s: 5.0,
+        client_ca: None,
     }
 }
 
@@ -117,6 +118,7 @@ fn client(server: &Server, dir: &Path, name: &str, token: &str, data: Vec<Exampl
         data: LocalData::Examples(data),
         max_reconnects: 3,
         save_updates: Some(dir.join(format!("{name}-updates"))),
+        client_cert: None,
     }
 }
 
@@ -202,7 +204,7 @@ fn three_clients_two_rounds_give_the_fedavg_of_their_updates() {
 /// A raw protocol client: connects, sends `bytes`, returns everything the server sent until it closed.
 async fn raw(server_addr: std::net::SocketAddr, fingerprint: &str, bytes: Vec<u8>, finish: bool) -> Vec<u8> {
     let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    ep.set_default_client_config(quic_client(&Trust::Pinned(fingerprint.into())).unwrap());
+    ep.set_default_client_config(quic_client(&Trust::Pinned(fingerprint.into()), None).unwrap());
     let conn = ep.connect(server_addr, SERVER_NAME).unwrap().await.unwrap();
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
     send.write_all(&bytes).await.unwrap();
@@ -275,7 +277,7 @@ fn a_client_lost_mid_round_does_not_stop_the_round_and_can_come_back() {
         let fp2 = fp.clone();
         let flaky = tokio::spawn(async move {
             let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-            ep.set_default_client_config(quic_client(&Trust::Pinned(fp2)).unwrap());
+            ep.set_default_client_config(quic_client(&Trust::Pinned(fp2), None).unwrap());
             let conn = ep.connect(addr, SERVER_NAME).unwrap().await.unwrap();
             let (mut send, mut recv) = conn.open_bi().await.unwrap();
             let (mut sm, hello) = ClientConn::new(Limits::default(), Hello { client_name: "flaky".into(), token: flaky_token });
@@ -331,7 +333,9 @@ fn a_restarted_server_resumes_at_the_next_round_with_the_same_global_adapter() {
     let state = f.dir.join("state");
     let tokens = issue(&state, &["a", "b"]);
     let rt = runtime();
-    let run = |rounds: u64, tag: &str| {
+    // `kill_after`: the server is dropped in the middle of the next round, once this round has completed (a crash:
+    // no goodbye, the round in flight never finishes).
+    let run = |rounds: u64, tag: &str, kill_after: Option<u64>| {
         let tag = tag.to_string();
         rt.block_on(async {
             let server =
@@ -346,20 +350,41 @@ fn a_restarted_server_resumes_at_the_next_round_with_the_same_global_adapter() {
                     tokio::spawn(join(s))
                 })
                 .collect();
-            let st = server.run(f.initial.clone(), None, &mut |_| {}).await.unwrap();
+            let (done_tx, mut done_rx) = tokio::sync::watch::channel(0u64);
+            let mut on_round = move |r: &offsite::net::RoundReport| {
+                let _ = done_tx.send(r.round);
+            };
+            let killed = async {
+                match kill_after {
+                    Some(k) => {
+                        // Fires at the first await after round k completed: the next round's tasks are out, no
+                        // update of it can have been processed.
+                        let _ = done_rx.wait_for(|&r| r >= k).await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            let st = tokio::select! {
+                st = server.run(f.initial.clone(), None, &mut on_round) => Some(st.unwrap()),
+                _ = killed => None,
+            };
             for h in hs {
-                h.await.unwrap().unwrap();
+                if st.is_some() {
+                    h.await.unwrap().unwrap();
+                } else {
+                    h.abort();
+                }
             }
             st
         })
     };
-    let first = run(1, "first");
+    assert!(run(2, "first", Some(1)).is_none());
     let saved = ServerState::load(&state).unwrap().unwrap();
-    assert_eq!((saved.round, hash(&saved.global)), (1, hash(&first.global)));
-    let second = run(2, "second");
+    assert_eq!(saved.round, 1, "the state on disk is the last completed round");
+    let second = run(2, "second", None).unwrap();
     assert_eq!(second.round, 2);
     let rounds: Vec<u64> = metrics(&state).iter().map(|r| r["round"].as_u64().unwrap()).collect();
-    assert_eq!(rounds, vec![1, 2], "the restarted server ran round 2 only");
+    assert_eq!(rounds, vec![1, 2], "round 2 was lost in the crash and run once by the restarted server");
     // Round 2 started from the saved global adapter: the result is exactly its FedAvg with round 2's updates.
     let load = |n: &str| {
         let (p, meta) = read_safetensors(&f.dir.join(format!("{n}-second/round-2.safetensors"))).unwrap();
@@ -433,4 +458,39 @@ fn an_interrupted_download_resumes_and_a_corrupt_partial_file_is_discarded() {
         assert_eq!(std::fs::read(cache.join(format!("{sha}.emu"))).unwrap(), emulator);
         assert!(!cache.join(format!("{sha}.part")).exists());
     }
+}
+
+#[test]
+fn mutual_tls_admits_only_clients_with_a_certificate_from_the_ca() {
+    let f = fixture();
+    let state = f.dir.join("state");
+    let tokens = issue(&state, &["a", "b"]);
+    // A CA and a client certificate it issued.
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, rcgen::KeyPair::generate().unwrap()).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["client-a".to_string()]).unwrap().signed_by(&key, &ca).unwrap();
+    let pems = f.dir.join("pki");
+    std::fs::create_dir_all(&pems).unwrap();
+    std::fs::write(pems.join("ca.pem"), ca.pem()).unwrap();
+    std::fs::write(pems.join("a.pem"), cert.pem()).unwrap();
+    std::fs::write(pems.join("a.key"), key.serialize_pem()).unwrap();
+    let rt = runtime();
+    rt.block_on(async {
+        let mut s = settings(&f, &state, 1, 1);
+        s.client_ca = Some(pems.join("ca.pem"));
+        let server = Server::bind(s, Identity::self_signed_in(&state).unwrap()).unwrap();
+        // Without a certificate the handshake fails, even with a valid token.
+        let mut no_cert = client(&server, &f.dir, "b", &tokens[1], examples(1, 4));
+        no_cert.max_reconnects = 0;
+        let e = join(no_cert).await.unwrap_err();
+        assert!(matches!(e, offsite::fed::FedError::Connection(_)), "{e}");
+        assert!(!f.dir.join("b-cache").exists());
+        let mut with_cert = client(&server, &f.dir, "a", &tokens[0], examples(0, 4));
+        with_cert.client_cert = Some((pems.join("a.pem"), pems.join("a.key")));
+        let h = tokio::spawn(join(with_cert));
+        server.run(f.initial.clone(), None, &mut |_| {}).await.unwrap();
+        assert_eq!(h.await.unwrap().unwrap().accepted, 1);
+    });
 }

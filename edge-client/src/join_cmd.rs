@@ -46,6 +46,12 @@ pub(crate) struct JoinArgs {
     /// Also write each uploaded update to this directory (`round-N.safetensors`), for auditing.
     #[arg(long)]
     save_updates: Option<PathBuf>,
+    /// Client certificate (PEM) for servers that require mutual TLS; needs --key.
+    #[arg(long, requires = "key")]
+    cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, requires = "cert")]
+    key: Option<PathBuf>,
     /// A name for the server's logs.
     #[arg(long, default_value = "edge")]
     name: String,
@@ -93,6 +99,7 @@ pub(crate) fn run(args: JoinArgs) -> Result<()> {
         },
         max_reconnects: args.max_reconnects,
         save_updates: args.save_updates,
+        client_cert: args.cert.zip(args.key),
     };
     let runtime = tokio::runtime::Runtime::new()?;
     let summary = runtime.block_on(join(settings))?;

@@ -56,6 +56,8 @@ pub(crate) struct ServerSection {
     pub cert: Option<PathBuf>,
     /// Its private key (PEM).
     pub key: Option<PathBuf>,
+    /// Require client certificates issued by this CA (PEM) in addition to tokens (mutual TLS).
+    pub client_ca: Option<PathBuf>,
     /// Seconds a new connection has to authenticate.
     #[serde(default = "hello_timeout")]
     pub hello_timeout_s: f64,

@@ -75,6 +75,7 @@ fn serve_settings(file: &FedFile, emulator: PathBuf) -> Result<(ServeSettings, I
         local: file.local.clone(),
         strategy: file.strategy.clone(),
         hello_timeout_s: file.server.hello_timeout_s,
+        client_ca: file.server.client_ca.clone(),
     };
     Ok((settings, identity))
 }

@@ -124,6 +124,7 @@ pub(crate) fn run(args: SimArgs) -> Result<()> {
                 data: LocalData::Examples(data.clone()),
                 max_reconnects: 5,
                 save_updates: None,
+                client_cert: None,
             };
             handles.push(tokio::spawn(join(s)));
         }

@@ -12,7 +12,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use sha2::{Digest, Sha256};
 use tracing::{info, warn};
 
-use super::tls::{quic_client, Trust};
+use super::tls::{quic_client, Identity, Trust};
 use super::READ_BUF;
 use crate::adapters::AdapterSpec;
 use crate::data::{DataConfig, Example};
@@ -60,6 +60,8 @@ pub struct JoinSettings {
     pub max_reconnects: u32,
     /// Also write each uploaded delta (as the server will decode it) to `DIR/round-N.safetensors`.
     pub save_updates: Option<PathBuf>,
+    /// A client certificate and key (PEM) for servers that require mutual TLS.
+    pub client_cert: Option<(PathBuf, PathBuf)>,
 }
 
 /// What a client did.
@@ -87,7 +89,11 @@ pub async fn join(settings: JoinSettings) -> Result<JoinSummary, FedError> {
         (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
     };
     let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| FedError::Connection(e.to_string()))?;
-    endpoint.set_default_client_config(quic_client(&settings.trust)?);
+    let identity = match &settings.client_cert {
+        Some((cert, key)) => Some(Identity::from_pem(cert, key)?),
+        None => None,
+    };
+    endpoint.set_default_client_config(quic_client(&settings.trust, identity)?);
     let mut worker = Worker::default();
     let mut summary = JoinSummary::default();
     let mut failures = 0u32;

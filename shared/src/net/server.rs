@@ -82,6 +82,8 @@ pub struct ServeSettings {
     pub strategy: StrategyConfig,
     /// Seconds a new connection has to say hello.
     pub hello_timeout_s: f64,
+    /// Require client certificates issued by this CA (PEM), in addition to tokens.
+    pub client_ca: Option<PathBuf>,
 }
 
 /// One completed round, as logged to `metrics.jsonl`.
@@ -149,7 +151,7 @@ impl Server {
     /// Binds the QUIC endpoint (TLS 1.3 with `identity`) and starts accepting clients.
     pub fn bind(settings: ServeSettings, identity: Identity) -> Result<Self, FedError> {
         let fingerprint = identity.fingerprint();
-        let endpoint = quinn::Endpoint::server(identity.quic_server()?, settings.listen)
+        let endpoint = quinn::Endpoint::server(identity.quic_server(settings.client_ca.as_deref())?, settings.listen)
             .map_err(|e| FedError::Connection(format!("binding {}: {e}", settings.listen)))?;
         let (tx, rx) = mpsc::unbounded_channel();
         let max_update = settings.federation.max_update_mib.saturating_mul(1 << 20);
@@ -414,6 +416,14 @@ impl Server {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+}
+
+impl Drop for Server {
+    /// A server that stops (finished, failed or dropped mid-round) closes its endpoint, so its accept loop and
+    /// connections end with it.
+    fn drop(&mut self) {
+        self.endpoint.close(0u32.into(), b"server stopped");
     }
 }
 

@@ -70,12 +70,25 @@ impl Identity {
         fingerprint(&self.chain[0])
     }
 
-    /// The QUIC server config.
-    pub fn quic_server(self) -> Result<quinn::ServerConfig, FedError> {
-        let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+    /// The QUIC server config; with `client_ca`, clients must also present a certificate issued by that CA
+    /// (mutual TLS, on top of their tokens).
+    pub fn quic_server(self, client_ca: Option<&Path>) -> Result<quinn::ServerConfig, FedError> {
+        let builder = rustls::ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(|e| FedError::Config(e.to_string()))?
-            .with_no_client_auth()
+            .map_err(|e| FedError::Config(e.to_string()))?;
+        let builder = match client_ca {
+            None => builder.with_no_client_auth(),
+            Some(ca) => {
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    Arc::new(roots(ca)?),
+                    provider(),
+                )
+                .build()
+                .map_err(|e| file_err(ca, e))?;
+                builder.with_client_cert_verifier(verifier)
+            }
+        };
+        let mut tls = builder
             .with_single_cert(self.chain, self.key)
             .map_err(|e| FedError::Config(format!("certificate: {e}")))?;
         tls.alpn_protocols = vec![ALPN.to_vec()];
@@ -88,6 +101,20 @@ impl Identity {
         config.transport_config(Arc::new(transport));
         Ok(config)
     }
+}
+
+/// The CA certificates of a PEM file.
+fn roots(path: &Path) -> Result<rustls::RootCertStore, FedError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(path).map_err(|e| file_err(path, e))? {
+        roots
+            .add(cert.map_err(|e| file_err(path, e))?)
+            .map_err(|e| file_err(path, e))?;
+    }
+    if roots.is_empty() {
+        return Err(file_err(path, "no certificate in the file"));
+    }
+    Ok(roots)
 }
 
 /// SHA-256 of a DER certificate, hex.
@@ -153,12 +180,12 @@ impl ServerCertVerifier for Pinned {
     }
 }
 
-/// The QUIC client config for `trust`.
-pub fn quic_client(trust: &Trust) -> Result<quinn::ClientConfig, FedError> {
+/// The QUIC client config for `trust`, presenting `identity` when the server asks for a client certificate.
+pub fn quic_client(trust: &Trust, identity: Option<Identity>) -> Result<quinn::ClientConfig, FedError> {
     let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| FedError::Config(e.to_string()))?;
-    let mut tls = match trust {
+    let builder = match trust {
         Trust::Pinned(sha) => {
             let sha256 = sha.replace(':', "").to_ascii_lowercase();
             if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -170,17 +197,14 @@ pub fn quic_client(trust: &Trust) -> Result<quinn::ClientConfig, FedError> {
                     sha256,
                     provider: provider(),
                 }))
-                .with_no_client_auth()
         }
-        Trust::Ca(path) => {
-            let mut roots = rustls::RootCertStore::empty();
-            for cert in CertificateDer::pem_file_iter(path).map_err(|e| file_err(path, e))? {
-                roots
-                    .add(cert.map_err(|e| file_err(path, e))?)
-                    .map_err(|e| file_err(path, e))?;
-            }
-            builder.with_root_certificates(roots).with_no_client_auth()
-        }
+        Trust::Ca(path) => builder.with_root_certificates(roots(path)?),
+    };
+    let mut tls = match identity {
+        None => builder.with_no_client_auth(),
+        Some(id) => builder
+            .with_client_auth_cert(id.chain, id.key)
+            .map_err(|e| FedError::Config(format!("client certificate: {e}")))?,
     };
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let crypto =
