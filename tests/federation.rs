@@ -7,19 +7,17 @@ use std::time::Duration;
 
 use offsite::adapters::{AdapterSpec, Method};
 use offsite::data::Example;
-use offsite::emulator::{self, Emulator, EmulatorConfig};
+use offsite::emulator::Emulator;
 use offsite::fed::params::{hash, read_safetensors};
 use offsite::fed::{
     adapter_state, FederationConfig, LocalConfig, Params, ServerState, StrategyConfig, TokenStore,
 };
-use offsite::load::Checkpoint;
 use offsite::net::{
     join, quic_client, EmulatorSource, Identity, JoinSettings, JoinSummary, LocalData, ServeSettings, Server, Trust,
     SERVER_NAME,
 };
 use offsite::protocol::{encode_frame, ClientConn, ClientEvent, Hello, Limits, Message};
-use offsite::quant::{QuantFormat, ScaleDType};
-use offsite_tests::tiny_llama_6_layers;
+use offsite_tests::tiny_emulator;
 
 struct Fixture {
     _tmp: tempfile::TempDir,
@@ -31,16 +29,7 @@ struct Fixture {
 fn fixture() -> Fixture {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().to_path_buf();
-    let model = tiny_llama_6_layers(&dir.join("model"));
-    let config = EmulatorConfig {
-        bottom_layers: 1,
-        top_layers: 1,
-        drop_ratio: 0.5,
-        quant: QuantFormat::Int8,
-        scale_dtype: ScaleDType::F32,
-    };
-    let emulator = dir.join("tiny.emu");
-    emulator::build(&Checkpoint::open(&model).unwrap(), "tiny-6", &config, &emulator, &mut |_, _| {}).unwrap();
+    let (_, emulator) = tiny_emulator(&dir);
     let emu = Emulator::open(&emulator).unwrap();
     let device = burn::tensor::Device::flex();
     let (m, _) = spec().prepare(emu.load_model(&device.autodiff()).unwrap(), &emu.manifest().adapter_layers).unwrap();

@@ -246,3 +246,22 @@ pub fn word_tokenizer(dir: &Path) {
 pub fn word_text(seed: u32, words: u32) -> String {
     (0..words).map(|t| format!("w{}", (seed * 31 + t * 13 + (t / 7) * seed) % 250 + 3)).collect::<Vec<_>>().join(" ")
 }
+
+/// The 6-layer tiny model written to `dir/model` and its int8 emulator (1 + 1 adapter layers, half the middle
+/// dropped) to `dir/tiny.emu`. Returns both paths.
+pub fn tiny_emulator(dir: &Path) -> (PathBuf, PathBuf) {
+    use offsite::emulator::{self, EmulatorConfig};
+    use offsite::quant::{QuantFormat, ScaleDType};
+    let model = tiny_llama_6_layers(&dir.join("model"));
+    let config = EmulatorConfig {
+        bottom_layers: 1,
+        top_layers: 1,
+        drop_ratio: 0.5,
+        quant: QuantFormat::Int8,
+        scale_dtype: ScaleDType::F32,
+    };
+    let out = dir.join("tiny.emu");
+    let checkpoint = offsite::load::Checkpoint::open(&model).unwrap();
+    emulator::build(&checkpoint, "tiny-6", &config, &out, &mut |_, _| {}).unwrap();
+    (model, out)
+}

@@ -8,25 +8,15 @@ use burn::module::Param;
 use burn::tensor::{Device, Tensor, TensorData};
 use offsite::adapters::{self, AdapterManifest, AdapterSpec, LoraConfig, Method, TargetModules};
 use offsite::data::{Batch, Example};
-use offsite::emulator::{self, Emulator, EmulatorConfig};
+use offsite::emulator::Emulator;
 use offsite::load::Checkpoint;
 use offsite::model::{LinearWeight, LlamaForCausalLM};
-use offsite::quant::{QuantFormat, ScaleDType};
 use offsite::train::{TrainConfig, TrainError, Trainer};
-use offsite_tests::{logits, max_abs_diff, tiny_llama_6_layers};
+use offsite_tests::{logits, max_abs_diff, tiny_emulator};
 
 fn emulator_file(dir: &Path) -> (std::path::PathBuf, Emulator) {
-    let model = tiny_llama_6_layers(&dir.join("model"));
-    let config = EmulatorConfig {
-        bottom_layers: 1,
-        top_layers: 1,
-        drop_ratio: 0.5,
-        quant: QuantFormat::Int8,
-        scale_dtype: ScaleDType::F32,
-    };
-    let out = dir.join("tiny.emu");
-    emulator::build(&Checkpoint::open(&model).unwrap(), "tiny-6", &config, &out, &mut |_, _| {}).unwrap();
-    (model, Emulator::open(&out).unwrap())
+    let (model, emu) = tiny_emulator(dir);
+    (model, Emulator::open(&emu).unwrap())
 }
 
 /// Sixteen short sequences from a fixed pattern, prompt tokens (the first 3) ignored.
@@ -163,13 +153,7 @@ fn same_seed_same_run_and_resume_continues_it() {
         (trainer.run(model, &data, &mut |_| {}).unwrap(), trainer)
     };
     let ckpt = dir.path().join("ckpt");
-    let manifest = AdapterManifest {
-        format_version: 1,
-        method: Method::Layers,
-        base_model_sha256: emu.manifest().base_model_sha256.clone(),
-        emulator_sha256: Some(emu.sha256().to_string()),
-        layers: emu.manifest().adapter_layers.clone(),
-    };
+    let manifest = AdapterManifest::for_emulator(Method::Layers, &emu);
     adapters::save(&ckpt, &half, &manifest, None).unwrap();
     trainer.save(&ckpt).unwrap();
     drop((half, trainer));
@@ -237,13 +221,7 @@ fn plug_in_puts_trained_layers_and_lora_into_the_full_model_by_name() {
         let mut trainer = Trainer::new(config(3)).unwrap();
         let trained = trainer.run(model, &data, &mut |_| {}).unwrap();
         let out = dir.path().join(format!("{:?}", spec.method));
-        let manifest = AdapterManifest {
-            format_version: 1,
-            method: spec.method,
-            base_model_sha256: emu.manifest().base_model_sha256.clone(),
-            emulator_sha256: Some(emu.sha256().to_string()),
-            layers: emu.manifest().adapter_layers.clone(),
-        };
+        let manifest = AdapterManifest::for_emulator(spec.method, &emu);
         adapters::save(&out, &trained, &manifest, lora.as_ref()).unwrap();
         let plugged = adapters::apply(full(), &out).unwrap();
         let (t, p, f) = (params(&trained), params(&plugged), params(&full()));

@@ -83,13 +83,7 @@ pub(crate) fn run(args: TrainArgs) -> Result<()> {
         let (model, lora) = job.adapter.prepare(model, &layers)?;
         (model, lora, Trainer::new(job.train.clone())?)
     };
-    let manifest = AdapterManifest {
-        format_version: 1,
-        method: job.adapter.method,
-        base_model_sha256: emu.manifest().base_model_sha256.clone(),
-        emulator_sha256: Some(emu.sha256().to_string()),
-        layers,
-    };
+    let manifest = AdapterManifest::for_emulator(job.adapter.method, &emu);
     eval_loss(&model, &held, &job, "before")?;
 
     std::fs::create_dir_all(&args.out)?;

@@ -98,13 +98,7 @@ fn initial_state(emu: &Emulator, spec: &AdapterSpec, seed: u64) -> Result<Params
 fn save_adapter(emu: &Emulator, spec: &AdapterSpec, global: &Params, dir: &Path) -> Result<()> {
     let (model, lora) = prepared_emulator(emu, spec, 0)?;
     let model = load_state(model, global)?;
-    let manifest = AdapterManifest {
-        format_version: 1,
-        method: spec.method,
-        base_model_sha256: emu.manifest().base_model_sha256.clone(),
-        emulator_sha256: Some(emu.sha256().to_string()),
-        layers: emu.manifest().adapter_layers.clone(),
-    };
+    let manifest = AdapterManifest::for_emulator(spec.method, emu);
     adapters::save(dir, &model, &manifest, lora.as_ref())?;
     info!(dir = %dir.display(), "global adapter written");
     Ok(())

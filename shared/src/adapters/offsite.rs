@@ -54,6 +54,19 @@ pub struct AdapterManifest {
     pub layers: Vec<usize>,
 }
 
+impl AdapterManifest {
+    /// The manifest of a `method` adapter trained on `emulator` (its adapter layers, its and its base model's hashes).
+    pub fn for_emulator(method: Method, emulator: &crate::emulator::Emulator) -> Self {
+        AdapterManifest {
+            format_version: 1,
+            method,
+            base_model_sha256: emulator.manifest().base_model_sha256.clone(),
+            emulator_sha256: Some(emulator.sha256().to_string()),
+            layers: emulator.manifest().adapter_layers.clone(),
+        }
+    }
+}
+
 /// Whether a parameter is stored transposed in the module tree (linear and LoRA matrices are `[in, out]`; the
 /// embedding table is not).
 fn stored_transposed(name: &str, shape: &[usize]) -> bool {
