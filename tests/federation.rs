@@ -32,7 +32,7 @@ fn fixture() -> Fixture {
     let (_, emulator) = tiny_emulator(&dir);
     let emu = Emulator::open(&emulator).unwrap();
     let device = burn::tensor::Device::flex();
-    let (m, _) = spec().prepare(emu.load_model(&device.autodiff()).unwrap(), &emu.manifest().adapter_layers).unwrap();
+    let (m, _) = spec().prepare(emu.load_model(&device.autodiff()).unwrap(), &emu.manifest().adapter_layers, None).unwrap();
     let initial = adapter_state(&m).unwrap();
     Fixture {
         _tmp: tmp,
@@ -46,6 +46,7 @@ fn spec() -> AdapterSpec {
     AdapterSpec {
         method: Method::Layers,
         lora: None,
+        prompt: None,
     }
 }
 
@@ -404,7 +405,7 @@ fn fedprox_keeps_local_training_closer_to_the_global_adapter() {
         seed: 1,
     };
     let norm = |mu: f64| {
-        let (model, _) = spec().prepare(emu.load_model(&device.clone().autodiff()).unwrap(), &layers).unwrap();
+        let (model, _) = spec().prepare(emu.load_model(&device.clone().autodiff()).unwrap(), &layers, None).unwrap();
         let (_, r) = offsite::fed::train_round(model, &f.initial, &settings(mu), &examples(0, 8), &mut |_| {}).unwrap();
         l2_norm(&r.delta)
     };

@@ -54,12 +54,12 @@ fn params(model: &LlamaForCausalLM) -> HashMap<String, Vec<f32>> {
 }
 
 fn layers_spec() -> AdapterSpec {
-    AdapterSpec { method: Method::Layers, lora: None }
+    AdapterSpec { method: Method::Layers, lora: None, prompt: None }
 }
 
 fn prepared(emu: &Emulator, spec: &AdapterSpec) -> (LlamaForCausalLM, Option<LoraConfig>) {
     let model = emu.load_model(&Device::flex().autodiff()).unwrap();
-    spec.prepare(model, &emu.manifest().adapter_layers).unwrap()
+    spec.prepare(model, &emu.manifest().adapter_layers, None).unwrap()
 }
 
 #[test]
@@ -215,6 +215,7 @@ fn plug_in_puts_trained_layers_and_lora_into_the_full_model_by_name() {
                 use_rslora: false,
                 layers_to_transform: None,
             }),
+            prompt: None,
         },
     ] {
         let (model, lora) = prepared(&emu, &spec);

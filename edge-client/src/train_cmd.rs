@@ -45,7 +45,8 @@ fn eval_loss(model: &LlamaForCausalLM, held: &[Example], job: &TrainJob, when: &
     if held.is_empty() {
         return Ok(());
     }
-    let r = evaluate(model, held, job.eval_batch_size)?;
+    // On the inner device: no autodiff graph is recorded, so evaluation needs no more memory than inference.
+    let r = evaluate(&model.without_autodiff(), held, job.eval_batch_size)?;
     info!(
         loss = format!("{:.4}", r.loss),
         perplexity = format!("{:.3}", r.perplexity),
@@ -65,7 +66,8 @@ pub(crate) fn run(args: TrainArgs) -> Result<()> {
     if let Some(steps) = args.steps {
         job.train.steps = steps;
     }
-    let examples = job.data.load_all(&args.data, &emu.tokenizer()?)?;
+    let tokenizer = emu.tokenizer()?;
+    let examples = job.data.load_all(&args.data, &tokenizer)?;
     let (train, held) = split_holdout(examples, job.eval_fraction, job.train.seed);
     if train.is_empty() {
         bail!("no training examples left after holding out {} of the data", job.eval_fraction);
@@ -75,12 +77,12 @@ pub(crate) fn run(args: TrainArgs) -> Result<()> {
     let model = emu.load_model(&device.clone().autodiff())?;
     let layers = emu.manifest().adapter_layers.clone();
     let (model, lora, mut trainer) = if args.resume {
-        let (model, lora) = job.adapter.resume(model, &layers, &args.out)?;
+        let (model, lora) = job.adapter.resume(model, &layers, &args.out, Some(&tokenizer))?;
         let trainer = Trainer::load(&args.out, &device)?.with_steps(job.train.steps);
         info!(step = trainer.step(), of = job.train.steps, "resuming");
         (model, lora, trainer)
     } else {
-        let (model, lora) = job.adapter.prepare(model, &layers)?;
+        let (model, lora) = job.adapter.prepare(model, &layers, Some(&tokenizer))?;
         (model, lora, Trainer::new(job.train.clone())?)
     };
     let manifest = AdapterManifest::for_emulator(job.adapter.method, &emu);

@@ -92,14 +92,16 @@ fn child(args: &Args, mode: &str, workdir: &Path) -> Result<(f64, f64)> {
         "full-lora" => AdapterSpec {
             method: Method::Lora,
             lora: Some(lora(TargetModules::Names(vec!["q_proj".into(), "v_proj".into()]))),
+            prompt: None,
         },
         "emu-int8-lora" => AdapterSpec {
             method: Method::Lora,
             lora: Some(lora(TargetModules::Preset("all-linear".into()))),
+            prompt: None,
         },
-        _ => AdapterSpec { method: Method::Layers, lora: None },
+        _ => AdapterSpec { method: Method::Layers, lora: None, prompt: None },
     };
-    let (model, _) = spec.prepare(model, &layers)?;
+    let (model, _) = spec.prepare(model, &layers, None)?;
     let vocab = model.config().vocab_size as u32;
     let examples: Vec<Example> = (0..args.batch)
         .map(|b| {

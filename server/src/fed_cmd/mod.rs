@@ -85,7 +85,8 @@ fn prepared_emulator(emu: &Emulator, spec: &AdapterSpec, seed: u64) -> Result<(L
     let device = burn::tensor::Device::flex();
     device.seed(seed);
     let model = emu.load_model(&device.autodiff())?;
-    Ok(spec.prepare(model, &emu.manifest().adapter_layers)?)
+    let tokenizer = emu.tokenizer().ok();
+    Ok(spec.prepare(model, &emu.manifest().adapter_layers, tokenizer.as_ref())?)
 }
 
 /// The initial global adapter: the emulator's adapter layers, or fresh LoRA branches (seeded).
@@ -96,7 +97,7 @@ fn initial_state(emu: &Emulator, spec: &AdapterSpec, seed: u64) -> Result<Params
 
 /// Writes the global adapter as an Offsite adapter directory (plug in, export or evaluate it like any other).
 fn save_adapter(emu: &Emulator, spec: &AdapterSpec, global: &Params, dir: &Path) -> Result<()> {
-    let (model, lora) = prepared_emulator(emu, spec, 0)?;
+    let (model, lora) = prepared_emulator(emu, &spec.structure(), 0)?;
     let model = load_state(model, global)?;
     let manifest = AdapterManifest::for_emulator(spec.method, emu);
     adapters::save(dir, &model, &manifest, lora.as_ref())?;
@@ -128,7 +129,7 @@ fn measure(label: &str, model: &LlamaForCausalLM, examples: &[Example], batch: u
 
 /// The full model with a global adapter plugged in by name (on `model`'s device).
 fn plug_in(full: LlamaForCausalLM, layers: &[usize], spec: &AdapterSpec, global: &Params) -> Result<LlamaForCausalLM> {
-    let (model, _) = spec.prepare(full, layers)?;
+    let (model, _) = spec.structure().prepare(full, layers, None)?;
     Ok(load_state(model, global)?)
 }
 

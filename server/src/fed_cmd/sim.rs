@@ -154,7 +154,7 @@ pub(crate) fn run(args: SimArgs) -> Result<()> {
     })?;
 
     let emu_model = {
-        let (m, _) = file.adapter.prepare(emu.load_model(&device)?, &layers)?;
+        let (m, _) = file.adapter.structure().prepare(emu.load_model(&device)?, &layers, None)?;
         load_state(m, &state.global)?
     };
     let emu_after = super::measure("emulator + global adapter", &emu_model, &examples, eval.batch_size)?;

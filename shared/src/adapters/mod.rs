@@ -3,8 +3,10 @@
 
 mod lora;
 mod offsite;
+mod prompt;
 
 pub use lora::{export_peft, import_peft, LoraConfig, TargetModules};
+pub use prompt::{export_peft_prompt, PromptConfig};
 pub use offsite::{apply, read_manifest, save, AdapterManifest, AdapterSpec, Method, MANIFEST_FILE};
 
 /// Errors about adapters: their configuration, their files, or a mismatch with the model.

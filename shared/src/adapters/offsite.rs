@@ -1,6 +1,7 @@
 //! Offsite adapters: what an edge client trains on an emulator and the server plugs back into the full model, by
-//! Hugging Face parameter name. Two methods: the emulator's adapter layers trained in full (`layers`), or LoRA inside
-//! those layers only (`lora`, written in PEFT's own layout with `layers_to_transform`).
+//! Hugging Face parameter name. The emulator's adapter layers trained in full (`layers`), LoRA inside those layers
+//! only (`lora`, written in PEFT's own layout with `layers_to_transform`), or a prompt encoder (`prompt_tuning`,
+//! `p_tuning`, `prefix_tuning`; prefixes on the adapter layers) with everything else frozen.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -8,9 +9,11 @@ use std::path::Path;
 use burn::tensor::{Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
+use super::prompt::{import_peft_prompt, PromptConfig};
 use super::{export_peft, import_peft, AdapterError, LoraConfig};
 use crate::load::{read_f32_safetensors, transpose, write_f32_safetensors};
-use crate::model::LlamaForCausalLM;
+use crate::model::{Linear, LlamaForCausalLM, PromptEncoder, PromptKind};
+use crate::tokenizer::Tokenizer;
 
 /// The manifest file of an Offsite adapter directory.
 pub const MANIFEST_FILE: &str = "offsite_adapter.json";
@@ -19,12 +22,30 @@ const TENSORS_FILE: &str = "adapter_model.safetensors";
 
 /// What is trained.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "snake_case")]
 pub enum Method {
     /// Every parameter of the adapter layers.
     Layers,
     /// LoRA on the adapter layers' projections; the layers themselves stay frozen.
     Lora,
+    /// Trainable virtual-token embeddings prepended to the input.
+    PromptTuning,
+    /// Virtual tokens produced by a trainable MLP prompt encoder.
+    PTuning,
+    /// Trainable attention keys/values prepended in the adapter layers.
+    PrefixTuning,
+}
+
+impl Method {
+    /// The prompt encoder this method trains, if it is a prompt-learning method.
+    pub fn prompt_kind(self) -> Option<PromptKind> {
+        match self {
+            Method::Layers | Method::Lora => None,
+            Method::PromptTuning => Some(PromptKind::Tokens),
+            Method::PTuning => Some(PromptKind::EncodedTokens),
+            Method::PrefixTuning => Some(PromptKind::Prefix),
+        }
+    }
 }
 
 /// The `[adapter]` table of a training config.
@@ -36,6 +57,9 @@ pub struct AdapterSpec {
     /// LoRA settings (required for `lora`; `layers_to_transform` is set to the adapter layers).
     #[serde(default)]
     pub lora: Option<LoraConfig>,
+    /// Prompt-learning settings (required for `prompt_tuning`, `p_tuning` and `prefix_tuning`).
+    #[serde(default)]
+    pub prompt: Option<PromptConfig>,
 }
 
 /// `offsite_adapter.json`.
@@ -70,7 +94,16 @@ impl AdapterManifest {
 /// Whether a parameter is stored transposed in the module tree (linear and LoRA matrices are `[in, out]`; the
 /// embedding table is not).
 fn stored_transposed(name: &str, shape: &[usize]) -> bool {
-    shape.len() == 2 && name != "model.embed_tokens.weight"
+    shape.len() == 2 && !name.ends_with("embed_tokens.weight") && !name.ends_with("embedding.weight")
+}
+
+/// Whether a `method` adapter of `layers` holds the parameter `name`.
+fn holds(method: Method, layers: &[usize], name: &str) -> bool {
+    match method {
+        Method::Layers => layer_of(name).is_some_and(|i| layers.contains(&i)),
+        Method::Lora => name.contains(".lora_a") || name.contains(".lora_b"),
+        Method::PromptTuning | Method::PTuning | Method::PrefixTuning => name.starts_with("prompt_encoder."),
+    }
 }
 
 /// `model.layers.{i}.…` → `i`.
@@ -80,14 +113,22 @@ fn layer_of(name: &str) -> Option<usize> {
 
 impl AdapterSpec {
     /// Marks what trains in `model` (an emulator or a full model on an autodiff device): the parameters of
-    /// `layers`, or fresh LoRA branches on their projections. Returns the LoRA config actually used.
+    /// `layers`, fresh LoRA branches on their projections, or a fresh prompt encoder (prefixes on `layers`;
+    /// `tokenizer` encodes a prompt's `init_text`). Returns the LoRA config actually used.
     pub fn prepare(
         &self,
         mut model: LlamaForCausalLM,
         layers: &[usize],
+        tokenizer: Option<&Tokenizer>,
     ) -> Result<(LlamaForCausalLM, Option<LoraConfig>), AdapterError> {
+        if let Some(kind) = self.method.prompt_kind() {
+            let prompt = self.prompt.as_ref().ok_or_else(|| {
+                AdapterError::Config(format!("method `{:?}` needs an [adapter.prompt] table", self.method))
+            })?;
+            prompt.attach(&mut model, kind, layers, tokenizer)?;
+        }
         let lora = match self.method {
-            Method::Layers => None,
+            Method::Layers | Method::PromptTuning | Method::PTuning | Method::PrefixTuning => None,
             Method::Lora => {
                 let mut lora = self.lora.clone().ok_or_else(|| {
                     AdapterError::Config("method `lora` needs an [adapter.lora] table".into())
@@ -106,6 +147,7 @@ impl AdapterSpec {
         model: LlamaForCausalLM,
         layers: &[usize],
         dir: &Path,
+        tokenizer: Option<&Tokenizer>,
     ) -> Result<(LlamaForCausalLM, Option<LoraConfig>), AdapterError> {
         let saved = read_manifest(dir)?.ok_or_else(|| AdapterError::File {
             path: dir.join(MANIFEST_FILE),
@@ -120,24 +162,31 @@ impl AdapterSpec {
                 self.method
             )));
         }
-        let (model, lora) = self.prepare(model, layers)?;
-        // Loading LoRA re-creates its branches, so what trains is marked again.
+        let (model, lora) = self.prepare(model, layers, tokenizer)?;
+        // Loading re-creates LoRA branches and prompt encoders, so what trains is marked again.
         let model = apply(model, dir)?;
         Ok((self.mark_trainable(model, layers), lora))
     }
 
-    fn mark_trainable(&self, model: LlamaForCausalLM, layers: &[usize]) -> LlamaForCausalLM {
-        match self.method {
-            Method::Layers => {
-                model.with_trainable(&|n: &str| layer_of(n).is_some_and(|i| layers.contains(&i)))
-            }
-            Method::Lora => model.with_trainable(&|n: &str| n.contains(".lora_a") || n.contains(".lora_b")),
+    /// The same adapter without settings that only choose initial values (a prompt's `init_text`): for building
+    /// the structure that saved or received values are then loaded into.
+    pub fn structure(&self) -> AdapterSpec {
+        let mut s = self.clone();
+        if let Some(p) = &mut s.prompt {
+            p.init_text = None;
         }
+        s
+    }
+
+    fn mark_trainable(&self, model: LlamaForCausalLM, layers: &[usize]) -> LlamaForCausalLM {
+        let method = self.method;
+        model.with_trainable(&|n: &str| holds(method, layers, n))
     }
 }
 
 /// Writes the trained adapter to `dir`: for `layers`, the parameters of the adapter layers in Hugging Face layout;
-/// for `lora`, a PEFT directory. Plus `offsite_adapter.json`.
+/// for `lora`, a PEFT directory; for prompt learning, the prompt encoder's parameters (`prompt_encoder.*`, linear
+/// weights `[out, in]`). Plus `offsite_adapter.json`.
 pub fn save(
     dir: &Path,
     model: &LlamaForCausalLM,
@@ -154,10 +203,10 @@ pub fn save(
         (Method::Lora, None) => {
             return Err(AdapterError::Config("a LoRA adapter needs its config".into()))
         }
-        (Method::Layers, _) => {
+        (method, _) => {
             let mut tensors = Vec::new();
             for p in model.named_params() {
-                if !layer_of(&p.name).is_some_and(|i| manifest.layers.contains(&i)) {
+                if !holds(method, &manifest.layers, &p.name) {
                     continue;
                 }
                 let data: Vec<f32> = p
@@ -176,7 +225,7 @@ pub fn save(
             }
             if tensors.is_empty() {
                 return Err(AdapterError::Mismatch(format!(
-                    "the model holds none of the adapter layers {:?}",
+                    "the model holds nothing of a `{method:?}` adapter of layers {:?}",
                     manifest.layers
                 )));
             }
@@ -213,20 +262,32 @@ pub fn read_manifest(dir: &Path) -> Result<Option<AdapterManifest>, AdapterError
 }
 
 /// Plugs an adapter directory into `model` by parameter name: an Offsite `layers` adapter replaces the adapter
-/// layers' parameters; an Offsite `lora` adapter or any PEFT LoRA directory attaches its branches. Every tensor must
-/// name a parameter of the model with the right shape.
-pub fn apply(model: LlamaForCausalLM, dir: &Path) -> Result<LlamaForCausalLM, AdapterError> {
+/// layers' parameters; an Offsite `lora` adapter or any PEFT LoRA directory attaches its branches; an Offsite
+/// prompt-learning adapter or a PEFT prompt-tuning, P-tuning or prefix-tuning directory attaches its prompt
+/// encoder. Every tensor must name a parameter of the model with the right shape.
+pub fn apply(mut model: LlamaForCausalLM, dir: &Path) -> Result<LlamaForCausalLM, AdapterError> {
     let manifest = read_manifest(dir)?;
-    if manifest.as_ref().is_none_or(|m| m.method == Method::Lora) {
-        let mut model = model;
-        import_peft(&mut model, dir)?;
-        return Ok(model);
+    match manifest.as_ref().map(|m| m.method) {
+        None if peft_type(dir)? != "LORA" => {
+            import_peft_prompt(&mut model, dir)?;
+            return Ok(model);
+        }
+        None | Some(Method::Lora) => {
+            import_peft(&mut model, dir)?;
+            return Ok(model);
+        }
+        _ => {}
     }
     let path = dir.join(TENSORS_FILE);
     let tensors = read_f32_safetensors(&path).map_err(|e| AdapterError::File {
         path: path.clone(),
         reason: e.to_string(),
     })?;
+    if let Some(kind) = manifest.as_ref().and_then(|m| m.method.prompt_kind()) {
+        let layers = manifest.map(|m| m.layers).unwrap_or_default();
+        model.prompt_encoder = Some(encoder_from(&model, kind, layers, tensors, &path)?);
+        return Ok(model);
+    }
     let shapes: HashMap<String, Vec<usize>> = model
         .named_params()
         .into_iter()
@@ -234,7 +295,8 @@ pub fn apply(model: LlamaForCausalLM, dir: &Path) -> Result<LlamaForCausalLM, Ad
         .collect();
     let device = model.device();
     let mut values = HashMap::with_capacity(tensors.len());
-    for (name, data) in tensors {
+    for (name, t) in tensors {
+        let data = t.data;
         let shape = shapes.get(&name).ok_or_else(|| {
             AdapterError::Mismatch(format!("`{name}` is not a parameter of the model"))
         })?;
@@ -257,4 +319,71 @@ pub fn apply(model: LlamaForCausalLM, dir: &Path) -> Result<LlamaForCausalLM, Ad
         Some(left) => Err(AdapterError::Mismatch(format!("`{left}` could not be applied"))),
         None => Ok(model),
     }
+}
+
+/// PEFT's `peft_type` in `dir/adapter_config.json` (`LORA` when absent, as PEFT's own default reader assumes).
+fn peft_type(dir: &Path) -> Result<String, AdapterError> {
+    let path = dir.join("adapter_config.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| AdapterError::File {
+        path: path.clone(),
+        reason: e.to_string(),
+    })?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| AdapterError::File {
+        path: path.clone(),
+        reason: format!("not JSON: {e}"),
+    })?;
+    Ok(v.get("peft_type").and_then(|x| x.as_str()).unwrap_or("LORA").to_string())
+}
+
+/// Rebuilds a saved prompt encoder from its tensors (`prompt_encoder.embedding.weight`, `prompt_encoder.mlp_head.{i}.
+/// {weight,bias}` with weights `[out, in]`), checking that they fit the model.
+fn encoder_from(
+    model: &LlamaForCausalLM,
+    kind: PromptKind,
+    layers: Vec<usize>,
+    tensors: Vec<(String, crate::load::F32Tensor)>,
+    path: &Path,
+) -> Result<PromptEncoder, AdapterError> {
+    let device = model.device();
+    let mismatch = |m: String| AdapterError::Mismatch(format!("{}: {m}", path.display()));
+    let mut map: HashMap<String, crate::load::F32Tensor> = tensors.into_iter().collect();
+    let matrix = |t: crate::load::F32Tensor, name: &str| -> Result<Tensor<2>, AdapterError> {
+        match t.shape.as_slice() {
+            &[r, c] if r * c == t.data.len() => Ok(Tensor::from_data(TensorData::new(t.data, [r, c]), &device)),
+            s => Err(mismatch(format!("`{name}` has shape {s:?}, expected a matrix"))),
+        }
+    };
+    let table_name = "prompt_encoder.embedding.weight";
+    let table = map
+        .remove(table_name)
+        .ok_or_else(|| mismatch(format!("`{table_name}` is missing")))?;
+    let table = matrix(table, table_name)?;
+    let mut mlp = Vec::new();
+    for i in 0.. {
+        let (wn, bn) = (format!("prompt_encoder.mlp_head.{i}.weight"), format!("prompt_encoder.mlp_head.{i}.bias"));
+        let Some(w) = map.remove(&wn) else { break };
+        let [out, inp] = match w.shape.as_slice() {
+            &[o, i] if o * i == w.data.len() => [o, i],
+            s => return Err(mismatch(format!("`{wn}` has shape {s:?}, expected a matrix"))),
+        };
+        let w = Tensor::from_data(TensorData::new(transpose(&w.data, out, inp), [inp, out]), &device);
+        let b = match map.remove(&bn) {
+            Some(b) if b.data.len() == out => Tensor::from_data(TensorData::new(b.data, [out]), &device),
+            Some(b) => return Err(mismatch(format!("`{bn}` holds {} values, expected {out}", b.data.len()))),
+            None => return Err(mismatch(format!("`{bn}` is missing"))),
+        };
+        mlp.push(Linear::new(w, Some(b)));
+    }
+    if let Some(left) = map.keys().next() {
+        return Err(mismatch(format!("`{left}` is not part of a prompt encoder")));
+    }
+    let c = model.config();
+    let out_width = match kind {
+        PromptKind::Prefix => layers.len() * 2 * c.num_key_value_heads * c.head_dim,
+        _ => c.hidden_size,
+    };
+    if let Some(l) = layers.iter().find(|l| kind == PromptKind::Prefix && !model.model.layer_ids.contains(l)) {
+        return Err(mismatch(format!("the adapter prefixes layer {l}, which the model does not have")));
+    }
+    PromptEncoder::new(kind, table, mlp, layers, out_width).map_err(|e| mismatch(e.to_string()))
 }

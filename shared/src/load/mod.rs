@@ -284,12 +284,12 @@ pub(crate) fn write_f32_safetensors(
 }
 
 /// Reads every tensor of a safetensors file as f32 (f32/f16/bf16), by name.
-pub(crate) fn read_f32_safetensors(path: &Path) -> Result<Vec<(String, Vec<f32>)>, LoadError> {
+pub(crate) fn read_f32_safetensors(path: &Path) -> Result<Vec<(String, F32Tensor)>, LoadError> {
     let shard = hf::Shard::open(path.to_path_buf())?;
     shard
         .infos()
         .into_iter()
-        .map(|i| Ok((i.name.clone(), shard.read_f32(&i.name)?.data)))
+        .map(|i| Ok((i.name.clone(), shard.read_f32(&i.name)?)))
         .collect()
 }
 

@@ -36,18 +36,28 @@ pub(crate) struct AttentionContext {
     /// `[batch, 1, seq, keys]`: 0 where a query may attend, a large negative number elsewhere. `keys` is
     /// `past + seq` without a cache, the cache's capacity with one.
     pub mask: Tensor<4>,
+    /// The mask for layers without an attention prefix when the model has one (the prefix positions masked out or
+    /// cut off); `None` when no layer has a prefix.
+    pub unprefixed_mask: Option<Tensor<4>>,
     /// Positions already in the cache.
     pub past: usize,
 }
 
 impl LlamaAttention {
+    /// `prefix`: this layer's prefix keys and values (prefix tuning), prepended to the keys and values when there is
+    /// no cache (with a cache they are its first positions already). `prefixed`: whether this layer has a prefix at
+    /// all (with or without a cache).
+    ///
     /// # Shapes
     /// - `x`: `[batch, seq, hidden]` → `[batch, seq, hidden]`
+    /// - `prefix`: `[batch, kv_heads, virtual, head_dim]` each
     pub(crate) fn forward(
         &self,
         x: Tensor<3>,
         ctx: &AttentionContext,
         cache: Option<&mut LayerCache>,
+        prefix: Option<(Tensor<4>, Tensor<4>)>,
+        prefixed: bool,
     ) -> Tensor<3> {
         let [b, s, _] = x.dims();
         let (nh, nkv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
@@ -63,9 +73,14 @@ impl LlamaAttention {
             &ctx.sin,
         );
         let v = heads(self.v_proj.forward(x), nkv);
-        let (k, v) = match cache {
-            Some(cache) => cache.append(k, v, ctx.past, ctx.mask.dims()[3]),
-            None => (k, v),
+        let (k, v) = match (cache, prefix) {
+            (Some(cache), _) => cache.append(k, v, ctx.past, ctx.mask.dims()[3]),
+            (None, Some((pk, pv))) => (Tensor::cat(vec![pk, k], 2), Tensor::cat(vec![pv, v], 2)),
+            (None, None) => (k, v),
+        };
+        let mask = match &ctx.unprefixed_mask {
+            Some(m) if !prefixed => m.clone(),
+            _ => ctx.mask.clone(),
         };
         let t = k.dims()[2];
         let rep = nh / nkv;
@@ -74,7 +89,7 @@ impl LlamaAttention {
         let scores = q
             .matmul(k.swap_dims(2, 3))
             .mul_scalar(1.0 / (d as f64).sqrt());
-        let scores = scores.reshape([b, nh, s, t]).add(ctx.mask.clone());
+        let scores = scores.reshape([b, nh, s, t]).add(mask);
         let probs = softmax(scores, 3).reshape([b, nkv, rep * s, t]);
         let out = probs
             .matmul(v)

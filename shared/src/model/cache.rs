@@ -12,7 +12,7 @@ pub(crate) const BLOCK: usize = 128;
 /// Keys and values of one layer, `[batch, kv_heads, capacity, head_dim]` each.
 #[derive(Debug, Default)]
 pub(crate) struct LayerCache {
-    kv: Option<(Tensor<4>, Tensor<4>)>,
+    pub(super) kv: Option<(Tensor<4>, Tensor<4>)>,
 }
 
 impl LayerCache {

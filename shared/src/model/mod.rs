@@ -5,6 +5,7 @@ mod cache;
 mod config;
 mod layers;
 mod params;
+mod prompt;
 mod rope;
 
 use burn::module::Module;
@@ -15,8 +16,10 @@ pub use cache::KvCache;
 pub use config::{LlamaConfig, RopeScaling};
 pub use layers::{Embedding, Int8Weight, Linear, LinearWeight, LoraBranch, RmsNorm};
 pub use params::NamedParam;
+pub use prompt::{PromptEncoder, PromptKind};
 
 use attention::AttentionContext;
+use prompt::Prompt;
 use rope::Rope;
 
 /// Added to attention scores where a query must not look (future or padding); finite, so a fully masked row (a
@@ -58,11 +61,16 @@ impl LlamaDecoderLayer {
         x: Tensor<3>,
         ctx: &AttentionContext,
         cache: Option<&mut cache::LayerCache>,
+        prefix: Option<(Tensor<4>, Tensor<4>)>,
+        prefixed: bool,
     ) -> Tensor<3> {
-        let h = x.clone().add(
-            self.self_attn
-                .forward(self.input_layernorm.forward(x), ctx, cache),
-        );
+        let h = x.clone().add(self.self_attn.forward(
+            self.input_layernorm.forward(x),
+            ctx,
+            cache,
+            prefix,
+            prefixed,
+        ));
         h.clone()
             .add(self.mlp.forward(self.post_attention_layernorm.forward(h)))
     }
@@ -90,6 +98,9 @@ pub struct LlamaForCausalLM {
     pub model: LlamaModel,
     /// `lm_head` when untied; `None` means the head reuses `model.embed_tokens.weight`.
     pub lm_head: Option<Linear>,
+    /// `prompt_encoder`: virtual tokens or attention prefixes (prompt tuning, P-tuning, prefix tuning), when
+    /// attached.
+    pub prompt_encoder: Option<PromptEncoder>,
     #[module(skip)]
     config: LlamaConfig,
     #[module(skip)]
@@ -108,9 +119,16 @@ impl LlamaForCausalLM {
         Self {
             model,
             lm_head,
+            prompt_encoder: None,
             config,
             rope,
         }
+    }
+
+    /// The same model on the inner device, sharing the parameter values: forward passes then record no autodiff
+    /// graph (evaluation during training needs no more memory than inference).
+    pub fn without_autodiff(&self) -> Self {
+        self.valid()
     }
 
     /// The architecture.
@@ -153,7 +171,7 @@ impl LlamaForCausalLM {
     ) -> Result<Tensor<3>, ModelError> {
         let [batch, seq] = ids.dims();
         let device = ids.device();
-        let new_valid: Vec<Vec<bool>> = match mask {
+        let mut new_valid: Vec<Vec<bool>> = match mask {
             Some(m) => {
                 if m.len() != batch || m.iter().any(|r| r.len() != seq) {
                     return Err(ModelError::Input(format!(
@@ -164,16 +182,71 @@ impl LlamaForCausalLM {
             }
             None => vec![vec![true; seq]; batch],
         };
-        let past: Vec<Vec<bool>> = match cache.as_deref() {
-            Some(c) if c.valid.len() != batch => {
+        if let Some(c) = cache.as_deref() {
+            if c.valid.len() != batch {
                 return Err(ModelError::Input(format!(
                     "cache holds {} rows, batch has {batch}",
                     c.valid.len()
-                )))
+                )));
             }
+        }
+        // The prompt enters once: on a call without a cache, or on the first call that fills one.
+        let fresh = cache.as_deref().is_none_or(KvCache::is_empty);
+        let prompt = match &self.prompt_encoder {
+            Some(enc) if fresh => Some(enc.prompt(
+                batch,
+                &self.model.layer_ids,
+                self.config.num_key_value_heads,
+                self.config.head_dim,
+            )),
+            _ => None,
+        };
+        let prefix_len = match &self.prompt_encoder {
+            Some(enc) if enc.kind() == PromptKind::Prefix => enc.num_virtual_tokens(),
+            _ => 0,
+        };
+        let mut x = self.model.embed_tokens.forward(ids);
+        let mut virtual_tokens = 0;
+        let mut prefixes = vec![None; self.model.layers.len()];
+        let mut past: Vec<Vec<bool>> = match cache.as_deref() {
             Some(c) => c.valid.clone(),
             None => vec![Vec::new(); batch],
         };
+        match prompt {
+            Some(Prompt::Tokens(t)) => {
+                virtual_tokens = t.dims()[1];
+                x = Tensor::cat(vec![t, x], 1);
+                for row in &mut new_valid {
+                    row.splice(0..0, std::iter::repeat_n(true, virtual_tokens));
+                }
+            }
+            Some(Prompt::Prefix(kv)) => {
+                past = vec![vec![true; prefix_len]; batch];
+                match cache.as_deref_mut() {
+                    // The prefix becomes the first cached positions; layers without one hold zeros there,
+                    // masked out below.
+                    Some(c) => {
+                        let capacity = KvCache::capacity_for(prefix_len + seq);
+                        for (layer, p) in c.layers.iter_mut().zip(kv) {
+                            let (k, v) = p.unwrap_or_else(|| {
+                                let shape = [
+                                    batch,
+                                    self.config.num_key_value_heads,
+                                    prefix_len,
+                                    self.config.head_dim,
+                                ];
+                                (Tensor::zeros(shape, &device), Tensor::zeros(shape, &device))
+                            });
+                            layer.append(k, v, 0, capacity);
+                        }
+                        c.valid = past.clone();
+                    }
+                    None => prefixes = kv,
+                }
+            }
+            None => {}
+        }
+        let seq = seq + virtual_tokens;
         let past_len = past.first().map_or(0, Vec::len);
         let valid: Vec<Vec<bool>> = past
             .iter()
@@ -190,21 +263,44 @@ impl LlamaForCausalLM {
             Tensor::<2, Int>::from_data(TensorData::new(positions, [batch, seq]), &device);
         let (cos, sin) = self.rope.cos_sin(positions);
         let mask = Tensor::<4>::from_data(TensorData::new(bias, [batch, 1, seq, keys]), &device);
+        // Layers without a prefix must not see the prefix positions: without a cache they have no such keys, with
+        // one those slots hold zeros.
+        let unprefixed_mask = (prefix_len > 0).then(|| {
+            if cache.is_some() {
+                mask.clone().slice_assign(
+                    [0..batch, 0..1, 0..seq, 0..prefix_len],
+                    Tensor::full([batch, 1, seq, prefix_len], MASKED, &device),
+                )
+            } else {
+                mask.clone().slice([0..batch, 0..1, 0..seq, prefix_len..keys])
+            }
+        });
         let ctx = AttentionContext {
             cos,
             sin,
             mask,
+            unprefixed_mask,
             past: past_len,
         };
-        let mut x = self.model.embed_tokens.forward(ids);
-        for (i, layer) in self.model.layers.iter().enumerate() {
+        let prefixed = |id: &usize| match &self.prompt_encoder {
+            Some(enc) if enc.kind() == PromptKind::Prefix => enc.layers().contains(id),
+            _ => false,
+        };
+        for ((i, layer), prefix) in self.model.layers.iter().enumerate().zip(prefixes) {
             let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            x = layer.forward(x, &ctx, layer_cache);
+            let id = &self.model.layer_ids[i];
+            x = layer.forward(x, &ctx, layer_cache, prefix, prefixed(id));
         }
         if let Some(c) = cache {
             c.valid = valid;
         }
-        Ok(self.model.norm.forward(x))
+        let x = self.model.norm.forward(x);
+        Ok(if virtual_tokens > 0 {
+            let hidden = x.dims()[2];
+            x.slice([0..batch, virtual_tokens..seq, 0..hidden])
+        } else {
+            x
+        })
     }
 
     /// Applies the LM head (tied or not).

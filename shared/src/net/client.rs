@@ -300,7 +300,8 @@ async fn run_task(
             tokio::task::spawn_blocking(move || -> Result<_, FedError> {
                 let emu = Emulator::open(&path)?;
                 let model = emu.load_model(&device.autodiff())?;
-                let (model, _) = spec.prepare(model, &emu.manifest().adapter_layers)?;
+                // The global adapter's values replace the initial ones every round.
+                let (model, _) = spec.structure().prepare(model, &emu.manifest().adapter_layers, None)?;
                 let examples = match data {
                     LocalData::Examples(e) => e,
                     LocalData::Files { paths, config } => config

@@ -36,6 +36,7 @@ impl Default for TrainJob {
             adapter: AdapterSpec {
                 method: Method::Layers,
                 lora: None,
+                prompt: None,
             },
         }
     }

@@ -366,7 +366,7 @@ impl Trainer {
         trainer.nonfinite_run = state.nonfinite_run;
         let tensors = crate::load::read_f32_safetensors(&dir.join("optimizer.safetensors"))
             .map_err(|e| bad(e.to_string()))?;
-        let mut by_name: HashMap<String, Vec<f32>> = tensors.into_iter().collect();
+        let mut by_name: HashMap<String, Vec<f32>> = tensors.into_iter().map(|(n, t)| (n, t.data)).collect();
         let names: Vec<String> = by_name
             .keys()
             .filter_map(|k| k.strip_suffix(".exp_avg").map(str::to_string))
