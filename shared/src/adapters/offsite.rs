@@ -112,6 +112,22 @@ fn layer_of(name: &str) -> Option<usize> {
 }
 
 impl AdapterSpec {
+    /// Checks that the method's settings are present and valid.
+    pub fn validate(&self) -> Result<(), AdapterError> {
+        match (self.method.prompt_kind(), &self.prompt) {
+            (Some(_), None) => Err(AdapterError::Config(format!(
+                "method `{:?}` needs an [adapter.prompt] table",
+                self.method
+            ))),
+            (Some(kind), Some(p)) => p.validate(kind),
+            (None, _) if self.method == Method::Lora => match &self.lora {
+                Some(l) => l.validate(),
+                None => Err(AdapterError::Config("method `lora` needs an [adapter.lora] table".into())),
+            },
+            (None, _) => Ok(()),
+        }
+    }
+
     /// Marks what trains in `model` (an emulator or a full model on an autodiff device): the parameters of
     /// `layers`, fresh LoRA branches on their projections, or a fresh prompt encoder (prefixes on `layers`;
     /// `tokenizer` encodes a prompt's `init_text`). Returns the LoRA config actually used.
@@ -121,10 +137,8 @@ impl AdapterSpec {
         layers: &[usize],
         tokenizer: Option<&Tokenizer>,
     ) -> Result<(LlamaForCausalLM, Option<LoraConfig>), AdapterError> {
-        if let Some(kind) = self.method.prompt_kind() {
-            let prompt = self.prompt.as_ref().ok_or_else(|| {
-                AdapterError::Config(format!("method `{:?}` needs an [adapter.prompt] table", self.method))
-            })?;
+        self.validate()?;
+        if let (Some(kind), Some(prompt)) = (self.method.prompt_kind(), &self.prompt) {
             prompt.attach(&mut model, kind, layers, tokenizer)?;
         }
         let lora = match self.method {

@@ -64,6 +64,9 @@ impl TrainJob {
                 job.eval_fraction
             )));
         }
+        job.adapter
+            .validate()
+            .map_err(|e| TrainError::Config(e.to_string()))?;
         if job.eval_batch_size == 0 {
             return Err(TrainError::Config("eval_batch_size must be positive".into()));
         }
