@@ -100,3 +100,40 @@ fn train_then_resume_writes_a_plug_in_adapter() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("smol.emu"), "{err}");
 }
+
+#[test]
+fn prompt_tuning_through_the_binaries_exports_to_peft_and_refuses_merging() {
+    let dir = tempfile::tempdir().unwrap();
+    let emu = small_emulator(dir.path());
+    let data = dir.path().join("play.txt");
+    std::fs::write(&data, "Ber. Who's there?\nFran. Nay, answer me: stand, and unfold yourself.\n".repeat(12)).unwrap();
+    let config = dir.path().join("job.toml");
+    std::fs::write(
+        &config,
+        "eval_fraction = 0.0\n[train]\nsteps = 2\nbatch_size = 2\nlr = 1e-2\n[data]\nmax_len = 24\n\
+         [adapter]\nmethod = \"prompt_tuning\"\n[adapter.prompt]\nnum_virtual_tokens = 6\n\
+         init_text = \"A scene from a play:\"\n",
+    )
+    .unwrap();
+    let out = dir.path().join("adapter");
+    let o = run(edge().args(["train", "--device", "cpu", "--emulator"]).arg(&emu).arg("--data").arg(&data)
+        .arg("--config").arg(&config).arg("--out").arg(&out));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(read_manifest(&out).unwrap().unwrap().method, Method::PromptTuning);
+
+    // `cargo test --workspace` builds the server binary beside this crate's.
+    let server_bin = Path::new(env!("CARGO_BIN_EXE_offsite-edge")).with_file_name("offsite-server");
+    assert!(server_bin.exists(), "{} is missing: run the tests with --workspace", server_bin.display());
+    let server = || Command::new(&server_bin);
+    let peft = dir.path().join("peft");
+    let o = run(server().args(["export", "--format", "peft", "--model"]).arg(smollm2_gguf())
+        .arg("--adapter").arg(&out).arg("--out").arg(&peft));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(peft.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!((config["peft_type"].as_str(), config["num_virtual_tokens"].as_u64()), (Some("PROMPT_TUNING"), Some(6)));
+    let o = run(server().args(["export", "--format", "merged", "--model"]).arg(smollm2_gguf())
+        .arg("--adapter").arg(&out).arg("--out").arg(dir.path().join("merged")));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("--format peft"), "{err}");
+}

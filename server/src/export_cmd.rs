@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use burn::tensor::Device;
 use clap::{Args, ValueEnum};
-use offsite::adapters::{self, export_peft, import_peft, Method};
+use offsite::adapters::{self, export_peft, export_peft_prompt, import_peft, Method};
 use offsite::export::write_merged;
 use offsite::load::Checkpoint;
 use tracing::{info, warn};
@@ -24,8 +24,8 @@ pub(crate) struct ExportArgs {
     /// The base model: Hugging Face directory or `.gguf` file.
     #[arg(long)]
     model: PathBuf,
-    /// The adapter: a PEFT LoRA directory, or an Offsite adapter directory (`layers` adapters export as `merged`
-    /// only).
+    /// The adapter: a PEFT directory, or an Offsite adapter directory (`layers` adapters export as `merged` only,
+    /// prompt-learning adapters as `peft` only).
     #[arg(long)]
     adapter: PathBuf,
     /// peft or merged.
@@ -41,21 +41,34 @@ pub(crate) fn run(args: ExportArgs) -> Result<()> {
         .with_context(|| format!("opening model {}", args.model.display()))?;
     // Exporting is exact arithmetic on the host; the CPU backend avoids GPU start-up for a one-off job.
     let model = checkpoint.load_model(&Device::flex())?;
-    let layers = adapters::read_manifest(&args.adapter)?.is_some_and(|m| m.method == Method::Layers);
+    let manifest = adapters::read_manifest(&args.adapter)?;
+    let layers = manifest.as_ref().is_some_and(|m| m.method == Method::Layers);
+    let prompt = manifest.as_ref().is_some_and(|m| m.method.prompt_kind().is_some());
+    let base = args.model.to_string_lossy();
     match args.format {
         ExportFormat::Peft if layers => bail!(
             "{} trains whole adapter layers, which PEFT cannot express; export it with --format merged",
             args.adapter.display()
         ),
+        ExportFormat::Peft if prompt => {
+            let model = crate::plug::plug_in(&checkpoint, model, &args.adapter)?;
+            export_peft_prompt(&model, Some(&base), &args.out)?;
+        }
         ExportFormat::Peft => {
             let mut model = model;
             let config = import_peft(&mut model, &args.adapter)
                 .with_context(|| format!("reading adapter {}", args.adapter.display()))?;
-            let base = args.model.to_string_lossy();
             export_peft(&model, &config, Some(&base), &args.out)?;
         }
         ExportFormat::Merged => {
             let model = crate::plug::plug_in(&checkpoint, model, &args.adapter)?;
+            if model.prompt_encoder.is_some() {
+                bail!(
+                    "{} adds virtual tokens or attention prefixes, which no merged weight can hold; export it with \
+                     --format peft",
+                    args.adapter.display()
+                );
+            }
             let tokenizer = match checkpoint.tokenizer() {
                 Ok(t) => Some(t),
                 Err(e) => {

@@ -8,7 +8,7 @@ use offsite::load::Checkpoint;
 use offsite::model::LlamaForCausalLM;
 use tracing::info;
 
-/// Applies a PEFT LoRA directory or an Offsite adapter to `model` (loaded from `checkpoint`) by parameter name. An
+/// Applies a PEFT directory (LoRA or prompt learning) or an Offsite adapter to `model` (loaded from `checkpoint`) by parameter name. An
 /// Offsite adapter names the model it was trained for by hash; another model is refused.
 pub(crate) fn plug_in(
     checkpoint: &Checkpoint,
@@ -30,7 +30,7 @@ pub(crate) fn plug_in(
         .with_context(|| format!("applying adapter {}", dir.display()))?;
     info!(
         adapter = %dir.display(),
-        kind = manifest.map_or("PEFT LoRA".to_string(), |m| format!("offsite {:?} on layers {:?}", m.method, m.layers)),
+        kind = manifest.map_or("PEFT".to_string(), |m| format!("offsite {:?} on layers {:?}", m.method, m.layers)),
         "adapter plugged in"
     );
     Ok(model)
