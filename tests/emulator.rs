@@ -115,3 +115,76 @@ fn damaged_files_are_refused() {
     let err = Emulator::open(&plain).err().unwrap().to_string();
     assert!(err.contains("not an Offsite emulator"), "{err}");
 }
+
+/// Normalised MSE between the emulator's and the full model's hidden state entering the top adapter layer.
+fn boundary_nmse(emu: &offsite::model::LlamaForCausalLM, full: &offsite::model::LlamaForCausalLM, seqs: &[Vec<i64>]) -> f64 {
+    let (mut err, mut norm) = (0.0f64, 0.0f64);
+    for s in seqs {
+        let ids = burn::tensor::Tensor::<2, burn::tensor::Int>::from_data(
+            burn::tensor::TensorData::new(s.clone(), [1, s.len()]),
+            &Device::flex(),
+        );
+        let a: Vec<f32> = emu.hidden_after(ids.clone(), None, emu.model.layers.len() - 1).unwrap().into_data().try_into_vec().unwrap();
+        let b: Vec<f32> = full.hidden_after(ids, None, 5).unwrap().into_data().try_into_vec().unwrap();
+        err += a.iter().zip(&b).map(|(x, y)| ((x - y) as f64).powi(2)).sum::<f64>();
+        norm += b.iter().map(|y| (*y as f64).powi(2)).sum::<f64>();
+    }
+    err / norm
+}
+
+#[test]
+fn distillation_pulls_the_middle_towards_the_full_model_and_touches_nothing_else() {
+    use offsite::data::Example;
+    use offsite::emulator::DistillConfig;
+    let dir = tempfile::tempdir().unwrap();
+    let (model_dir, plain_path) = build(dir.path(), QuantFormat::F32);
+    let ckpt = Checkpoint::open(&model_dir).unwrap();
+    let seq = |i: u32, n: u32| -> Vec<u32> { (0..n).map(|t| (i * 11 + t * 17 + t * t) % 250 + 3).collect() };
+    let examples: Vec<Example> = (0..24)
+        .map(|i| {
+            let ids = seq(i, 16);
+            Example { labels: ids.iter().map(|&x| x as i64).collect(), ids, category: None }
+        })
+        .collect();
+    let held: Vec<Vec<i64>> = (100..106).map(|i| seq(i, 16).iter().map(|&x| x as i64).collect()).collect();
+    let config = EmulatorConfig { bottom_layers: 1, top_layers: 1, drop_ratio: 0.5, quant: QuantFormat::F32, scale_dtype: ScaleDType::F32 };
+    let full = ckpt.load_model(&Device::flex()).unwrap();
+    let plain = Emulator::open(&plain_path).unwrap();
+    let before = boundary_nmse(&plain.load_model(&Device::flex()).unwrap(), &full, &held);
+
+    for lm_weight in [0.0, 0.5] {
+        let settings = DistillConfig {
+            steps: 30, batch_size: 8, max_len: 16, lr: 3e-3, warmup_steps: 2, lm_weight, max_grad_norm: 1.0, seed: 1,
+        };
+        let mut steps = Vec::new();
+        let layers = emulator::distill(&ckpt, &config, &settings, &examples, &Device::flex(), &mut |s| steps.push(s.clone())).unwrap();
+        assert_eq!(steps.len(), 30);
+        assert_eq!(steps[0].lm.is_some(), lm_weight > 0.0);
+        let out = dir.path().join(format!("distilled-{lm_weight}.emu"));
+        let (manifest, _) = emulator::build_distilled(&ckpt, "tiny-6", &config, layers, &out, &mut |_, _| {}).unwrap();
+        assert!(manifest.distilled);
+        let distilled = Emulator::open(&out).unwrap();
+        let after = boundary_nmse(&distilled.load_model(&Device::flex()).unwrap(), &full, &held);
+        eprintln!(
+            "lm_weight {lm_weight}: training nmse {:.4} → {:.4}; held-out boundary nmse {before:.4} → {after:.4}",
+            steps[0].mse,
+            steps[29].mse
+        );
+        assert!(steps[29].mse < steps[0].mse * 0.8, "training nmse {} → {}", steps[0].mse, steps[29].mse);
+        // The LM term pulls elsewhere too, so only the pure-MSE run must close a fifth of the gap on held-out data.
+        let bound = if lm_weight == 0.0 { 0.8 } else { 1.0 };
+        assert!(after < before * bound, "held-out boundary nmse {before} → {after}");
+
+        // Only the kept middle layers changed; embeddings, adapter layers, norm and head are the full model's.
+        let (a, b) = (plain.load_model(&Device::flex()).unwrap(), distilled.load_model(&Device::flex()).unwrap());
+        let values = |m: &offsite::model::LlamaForCausalLM| -> std::collections::HashMap<String, Vec<f32>> {
+            m.named_params().into_iter().map(|p| (p.name, p.value.into_data().convert::<f32>().try_into_vec().unwrap())).collect()
+        };
+        let (va, vb) = (values(&a), values(&b));
+        for (name, v) in &va {
+            let middle = name.starts_with("model.layers.") && !name.starts_with("model.layers.0.") && !name.starts_with("model.layers.5.");
+            let changed = max_abs_diff(v, &vb[name]) > 0.0;
+            assert_eq!(changed, middle && name.ends_with("weight"), "`{name}` changed: {changed}");
+        }
+    }
+}

@@ -1,13 +1,16 @@
 //! `offsite-server emulator ...`: build an emulator from the full model, or show one.
 
-use std::path::PathBuf;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::Subcommand;
 use indicatif::{ProgressBar, ProgressStyle};
-use offsite::emulator::{self, Emulator, EmulatorConfig};
+use offsite::data::DataConfig;
+use offsite::device::{self, DeviceChoice};
+use offsite::emulator::{self, DistillConfig, DistillStep, DistilledLayers, Emulator, EmulatorConfig};
 use offsite::load::Checkpoint;
-use tracing::info;
+use tracing::{info, warn};
 
 #[derive(Subcommand)]
 pub(crate) enum EmulatorCommand {
@@ -26,6 +29,16 @@ pub(crate) enum EmulatorCommand {
         /// The base model's name in the manifest (default: the model's file or directory name).
         #[arg(long)]
         name: Option<String>,
+        /// Public text (or JSONL) to distil the kept middle layers on; the config's `[distill]` table sets the
+        /// steps (repeatable).
+        #[arg(long)]
+        distill_data: Vec<PathBuf>,
+        /// Where the distillation loss log goes (JSON lines; default `<out>.distill.jsonl`).
+        #[arg(long)]
+        distill_log: Option<PathBuf>,
+        /// Device for distillation: auto, cpu, gpu or gpu:N.
+        #[arg(long, default_value = "auto")]
+        device: DeviceChoice,
     },
     /// Verify an emulator file and print its manifest.
     Info {
@@ -42,17 +55,30 @@ pub(crate) fn run(command: EmulatorCommand) -> Result<()> {
             config,
             out,
             name,
+            distill_data,
+            distill_log,
+            device,
         } => {
             let text = std::fs::read_to_string(&config)
                 .with_context(|| format!("reading {}", config.display()))?;
             let settings = EmulatorConfig::from_toml(&text)
                 .with_context(|| format!("in {}", config.display()))?;
+            let distill = DistillConfig::from_toml(&text).with_context(|| format!("in {}", config.display()))?;
             let checkpoint = Checkpoint::open(&model)
                 .with_context(|| format!("opening model {}", model.display()))?;
             let name = name.unwrap_or_else(|| {
                 model.file_name().map_or("model".into(), |n| n.to_string_lossy().into_owned())
             });
-            build_with_progress(&checkpoint, &name, &settings, &out)
+            match (distill, distill_data.is_empty()) {
+                (None, true) => build_with_progress(&checkpoint, &name, &settings, None, &out),
+                (None, false) => bail!("--distill-data given, but {} has no [distill] table", config.display()),
+                (Some(_), true) => bail!("{} asks for distillation: name its data with --distill-data", config.display()),
+                (Some(d), false) => {
+                    let log = distill_log.unwrap_or_else(|| out.with_extension("distill.jsonl"));
+                    let layers = distill_middle(&checkpoint, &settings, &d, &distill_data, device, &log)?;
+                    build_with_progress(&checkpoint, &name, &settings, Some(layers), &out)
+                }
+            }
         }
         EmulatorCommand::Info { emulator } => {
             let emu = Emulator::open(&emulator)
@@ -73,21 +99,72 @@ pub(crate) fn run(command: EmulatorCommand) -> Result<()> {
     }
 }
 
-/// Builds an emulator of `checkpoint` into `out` with a progress bar, and logs what was written.
+/// Distils the middle layers the emulator keeps on `data`, with a progress bar and a JSON-lines loss log.
+fn distill_middle(
+    checkpoint: &Checkpoint,
+    settings: &EmulatorConfig,
+    distill: &DistillConfig,
+    data: &[PathBuf],
+    device: DeviceChoice,
+    log_path: &Path,
+) -> Result<DistilledLayers> {
+    let tokenizer = checkpoint.tokenizer().context("distillation reads its data with the model's tokenizer")?;
+    let data_config = DataConfig { max_len: distill.max_len, ..DataConfig::default() };
+    let examples = data_config.load_all(data, &tokenizer)?;
+    if examples.is_empty() {
+        bail!("the distillation data holds no example");
+    }
+    let (device, described) = device::resolve(device)?;
+    info!(device = %described, examples = examples.len(), steps = distill.steps, "distilling the middle layers");
+    let mut log = std::fs::File::create(log_path).with_context(|| format!("creating {}", log_path.display()))?;
+    let bar = ProgressBar::new(distill.steps as u64);
+    bar.set_style(
+        ProgressStyle::with_template("distill {bar:30} {pos}/{len} steps {msg} [{elapsed} < {eta}]")
+            .expect("static template"),
+    );
+    let mut log_err = None;
+    let mut first = None;
+    let layers = emulator::distill(checkpoint, settings, distill, &examples, &device, &mut |s: &DistillStep| {
+        first.get_or_insert(s.mse);
+        bar.set_message(format!("nmse {:.4}", s.mse));
+        bar.inc(1);
+        let line = serde_json::to_string(s).unwrap_or_default();
+        if let Err(e) = writeln!(log, "{line}") {
+            log_err.get_or_insert(e);
+        }
+        if s.skipped {
+            warn!(step = s.step, "non-finite distillation step skipped");
+        }
+    })?;
+    bar.finish_and_clear();
+    if let Some(e) = log_err {
+        return Err(e).with_context(|| format!("writing {}", log_path.display()));
+    }
+    info!(first_nmse = ?first, log = %log_path.display(), "distillation finished");
+    Ok(layers)
+}
+
+/// Builds an emulator of `checkpoint` into `out` (with distilled middle layers when given) with a progress bar, and
+/// logs what was written.
 pub(crate) fn build_with_progress(
     checkpoint: &Checkpoint,
     name: &str,
     settings: &EmulatorConfig,
+    distilled: Option<DistilledLayers>,
     out: &std::path::Path,
 ) -> Result<()> {
     let bar = ProgressBar::new(0);
     bar.set_style(
         ProgressStyle::with_template("emulator {bar:30} {pos}/{len} tensors [{elapsed}]").expect("static template"),
     );
-    let (manifest, sha) = emulator::build(checkpoint, name, settings, out, &mut |done, total| {
+    let mut progress = |done, total| {
         bar.set_length(total as u64);
         bar.set_position(done as u64);
-    })?;
+    };
+    let (manifest, sha) = match distilled {
+        Some(d) => emulator::build_distilled(checkpoint, name, settings, d, out, &mut progress)?,
+        None => emulator::build(checkpoint, name, settings, out, &mut progress)?,
+    };
     bar.finish_and_clear();
     let bytes = std::fs::metadata(out).map(|m| m.len()).unwrap_or(0);
     info!(
@@ -95,6 +172,7 @@ pub(crate) fn build_with_progress(
         layers = ?manifest.layers,
         adapter_layers = ?manifest.adapter_layers,
         quant = ?manifest.quant,
+        distilled = manifest.distilled,
         mib = format!("{:.1}", bytes as f64 / (1 << 20) as f64),
         sha256 = %sha,
         "emulator written"

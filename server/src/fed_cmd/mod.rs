@@ -54,7 +54,7 @@ fn emulator_for(file: &FedFile, checkpoint: &Checkpoint) -> Result<PathBuf> {
         .path
         .file_name()
         .map_or("model".into(), |n| n.to_string_lossy().into_owned());
-    crate::emulator_cmd::build_with_progress(checkpoint, &name, settings, &out)?;
+    crate::emulator_cmd::build_with_progress(checkpoint, &name, settings, None, &out)?;
     Ok(out)
 }
 

@@ -18,6 +18,16 @@ pub struct Batch {
 }
 
 impl Batch {
+    /// The ids as a tensor on `device`.
+    ///
+    /// # Shapes
+    /// - → `[batch, seq]`
+    pub fn ids_tensor(&self, device: &burn::tensor::Device) -> burn::tensor::Tensor<2, burn::tensor::Int> {
+        let (b, s) = (self.ids.len(), self.ids.first().map_or(0, Vec::len));
+        let flat: Vec<i64> = self.ids.iter().flatten().map(|&x| x as i64).collect();
+        burn::tensor::Tensor::from_data(burn::tensor::TensorData::new(flat, [b, s]), device)
+    }
+
     /// Pads `examples` to the longest.
     pub fn new(examples: &[&Example]) -> Self {
         let seq = examples.iter().map(|e| e.ids.len()).max().unwrap_or(0);

@@ -3,8 +3,10 @@
 //! never written. [`build`] makes one from a checkpoint, [`Emulator::open`] reads and verifies one.
 
 mod config;
+mod distill;
 mod file;
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use burn::module::{Param, ParamId};
@@ -12,6 +14,7 @@ use burn::tensor::{DType, Device, Tensor, TensorCreationOptions, TensorData};
 use safetensors::tensor::Dtype;
 
 pub use config::EmulatorConfig;
+pub use distill::{distill, DistillConfig, DistillStep, DistilledLayers};
 pub use file::{EmulatorManifest, MANIFEST_VERSION};
 
 use file::Entry;
@@ -85,6 +88,35 @@ pub fn build(
     out: &Path,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<(EmulatorManifest, String), EmulatorError> {
+    write(checkpoint, base_model, config, &mut HashMap::new(), out, progress)
+}
+
+/// As [`build`], with the middle layers [`distill`] trained in place of the full model's (the manifest records
+/// `distilled`). Every distilled tensor must be one the emulator keeps.
+pub fn build_distilled(
+    checkpoint: &Checkpoint,
+    base_model: &str,
+    config: &EmulatorConfig,
+    distilled: DistilledLayers,
+    out: &Path,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<(EmulatorManifest, String), EmulatorError> {
+    let mut tensors = distilled.0;
+    if tensors.is_empty() {
+        return Err(EmulatorError::Config("no distilled tensor".into()));
+    }
+    write(checkpoint, base_model, config, &mut tensors, out, progress)
+}
+
+fn write(
+    checkpoint: &Checkpoint,
+    base_model: &str,
+    config: &EmulatorConfig,
+    replaced: &mut HashMap<String, F32Tensor>,
+    out: &Path,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<(EmulatorManifest, String), EmulatorError> {
+    let distilled = !replaced.is_empty();
     let full = checkpoint.config();
     let layers = config.choose_layers(full.num_hidden_layers)?;
     let adapter_layers: Vec<usize> = (0..config.bottom_layers)
@@ -104,7 +136,16 @@ pub fn build(
         .collect();
     let mut entries = Vec::with_capacity(wanted.len() * 2);
     for (done, info) in wanted.iter().enumerate() {
-        let t = source.read(&info.name)?;
+        let t = match replaced.remove(&info.name) {
+            Some(t) if t.shape == info.shape => t,
+            Some(t) => {
+                return Err(EmulatorError::Config(format!(
+                    "distilled `{}` has shape {:?}, the model's is {:?}",
+                    info.name, t.shape, info.shape
+                )))
+            }
+            None => source.read(&info.name)?,
+        };
         let frozen = layer_of(&info.name).is_some_and(|i| !adapter_layers.contains(&i));
         if frozen && is_projection(&info.name, &t.shape) {
             entries.extend(quantized_entries(&info.name, t, config));
@@ -125,10 +166,13 @@ pub fn build(
         drop_ratio: config.drop_ratio,
         quant: config.quant,
         scale_dtype: config.scale_dtype,
-        distilled: false,
+        distilled,
         tokenizer: tokenizer.as_ref().and_then(|t| t.to_json().ok()),
         tokenizer_config: tokenizer.as_ref().map(Tokenizer::tokenizer_config_json),
     };
+    if let Some(name) = replaced.keys().next() {
+        return Err(EmulatorError::Config(format!("distilled `{name}` is not a tensor the emulator keeps")));
+    }
     let sha = file::write(out, &manifest, &entries)?;
     Ok((manifest, sha))
 }

@@ -167,8 +167,58 @@ impl LlamaForCausalLM {
         &self,
         ids: Tensor<2, Int>,
         mask: Option<&[Vec<bool>]>,
-        mut cache: Option<&mut KvCache>,
+        cache: Option<&mut KvCache>,
     ) -> Result<Tensor<3>, ModelError> {
+        let (_, x) = self.decode(ids, mask, cache, self.model.layers.len(), None)?;
+        Ok(self.model.norm.forward(x))
+    }
+
+    /// The residual stream after the first `layers` decoder layers of this model (`0`: the embeddings), without the
+    /// final norm; later layers are not run.
+    ///
+    /// # Shapes
+    /// - `ids`: `[batch, seq]` → `[batch, seq, hidden]`
+    pub fn hidden_after(
+        &self,
+        ids: Tensor<2, Int>,
+        mask: Option<&[Vec<bool>]>,
+        layers: usize,
+    ) -> Result<Tensor<3>, ModelError> {
+        Ok(self.decode(ids, mask, None, layers, None)?.1)
+    }
+
+    /// Logits, and the residual stream after the first `tap` decoder layers, from one pass.
+    ///
+    /// # Shapes
+    /// - `ids`: `[batch, seq]` → `[batch, seq, hidden]`, `[batch, seq, vocab]`
+    pub fn forward_tapped(
+        &self,
+        ids: Tensor<2, Int>,
+        mask: Option<&[Vec<bool>]>,
+        tap: usize,
+    ) -> Result<(Tensor<3>, Tensor<3>), ModelError> {
+        let (tapped, x) = self.decode(ids, mask, None, self.model.layers.len(), Some(tap))?;
+        let tapped = tapped.ok_or_else(|| ModelError::Input(format!("no layer boundary {tap}")))?;
+        Ok((tapped, self.lm_head(self.model.norm.forward(x))))
+    }
+
+    /// Runs the first `until` decoder layers; returns the residual stream after `tap` layers (when asked) and after
+    /// `until` layers, virtual-token positions removed.
+    fn decode(
+        &self,
+        ids: Tensor<2, Int>,
+        mask: Option<&[Vec<bool>]>,
+        mut cache: Option<&mut KvCache>,
+        until: usize,
+        tap: Option<usize>,
+    ) -> Result<(Option<Tensor<3>>, Tensor<3>), ModelError> {
+        let depth = self.model.layers.len();
+        if until > depth || tap.is_some_and(|t| t > until) || (until < depth && cache.is_some()) {
+            return Err(ModelError::Input(format!(
+                "cannot stop after {until} of {depth} layers (tap {tap:?}, cache: {})",
+                cache.is_some()
+            )));
+        }
         let [batch, seq] = ids.dims();
         let device = ids.device();
         let mut new_valid: Vec<Vec<bool>> = match mask {
@@ -286,21 +336,30 @@ impl LlamaForCausalLM {
             Some(enc) if enc.kind() == PromptKind::Prefix => enc.layers().contains(id),
             _ => false,
         };
-        for ((i, layer), prefix) in self.model.layers.iter().enumerate().zip(prefixes) {
+        let strip = |x: Tensor<3>| {
+            if virtual_tokens > 0 {
+                let hidden = x.dims()[2];
+                x.slice([0..batch, virtual_tokens..seq, 0..hidden])
+            } else {
+                x
+            }
+        };
+        let mut tapped = None;
+        for ((i, layer), prefix) in self.model.layers.iter().enumerate().zip(prefixes).take(until) {
+            if tap == Some(i) {
+                tapped = Some(strip(x.clone()));
+            }
             let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
             let id = &self.model.layer_ids[i];
             x = layer.forward(x, &ctx, layer_cache, prefix, prefixed(id));
         }
+        if tap == Some(until) {
+            tapped = Some(strip(x.clone()));
+        }
         if let Some(c) = cache {
             c.valid = valid;
         }
-        let x = self.model.norm.forward(x);
-        Ok(if virtual_tokens > 0 {
-            let hidden = x.dims()[2];
-            x.slice([0..batch, virtual_tokens..seq, 0..hidden])
-        } else {
-            x
-        })
+        Ok((tapped, strip(x)))
     }
 
     /// Applies the LM head (tied or not).

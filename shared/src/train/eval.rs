@@ -1,6 +1,5 @@
 //! Evaluation: token-weighted mean loss and perplexity over a set of examples.
 
-use burn::tensor::{Int, Tensor, TensorData};
 
 use super::{causal_lm_loss, TrainError};
 use crate::data::{batches, Example};
@@ -30,10 +29,7 @@ pub fn evaluate(
         if n == 0 {
             continue;
         }
-        let (b, s) = (batch.ids.len(), batch.ids[0].len());
-        let flat: Vec<i64> = batch.ids.iter().flatten().map(|&x| x as i64).collect();
-        let ids = Tensor::<2, Int>::from_data(TensorData::new(flat, [b, s]), &device);
-        let logits = model.forward(ids, Some(&batch.mask), None)?;
+        let logits = model.forward(batch.ids_tensor(&device), Some(&batch.mask), None)?;
         let loss: f32 = causal_lm_loss(logits, &batch.labels)?.into_scalar::<f32>();
         nll += loss as f64 * n as f64;
         tokens += n;

@@ -13,7 +13,7 @@ pub use eval::{evaluate, EvalReport};
 pub use job::TrainJob;
 pub use loss::{causal_lm_loss, IGNORE_INDEX};
 pub use optim::{AdamW, AdamWConfig, Moments, Schedule};
-pub use trainer::{StepReport, TrainConfig, Trainer};
+pub use trainer::{Objective, StepReport, TrainConfig, Trainer};
 
 use crate::model::ModelError;
 

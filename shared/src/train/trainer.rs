@@ -3,8 +3,9 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
+use std::sync::Arc;
 
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
 use super::optim::{AdamW, AdamWConfig, Moments, Schedule};
@@ -72,6 +73,20 @@ pub struct StepReport {
     pub tokens: usize,
 }
 
+/// A training loss other than the causal-LM loss, computed per micro-batch from the model (on an autodiff device)
+/// and the batch; the trainer weights micro-batches by their target tokens as usual.
+#[derive(Clone)]
+pub struct Objective(
+    #[allow(clippy::type_complexity)]
+    pub  Arc<dyn Fn(&LlamaForCausalLM, &Batch) -> Result<Tensor<1>, TrainError> + Send + Sync>,
+);
+
+impl std::fmt::Debug for Objective {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Objective(..)")
+    }
+}
+
 /// Training state: optimizer, step counter, non-finite bookkeeping.
 #[derive(Debug, Clone)]
 pub struct Trainer {
@@ -83,6 +98,8 @@ pub struct Trainer {
     /// FedProx: μ and the global parameters the proximal term pulls towards (not checkpointed: a federated round
     /// starts a fresh trainer).
     proximal: Option<(f64, HashMap<String, Tensor<1>>)>,
+    /// The loss, when not the causal-LM loss (not checkpointed either).
+    objective: Option<Objective>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -122,7 +139,14 @@ impl Trainer {
             nonfinite_run: 0,
             skipped: 0,
             proximal: None,
+            objective: None,
         })
+    }
+
+    /// Trains on `objective` instead of the causal-LM loss (emulator distillation).
+    pub fn with_objective(mut self, objective: Objective) -> Self {
+        self.objective = Some(objective);
+        self
     }
 
     /// The same run extended (or shortened) to `steps` optimizer steps; the schedule follows the new total.
@@ -183,11 +207,13 @@ impl Trainer {
                 continue;
             }
             device.seed(rng_seed(self.config.seed, self.step, i));
-            let (b, s) = (batch.ids.len(), batch.ids[0].len());
-            let flat: Vec<i64> = batch.ids.iter().flatten().map(|&x| x as i64).collect();
-            let ids = Tensor::<2, Int>::from_data(TensorData::new(flat, [b, s]), &device);
-            let logits = model.forward(ids, Some(&batch.mask), None)?;
-            let loss = causal_lm_loss(logits, &batch.labels)?;
+            let loss = match &self.objective {
+                Some(objective) => (objective.0)(model, batch)?,
+                None => {
+                    let logits = model.forward(batch.ids_tensor(&device), Some(&batch.mask), None)?;
+                    causal_lm_loss(logits, &batch.labels)?
+                }
+            };
             let weight = tokens as f64 / total as f64;
             let value: f32 = loss.clone().into_scalar::<f32>();
             loss_sum += value as f64 * weight;
