@@ -240,3 +240,35 @@ fn plug_in_puts_trained_layers_and_lora_into_the_full_model_by_name() {
         assert!(max_abs_diff(&logits(&plugged, &[5, 9, 33, 100]), &base_logits) > 1e-4);
     }
 }
+
+#[test]
+fn mixed_precision_runs_products_in_f16_and_tracks_f32_training() {
+    use offsite::train::Precision;
+    let dir = tempfile::tempdir().unwrap();
+    let (_, emu) = emulator_file(dir.path());
+    let data = examples();
+    let probe = [5i64, 9, 33, 100, 2, 17];
+    // Products in f16 stay close to f32 but are not bit-identical: the f16 path really runs.
+    let (mut half, _) = prepared(&emu, &layers_spec());
+    let (full, _) = prepared(&emu, &layers_spec());
+    half.set_half_matmuls(true);
+    let (a, b) = (logits(&half, &probe), logits(&full, &probe));
+    let scale = b.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+    let d = max_abs_diff(&a, &b) / scale;
+    assert!(d > 0.0 && d < 1e-2, "f16 products: relative difference {d}");
+
+    let run = |precision| {
+        let (model, _) = prepared(&emu, &layers_spec());
+        let mut losses = Vec::new();
+        let mut trainer = Trainer::new(TrainConfig { precision, ..config(6) }).unwrap();
+        trainer.run(model, &data, &mut |r| losses.push((r.loss, r.skipped))).unwrap();
+        losses
+    };
+    let (mixed, f32_run) = (run(Precision::MixedF16), run(Precision::F32));
+    eprintln!("mixed: {mixed:?}\nf32:   {f32_run:?}");
+    assert!(mixed.iter().all(|(_, skipped)| !skipped), "no step overflowed at the initial scale");
+    for ((m, _), (f, _)) in mixed.iter().zip(&f32_run) {
+        assert!((m - f).abs() / f < 2e-2, "mixed loss {m} vs f32 {f}");
+    }
+    assert!(mixed[5].0 < mixed[0].0, "mixed-precision training lowers the loss: {mixed:?}");
+}

@@ -54,3 +54,38 @@ fn tiny_llama_on_wgpu_matches_transformers() {
         generate(&cpu, &prompt, &[], &config).unwrap()
     );
 }
+
+#[test]
+fn mixed_precision_training_on_wgpu_tracks_the_cpu_in_f32() {
+    use offsite::adapters::{AdapterSpec, Method};
+    use offsite::data::Example;
+    use offsite::emulator::Emulator;
+    use offsite::train::{Precision, TrainConfig, Trainer};
+    let adapters = gpu_adapters();
+    assert!(adapters.first().is_some_and(|a| a.shader_f16), "the first adapter lacks shader-f16: {adapters:?}");
+    let (device, _) = resolve(DeviceChoice::Gpu(0)).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (_, emu_path) = offsite_tests::tiny_emulator(dir.path());
+    let emu = Emulator::open(&emu_path).unwrap();
+    let data: Vec<Example> = (0..8u32)
+        .map(|i| {
+            let ids: Vec<u32> = (0..12).map(|t| (i * 7 + t * 13) % 250 + 3).collect();
+            Example { labels: ids.iter().map(|&x| x as i64).collect(), ids, category: None }
+        })
+        .collect();
+    let spec = AdapterSpec { method: Method::Layers, lora: None, prompt: None };
+    let run = |device: burn::tensor::Device, precision| {
+        let model = emu.load_model(&device.autodiff()).unwrap();
+        let (model, _) = spec.prepare(model, &emu.manifest().adapter_layers, None).unwrap();
+        let config = TrainConfig { steps: 3, batch_size: 4, lr: 5e-3, precision, ..Default::default() };
+        let mut losses = Vec::new();
+        Trainer::new(config).unwrap().run(model, &data, &mut |r| losses.push(r.loss)).unwrap();
+        losses
+    };
+    let gpu = run(device, Precision::MixedF16);
+    let cpu = run(burn::tensor::Device::flex(), Precision::F32);
+    eprintln!("wgpu mixed f16: {gpu:?}\ncpu f32:        {cpu:?}");
+    for (g, c) in gpu.iter().zip(&cpu) {
+        assert!((g - c).abs() / c < 2e-2, "wgpu mixed {g} vs cpu f32 {c}");
+    }
+}

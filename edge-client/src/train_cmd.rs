@@ -13,8 +13,8 @@ use offsite::device::{self, DeviceChoice};
 use offsite::emulator::Emulator;
 use offsite::load::peak_rss_bytes;
 use offsite::model::LlamaForCausalLM;
-use offsite::train::{evaluate, StepReport, TrainJob, Trainer};
-use tracing::info;
+use offsite::train::{evaluate, Precision, StepReport, TrainJob, Trainer};
+use tracing::{info, warn};
 
 #[derive(Args)]
 pub(crate) struct TrainArgs {
@@ -73,6 +73,10 @@ pub(crate) fn run(args: TrainArgs) -> Result<()> {
         bail!("no training examples left after holding out {} of the data", job.eval_fraction);
     }
     let (device, described) = device::resolve(args.device)?;
+    if job.train.precision == Precision::MixedF16 && !device::fast_f16(args.device) {
+        warn!(device = %described, "mixed precision needs a GPU with shader-f16; training in f32");
+        job.train.precision = Precision::F32;
+    }
     info!(device = %described, train = train.len(), held_out = held.len(), "data ready");
     let model = emu.load_model(&device.clone().autodiff())?;
     let layers = emu.manifest().adapter_layers.clone();

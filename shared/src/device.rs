@@ -159,6 +159,19 @@ pub fn resolve(choice: DeviceChoice) -> Result<(Device, String), DeviceError> {
     }
 }
 
+/// Whether the device a request resolves to computes in f16 natively (a GPU adapter with shader-f16); the CPU
+/// backend emulates f16 and gains nothing from it.
+pub fn fast_f16(choice: DeviceChoice) -> bool {
+    match choice {
+        DeviceChoice::Cpu => false,
+        DeviceChoice::Auto => gpu_adapters()
+            .into_iter()
+            .find(|a| a.device_type != wgpu::DeviceType::Cpu)
+            .is_some_and(|a| a.shader_f16),
+        DeviceChoice::Gpu(index) => gpu_adapters().get(index).is_some_and(|a| a.shader_f16),
+    }
+}
+
 fn describe(a: &GpuAdapter) -> String {
     format!("gpu {} ({}, {:?})", a.name, a.backend, a.device_type)
 }

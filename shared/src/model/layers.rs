@@ -1,9 +1,9 @@
 //! Building blocks with Hugging Face's parameter names: `Linear`, `RmsNorm`, `Embedding`.
 
 use burn::module::{Module, Param};
-use burn::tensor::{Int, Tensor};
+use burn::tensor::{FloatDType, Int, Tensor};
 
-use crate::quant::{f16_matmul, int8_matmul};
+use crate::quant::{f16_matmul, int8_dequantize, int8_matmul};
 
 /// A dense projection `y = x · W (+ b)`, named like Hugging Face's `nn.Linear` (`weight`, `bias`).
 ///
@@ -18,6 +18,9 @@ pub struct Linear {
     pub bias: Option<Param<Tensor<1>>>,
     /// A low-rank update added to the output, when LoRA targets this projection.
     pub lora: Option<LoraBranch>,
+    /// Mixed precision: the product runs in f16 (input and weight cast, output back to f32).
+    #[module(skip)]
+    pub(crate) half: bool,
 }
 
 /// LoRA's trainable low-rank update `scale · dropout(x) · A · B` (PEFT's `lora_A`, `lora_B`), stored transposed
@@ -50,7 +53,7 @@ pub enum LinearWeight {
 /// Frozen int8 weight: `W[i][j] = q[i][j] · scale[j]`.
 #[derive(Module, Debug)]
 pub struct Int8Weight {
-    /// `[in, out]`, i8.
+    /// `[in, out]` codes: i8 on the CPU; on wgpu i32 words of four codes (`[in, out / 4]`), since WGSL has no i8.
     pub q: Param<Tensor<2, Int>>,
     /// `[out]`.
     pub scale: Param<Tensor<1>>,
@@ -61,7 +64,7 @@ impl LinearWeight {
     pub fn dims(&self) -> [usize; 2] {
         match self {
             LinearWeight::Dense(w) | LinearWeight::F16(w) => w.dims(),
-            LinearWeight::Int8(w) => w.q.dims(),
+            LinearWeight::Int8(w) => [w.q.dims()[0], w.scale.dims()[0]],
         }
     }
 
@@ -70,11 +73,7 @@ impl LinearWeight {
         match self {
             LinearWeight::Dense(w) => w.val(),
             LinearWeight::F16(w) => w.val().cast(burn::tensor::FloatDType::F32),
-            LinearWeight::Int8(w) => w
-                .q
-                .val()
-                .float()
-                .mul(w.scale.val().unsqueeze::<2>()),
+            LinearWeight::Int8(w) => int8_dequantize(w.q.val(), w.scale.val()),
         }
     }
 
@@ -98,7 +97,11 @@ impl LinearWeight {
         };
         let out = self.dims()[1];
         let (y, mut dims) = match self {
-            LinearWeight::Dense(w) => return burn::tensor::module::linear(x, w.val(), None),
+            LinearWeight::Dense(w) => {
+                let w = w.val();
+                let w = if x.dtype() == w.dtype() { w } else { w.cast(FloatDType::from(x.dtype())) };
+                return burn::tensor::module::linear(x, w, None);
+            }
             LinearWeight::Int8(w) => {
                 let (x, dims) = flat(x);
                 (int8_matmul(x, w.q.val(), w.scale.val()), dims)
@@ -125,6 +128,7 @@ impl Linear {
             weight,
             bias: bias.map(Param::from_tensor),
             lora: None,
+            half: false,
         }
     }
 
@@ -141,7 +145,11 @@ impl Linear {
     /// # Shapes
     /// - `x`: `[..., in_features]` → `[..., out_features]`
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        let mut y = self.weight.matmul(x.clone());
+        let mut y = if self.half {
+            self.weight.matmul(x.clone().cast(FloatDType::F16)).cast(FloatDType::F32)
+        } else {
+            self.weight.matmul(x.clone())
+        };
         if let Some(b) = &self.bias {
             y = y.add(b.val().unsqueeze());
         }

@@ -105,6 +105,9 @@ pub struct LlamaForCausalLM {
     config: LlamaConfig,
     #[module(skip)]
     rope: Rope,
+    /// Mixed precision: the tied LM head multiplies in f16 (projections carry their own flag).
+    #[module(skip)]
+    half: bool,
 }
 
 impl LlamaForCausalLM {
@@ -122,6 +125,7 @@ impl LlamaForCausalLM {
             prompt_encoder: None,
             config,
             rope,
+            half: false,
         }
     }
 
@@ -129,6 +133,26 @@ impl LlamaForCausalLM {
     /// graph (evaluation during training needs no more memory than inference).
     pub fn without_autodiff(&self) -> Self {
         self.valid()
+    }
+
+    /// Mixed precision on or off: every decoder projection and the LM head multiply in f16 (inputs and weights
+    /// cast, outputs back to f32), while norms, rotary embeddings, attention softmax, residual sums and the loss
+    /// stay in f32, as PyTorch's autocast does. Parameters and their gradients stay f32.
+    pub fn set_half_matmuls(&mut self, on: bool) {
+        for name in self.linear_names() {
+            if let Some(l) = self.linear_mut(&name) {
+                l.half = on;
+            }
+        }
+        if let Some(head) = &mut self.lm_head {
+            head.half = on;
+        }
+        self.half = on;
+    }
+
+    /// Whether [`LlamaForCausalLM::set_half_matmuls`] is on.
+    pub fn half_matmuls(&self) -> bool {
+        self.half
     }
 
     /// The architecture.
@@ -375,7 +399,13 @@ impl LlamaForCausalLM {
                 let table = self.model.embed_tokens.weight.val();
                 let vocab = table.dims()[0];
                 let flat = hidden.reshape([b * s, h]).transpose();
-                table.matmul(flat).transpose().reshape([b, s, vocab])
+                let logits = if self.half {
+                    let f16 = burn::tensor::FloatDType::F16;
+                    table.cast(f16).matmul(flat.cast(f16)).cast(burn::tensor::FloatDType::F32)
+                } else {
+                    table.matmul(flat)
+                };
+                logits.transpose().reshape([b, s, vocab])
             }
         }
     }

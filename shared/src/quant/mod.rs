@@ -74,7 +74,9 @@ impl Int8Matrix {
             .collect()
     }
 
-    /// The codes transposed to the runtime's `[in, out]` (kept as i8) and the scales `[out]`, on `device`.
+    /// The codes transposed to the runtime's `[in, out]` and the scales `[out]`, on `device`. The codes stay i8 on
+    /// the CPU; on wgpu (WGSL has no 8-bit integers) four consecutive output columns share an i32 word, still one
+    /// byte per code (one i32 per code when `out` is not a multiple of 4).
     pub fn to_tensors(&self, device: &Device) -> (Tensor<2, Int>, Tensor<1>) {
         let mut t = vec![0i8; self.q.len()];
         for (o, row) in self.q.chunks_exact(self.inp).enumerate() {
@@ -82,10 +84,19 @@ impl Int8Matrix {
                 t[i * self.out + o] = c;
             }
         }
-        let q = Tensor::<2, Int>::from_data(
-            TensorData::new(t, [self.inp, self.out]),
-            TensorCreationOptions::new(device.clone()).with_dtype(DType::I8),
-        );
+        let options = |dtype| TensorCreationOptions::new(device.clone()).with_dtype(dtype);
+        let q = if !device.as_dispatch().identity().is_some() {
+            Tensor::<2, Int>::from_data(TensorData::new(t, [self.inp, self.out]), options(DType::I8))
+        } else if self.out % 4 == 0 {
+            let words: Vec<i32> = t
+                .chunks_exact(4)
+                .map(|c| i32::from_le_bytes([c[0] as u8, c[1] as u8, c[2] as u8, c[3] as u8]))
+                .collect();
+            Tensor::<2, Int>::from_data(TensorData::new(words, [self.inp, self.out / 4]), options(DType::I32))
+        } else {
+            let wide: Vec<i32> = t.iter().map(|&c| c as i32).collect();
+            Tensor::<2, Int>::from_data(TensorData::new(wide, [self.inp, self.out]), options(DType::I32))
+        };
         let scale = Tensor::<1>::from_data(TensorData::new(self.scale.clone(), [self.out]), device);
         (q, scale)
     }
@@ -101,6 +112,14 @@ pub fn int8_matmul(x: Tensor<2>, q: Tensor<2, Int>, scale: Tensor<1>) -> Tensor<
         q.into_dispatch(),
         scale.into_dispatch(),
     ))
+}
+
+/// The int8 weight as f32 `[in, out]` (`q ⊙ scale`), whatever the device's code storage (for export and merging).
+pub fn int8_dequantize(q: Tensor<2, Int>, scale: Tensor<1>) -> Tensor<2> {
+    let out = scale.dims()[0];
+    let codes: Tensor<2> =
+        Tensor::from_dispatch(<Dispatch as FrozenOps>::int8_codes(q.into_dispatch(), out, false));
+    codes.mul(scale.unsqueeze::<2>())
 }
 
 /// `x · w` through an f16 weight; differentiable with respect to `x` only.

@@ -12,40 +12,59 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::autodiff::Autodiff;
 use burn::backend::tensor::{FloatTensor, IntTensor};
-use burn::backend::{backend_extension, Backend, Cube, Flex, TensorMetadata};
+use burn::backend::{backend_extension, AutodiffBackend, Backend, Cube, Flex, TensorMetadata};
 use burn::tensor::{FloatDType, Shape};
 
 /// Products with frozen weights stored `[in, out]`: int8 with one f32 scale per output column, or f16.
+///
+/// int8 codes are an i8 tensor on the CPU; WGSL has no 8-bit integers, so on wgpu they are i32 words holding four
+/// consecutive output columns each (`[in, out / 4]`, byte `k` of word `j` is column `4j + k`), or one code per i32
+/// when `out` is not a multiple of 4.
 #[backend_extension(Flex, Cube: cfg(all()), Autodiff)]
 pub(crate) trait FrozenOps: Backend {
+    /// The codes as f32, `[in, out]` (or `[out, in]` when `transposed`).
+    fn int8_codes(q: IntTensor<Self>, out: usize, transposed: bool) -> FloatTensor<Self> {
+        let _ = out;
+        if transposed {
+            // Transpose the narrow int8 matrix; the widening copy is then already contiguous.
+            Self::int_into_float(Self::int_transpose(q), FloatDType::F32)
+        } else {
+            Self::int_into_float(q, FloatDType::F32)
+        }
+    }
+
     /// `x · (q ⊙ scale)`.
     ///
     /// # Shapes
-    /// - `x`: `[m, in]`, `q`: `[in, out]` (i8), `scale`: `[out]` → `[m, out]`
+    /// - `x`: `[m, in]`, `q`: `[in, out]` (stored as above), `scale`: `[out]` → `[m, out]`
     fn int8_matmul(
         x: FloatTensor<Self>,
         q: IntTensor<Self>,
         scale: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
-        let out = q.shape().dims::<2>()[1];
-        let w = Self::int_into_float(q, FloatDType::F32);
+        let out = scale.shape().dims::<1>()[0];
+        // Computed in `x`'s precision (f32, or f16 under mixed precision).
+        let dtype = FloatDType::from(x.dtype());
+        let w = widen::<Self>(Self::int8_codes(q, out, false), dtype);
         let y = Self::float_matmul(x, w);
+        let scale = Self::float_cast(scale, dtype);
         Self::float_mul(y, Self::float_reshape(scale, Shape::new([1, out])))
     }
 
     /// `dy · (q ⊙ scale)ᵀ`, computed as `(dy ⊙ scale) · qᵀ`.
     ///
     /// # Shapes
-    /// - `dy`: `[m, out]`, `q`: `[in, out]` (i8), `scale`: `[out]` → `[m, in]`
+    /// - `dy`: `[m, out]`, `q`: `[in, out]` (stored as above), `scale`: `[out]` → `[m, in]`
     fn int8_matmul_t(
         dy: FloatTensor<Self>,
         q: IntTensor<Self>,
         scale: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
-        let out = q.shape().dims::<2>()[1];
+        let out = scale.shape().dims::<1>()[0];
+        let dtype = FloatDType::from(dy.dtype());
+        let scale = Self::float_cast(scale, dtype);
         let dy = Self::float_mul(dy, Self::float_reshape(scale, Shape::new([1, out])));
-        // Transpose the narrow int8 matrix; the widening copy is then already contiguous.
-        let wt = Self::int_into_float(Self::int_transpose(q), FloatDType::F32);
+        let wt = widen::<Self>(Self::int8_codes(q, out, true), dtype);
         Self::float_matmul(dy, wt)
     }
 
@@ -54,7 +73,8 @@ pub(crate) trait FrozenOps: Backend {
     /// # Shapes
     /// - `x`: `[m, in]`, `w`: `[in, out]` (f16) → `[m, out]`
     fn f16_matmul(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
-        Self::float_matmul(x, Self::float_cast(w, FloatDType::F32))
+        let dtype = FloatDType::from(x.dtype());
+        Self::float_matmul(x, Self::float_cast(w, dtype))
     }
 
     /// `dy · wᵀ` with `w` in f16.
@@ -62,13 +82,51 @@ pub(crate) trait FrozenOps: Backend {
     /// # Shapes
     /// - `dy`: `[m, out]`, `w`: `[in, out]` (f16) → `[m, in]`
     fn f16_matmul_t(dy: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
-        let wt = Self::float_cast(Self::float_transpose(w), FloatDType::F32);
+        let dtype = FloatDType::from(dy.dtype());
+        let wt = Self::float_cast(Self::float_transpose(w), dtype);
         Self::float_matmul(dy, wt)
     }
 }
 
+/// `w` (f32) in `dtype`. int8 goes through f32 because burn's WGSL backend cannot cast i8 to f16 directly.
+fn widen<B: Backend>(w: FloatTensor<B>, dtype: FloatDType) -> FloatTensor<B> {
+    if dtype == FloatDType::F32 {
+        w
+    } else {
+        B::float_cast(w, dtype)
+    }
+}
+
 impl FrozenOps for Flex {}
-impl FrozenOps for Cube {}
+
+impl FrozenOps for Cube {
+    fn int8_codes(q: IntTensor<Self>, out: usize, transposed: bool) -> FloatTensor<Self> {
+        words_to_codes::<Self>(q, out, transposed)
+    }
+}
+
+/// Codes stored as i32 words (see [`FrozenOps`]) as f32, `[in, out]` or transposed.
+fn words_to_codes<B: Backend>(q: IntTensor<B>, out: usize, transposed: bool) -> FloatTensor<B> {
+    let [inp, words] = q.shape().dims::<2>();
+    let codes = if words == out {
+        B::int_into_float(q, FloatDType::F32)
+    } else {
+        // Byte k of each word, sign-extended: shift it to the top, then arithmetic-shift it back down.
+        let bytes: Vec<FloatTensor<B>> = (0..4)
+            .map(|k| {
+                let top = B::bitwise_left_shift_scalar(q.clone(), ((24 - 8 * k) as i32).into());
+                let b = B::bitwise_right_shift_scalar(top, 24i32.into());
+                B::float_reshape(B::int_into_float(b, FloatDType::F32), Shape::new([inp, words, 1]))
+            })
+            .collect();
+        B::float_reshape(B::float_cat(bytes, 2), Shape::new([inp, words * 4]))
+    };
+    if transposed {
+        B::float_transpose(codes)
+    } else {
+        codes
+    }
+}
 
 /// The quantized weight an op reads, kept by the autodiff graph for the backward pass (handles only).
 #[derive(Debug, Clone)]
@@ -141,6 +199,11 @@ fn record<B: Backend + FrozenOps, C: CheckpointStrategy>(
 }
 
 impl<B: Backend + FrozenOps, C: CheckpointStrategy> FrozenOps for Autodiff<B, C> {
+    fn int8_codes(q: IntTensor<Self>, out: usize, transposed: bool) -> FloatTensor<Self> {
+        // Frozen values: no gradient flows into the codes.
+        <Self as AutodiffBackend>::from_inner(B::int8_codes(q, out, transposed))
+    }
+
     fn int8_matmul(
         x: FloatTensor<Self>,
         q: IntTensor<Self>,

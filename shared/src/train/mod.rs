@@ -5,6 +5,7 @@ mod eval;
 mod job;
 mod loss;
 mod optim;
+mod scaler;
 mod trainer;
 
 use std::path::PathBuf;
@@ -13,6 +14,7 @@ pub use eval::{evaluate, EvalReport};
 pub use job::TrainJob;
 pub use loss::{causal_lm_loss, IGNORE_INDEX};
 pub use optim::{AdamW, AdamWConfig, Moments, Schedule};
+pub use scaler::Precision;
 pub use trainer::{Objective, StepReport, TrainConfig, Trainer};
 
 use crate::model::ModelError;
@@ -31,6 +33,9 @@ pub enum TrainError {
         /// The last of them.
         last_step: usize,
     },
+    /// The device failed to run a computation (a kernel did not compile or launch, the device was lost).
+    #[error("the device failed: {0}")]
+    Device(String),
     /// The model rejected its inputs.
     #[error(transparent)]
     Model(#[from] ModelError),

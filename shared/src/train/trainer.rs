@@ -9,6 +9,7 @@ use burn::tensor::{Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
 use super::optim::{AdamW, AdamWConfig, Moments, Schedule};
+use super::scaler::{LossScaler, Precision};
 use super::{causal_lm_loss, TrainError};
 use crate::data::{batches, Batch, Example};
 use crate::model::LlamaForCausalLM;
@@ -37,6 +38,8 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Stop with an error after this many non-finite steps in a row.
     pub max_nonfinite_steps: usize,
+    /// `f32`, or `mixed_f16` (f16 products with dynamic loss scaling).
+    pub precision: Precision,
 }
 
 impl Default for TrainConfig {
@@ -52,6 +55,7 @@ impl Default for TrainConfig {
             adamw: AdamWConfig::default(),
             seed: 42,
             max_nonfinite_steps: 5,
+            precision: Precision::F32,
         }
     }
 }
@@ -100,6 +104,8 @@ pub struct Trainer {
     proximal: Option<(f64, HashMap<String, Tensor<1>>)>,
     /// The loss, when not the causal-LM loss (not checkpointed either).
     objective: Option<Objective>,
+    /// Loss scaling (mixed precision).
+    scaler: LossScaler,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -110,6 +116,9 @@ struct TrainerState {
     skipped: usize,
     nonfinite_run: usize,
     config: TrainConfig,
+    /// Absent in files from before mixed precision.
+    #[serde(default)]
+    scaler: Option<LossScaler>,
 }
 
 /// A number whose mix with the seed seeds the backend RNG (dropout) for one micro-batch.
@@ -133,6 +142,7 @@ impl Trainer {
             return Err(TrainError::Config(format!("lr {} must be positive", config.lr)));
         }
         Ok(Self {
+            scaler: LossScaler::new(config.precision),
             optim: AdamW::new(config.adamw.clone()),
             config,
             step: 0,
@@ -215,9 +225,12 @@ impl Trainer {
                 }
             };
             let weight = tokens as f64 / total as f64;
-            let value: f32 = loss.clone().into_scalar::<f32>();
+            let value: f32 = loss
+                .clone()
+                .try_into_scalar::<f32>()
+                .map_err(|e| TrainError::Device(format!("{e:?}")))?;
             loss_sum += value as f64 * weight;
-            let grads = loss.mul_scalar(weight).backward();
+            let grads = loss.mul_scalar(weight * self.scaler.scale).backward();
             for (name, g) in model.named_grads(&grads) {
                 let g = match acc.remove(&name) {
                     Some(a) => a.add(g),
@@ -233,10 +246,19 @@ impl Trainer {
     /// (unchanged when the step is skipped) and what happened.
     pub fn train_step(
         &mut self,
-        model: LlamaForCausalLM,
+        mut model: LlamaForCausalLM,
         micro: &[Batch],
     ) -> Result<(LlamaForCausalLM, StepReport), TrainError> {
+        if self.config.precision == Precision::MixedF16 && !model.half_matmuls() {
+            model.set_half_matmuls(true);
+        }
         let (loss, tokens, mut grads) = self.gradients(&model, micro)?;
+        if self.scaler.scale != 1.0 {
+            let unscale = 1.0 / self.scaler.scale;
+            for g in grads.values_mut() {
+                *g = g.clone().mul_scalar(unscale);
+            }
+        }
         let current: HashMap<String, (Tensor<1>, bool)> = model
             .named_params()
             .into_iter()
@@ -269,7 +291,15 @@ impl Trainer {
             tokens,
         };
         self.step += 1;
-        if !loss.is_finite() || !grad_norm.is_finite() {
+        let finite = loss.is_finite() && grad_norm.is_finite();
+        if self.scaler.update(finite) {
+            // An f16 overflow: the scale is halved and the step skipped, as PyTorch's GradScaler does.
+            self.skipped += 1;
+            report.skipped = true;
+            tracing::debug!(step = report.step, scale = self.scaler.scale, "f16 overflow: loss scale reduced");
+            return Ok((model, report));
+        }
+        if !finite {
             self.skipped += 1;
             self.nonfinite_run += 1;
             report.skipped = true;
@@ -369,6 +399,7 @@ impl Trainer {
             skipped: self.skipped,
             nonfinite_run: self.nonfinite_run,
             config: self.config.clone(),
+            scaler: Some(self.scaler.clone()),
         };
         let json = serde_json::to_string_pretty(&state).map_err(|e| io(e.to_string()))?;
         std::fs::write(dir.join("trainer_state.json"), json).map_err(|e| io(e.to_string()))
@@ -390,6 +421,9 @@ impl Trainer {
         trainer.step = state.step;
         trainer.skipped = state.skipped;
         trainer.nonfinite_run = state.nonfinite_run;
+        if let Some(s) = state.scaler {
+            trainer.scaler = s;
+        }
         let tensors = crate::load::read_f32_safetensors(&dir.join("optimizer.safetensors"))
             .map_err(|e| bad(e.to_string()))?;
         let mut by_name: HashMap<String, Vec<f32>> = tensors.into_iter().map(|(n, t)| (n, t.data)).collect();
