@@ -344,3 +344,28 @@ fn serve_and_join_through_the_binaries_with_issued_and_revoked_tokens() {
     assert_eq!(metrics.lines().count(), 1);
     assert!(metrics.contains("\"participants\":2"));
 }
+
+#[test]
+fn sim_federates_a_prefix_tuning_adapter() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = tiny_federation(dir.path(), 1, 3);
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "method = \"lora\"\n[adapter.lora]\nr = 4\nlora_alpha = 8.0\ntarget_modules = [\"q_proj\", \"v_proj\"]\n",
+        "method = \"prefix_tuning\"\n[adapter.prompt]\nnum_virtual_tokens = 4\n",
+    );
+    assert!(text.contains("prefix_tuning"));
+    std::fs::write(&config, text).unwrap();
+    let out = run(server().args(["sim", "--device", "cpu", "--config"]).arg(&config));
+    let state = dir.path().join("state");
+    let metrics = std::fs::read_to_string(state.join("metrics.jsonl")).unwrap();
+    let row: serde_json::Value = serde_json::from_str(metrics.lines().next().unwrap()).unwrap();
+    assert_eq!(row["participants"], 3, "{out}");
+    let manifest = offsite::adapters::read_manifest(&state.join("global-adapter")).unwrap().unwrap();
+    assert_eq!((manifest.method, manifest.layers), (offsite::adapters::Method::PrefixTuning, vec![0, 5]));
+    let ppl = |label: &str| -> f64 {
+        let line = out.lines().find(|l| l.starts_with(label)).unwrap_or_else(|| panic!("{label} missing:\n{out}"));
+        line.split_whitespace().last().unwrap().parse().unwrap()
+    };
+    // The prefixes change what the plugged-in full model predicts.
+    assert!((ppl("plug-in") - ppl("zero-shot full model")).abs() > 1e-3, "{out}");
+}
