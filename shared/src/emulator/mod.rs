@@ -420,6 +420,7 @@ impl FrozenSource for Emulator {
                 Ok(Some(LinearWeight::Int8(Int8Weight {
                     q: frozen(q),
                     scale: Param::initialized(ParamId::new(), scale),
+                    in_features: inp,
                 })))
             }
             Dtype::F16 => {

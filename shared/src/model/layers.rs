@@ -53,10 +53,13 @@ pub enum LinearWeight {
 /// Frozen int8 weight: `W[i][j] = q[i][j] · scale[j]`.
 #[derive(Module, Debug)]
 pub struct Int8Weight {
-    /// `[in, out]` codes: i8 on the CPU; on wgpu i32 words of four codes (`[in, out / 4]`), since WGSL has no i8.
+    /// The codes: i8 `[in, out]` on the CPU; on wgpu `[out, ⌈in/4⌉]` i32 words of four codes (WGSL has no i8).
     pub q: Param<Tensor<2, Int>>,
     /// `[out]`.
     pub scale: Param<Tensor<1>>,
+    /// Input width (the codes' shape depends on the device).
+    #[module(skip)]
+    pub in_features: usize,
 }
 
 impl LinearWeight {
@@ -64,7 +67,7 @@ impl LinearWeight {
     pub fn dims(&self) -> [usize; 2] {
         match self {
             LinearWeight::Dense(w) | LinearWeight::F16(w) => w.dims(),
-            LinearWeight::Int8(w) => [w.q.dims()[0], w.scale.dims()[0]],
+            LinearWeight::Int8(w) => [w.in_features, w.scale.dims()[0]],
         }
     }
 
@@ -73,7 +76,7 @@ impl LinearWeight {
         match self {
             LinearWeight::Dense(w) => w.val(),
             LinearWeight::F16(w) => w.val().cast(burn::tensor::FloatDType::F32),
-            LinearWeight::Int8(w) => int8_dequantize(w.q.val(), w.scale.val()),
+            LinearWeight::Int8(w) => int8_dequantize(w.q.val(), w.scale.val(), w.in_features),
         }
     }
 

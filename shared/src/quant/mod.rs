@@ -2,6 +2,7 @@
 //! compute through them without keeping a full-precision copy.
 
 mod ops;
+mod wgsl;
 
 use burn::backend::Dispatch;
 use burn::tensor::{DType, Device, Int, Tensor, TensorCreationOptions, TensorData};
@@ -74,9 +75,9 @@ impl Int8Matrix {
             .collect()
     }
 
-    /// The codes transposed to the runtime's `[in, out]` and the scales `[out]`, on `device`. The codes stay i8 on
-    /// the CPU; on wgpu (WGSL has no 8-bit integers) four consecutive output columns share an i32 word, still one
-    /// byte per code (one i32 per code when `out` is not a multiple of 4).
+    /// The codes and the scales `[out]` on `device`: on the CPU the codes are i8 transposed to the runtime's
+    /// `[in, out]`; on wgpu (WGSL has no 8-bit integers) they stay `[out, in]` with four inputs per i32 word, still
+    /// one byte per code, as our WGSL kernels read them.
     pub fn to_tensors(&self, device: &Device) -> (Tensor<2, Int>, Tensor<1>) {
         let mut t = vec![0i8; self.q.len()];
         for (o, row) in self.q.chunks_exact(self.inp).enumerate() {
@@ -85,17 +86,21 @@ impl Int8Matrix {
             }
         }
         let options = |dtype| TensorCreationOptions::new(device.clone()).with_dtype(dtype);
-        let q = if !device.as_dispatch().identity().is_some() {
+        let q = if device.as_dispatch().identity().is_none() {
             Tensor::<2, Int>::from_data(TensorData::new(t, [self.inp, self.out]), options(DType::I8))
-        } else if self.out % 4 == 0 {
-            let words: Vec<i32> = t
-                .chunks_exact(4)
-                .map(|c| i32::from_le_bytes([c[0] as u8, c[1] as u8, c[2] as u8, c[3] as u8]))
-                .collect();
-            Tensor::<2, Int>::from_data(TensorData::new(words, [self.inp, self.out / 4]), options(DType::I32))
         } else {
-            let wide: Vec<i32> = t.iter().map(|&c| c as i32).collect();
-            Tensor::<2, Int>::from_data(TensorData::new(wide, [self.inp, self.out]), options(DType::I32))
+            let words = self.inp.div_ceil(4);
+            let mut packed = Vec::with_capacity(self.out * words);
+            for row in self.q.chunks_exact(self.inp) {
+                for c in row.chunks(4) {
+                    let mut b = [0u8; 4];
+                    for (d, &s) in b.iter_mut().zip(c) {
+                        *d = s as u8;
+                    }
+                    packed.push(i32::from_le_bytes(b));
+                }
+            }
+            Tensor::<2, Int>::from_data(TensorData::new(packed, [self.out, words]), options(DType::I32))
         };
         let scale = Tensor::<1>::from_data(TensorData::new(self.scale.clone(), [self.out]), device);
         (q, scale)
@@ -115,10 +120,10 @@ pub fn int8_matmul(x: Tensor<2>, q: Tensor<2, Int>, scale: Tensor<1>) -> Tensor<
 }
 
 /// The int8 weight as f32 `[in, out]` (`q ⊙ scale`), whatever the device's code storage (for export and merging).
-pub fn int8_dequantize(q: Tensor<2, Int>, scale: Tensor<1>) -> Tensor<2> {
+pub fn int8_dequantize(q: Tensor<2, Int>, scale: Tensor<1>, inp: usize) -> Tensor<2> {
     let out = scale.dims()[0];
     let codes: Tensor<2> =
-        Tensor::from_dispatch(<Dispatch as FrozenOps>::int8_codes(q.into_dispatch(), out, false));
+        Tensor::from_dispatch(<Dispatch as FrozenOps>::int8_codes(q.into_dispatch(), inp, out, false));
     codes.mul(scale.unsqueeze::<2>())
 }
 

@@ -3,8 +3,8 @@
 //! the quantized weight, so no full-precision copy of a frozen matrix outlives a single product; the weight gets no
 //! gradient.
 //!
-//! The default bodies (used by the CPU backend, and by wgpu until its own kernels land) widen the weight into a
-//! temporary that is dropped as soon as the product is done.
+//! The default bodies (the CPU backend) widen the weight into a temporary that is dropped as soon as the product is
+//! done; on wgpu the int8 products run our WGSL kernels (`wgsl.rs`), which read the packed codes directly.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -13,18 +13,18 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::autodiff::Autodiff;
 use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::backend::{backend_extension, AutodiffBackend, Backend, Cube, Flex, TensorMetadata};
-use burn::tensor::{FloatDType, Shape};
+use burn::tensor::{FloatDType, Shape, Slice};
 
 /// Products with frozen weights stored `[in, out]`: int8 with one f32 scale per output column, or f16.
 ///
-/// int8 codes are an i8 tensor on the CPU; WGSL has no 8-bit integers, so on wgpu they are i32 words holding four
-/// consecutive output columns each (`[in, out / 4]`, byte `k` of word `j` is column `4j + k`), or one code per i32
-/// when `out` is not a multiple of 4.
+/// int8 codes are an i8 `[in, out]` tensor on the CPU. On wgpu (WGSL has no 8-bit integers) they keep PyTorch's
+/// `[out, in]` layout with four consecutive inputs per i32 word (`[out, ⌈in/4⌉]`, byte `j` of word `w` is input
+/// `4w + j`, rows padded with zero codes), which our WGSL kernels read directly.
 #[backend_extension(Flex, Cube: cfg(all()), Autodiff)]
 pub(crate) trait FrozenOps: Backend {
     /// The codes as f32, `[in, out]` (or `[out, in]` when `transposed`).
-    fn int8_codes(q: IntTensor<Self>, out: usize, transposed: bool) -> FloatTensor<Self> {
-        let _ = out;
+    fn int8_codes(q: IntTensor<Self>, inp: usize, out: usize, transposed: bool) -> FloatTensor<Self> {
+        let _ = (inp, out);
         if transposed {
             // Transpose the narrow int8 matrix; the widening copy is then already contiguous.
             Self::int_into_float(Self::int_transpose(q), FloatDType::F32)
@@ -45,7 +45,8 @@ pub(crate) trait FrozenOps: Backend {
         let out = scale.shape().dims::<1>()[0];
         // Computed in `x`'s precision (f32, or f16 under mixed precision).
         let dtype = FloatDType::from(x.dtype());
-        let w = widen::<Self>(Self::int8_codes(q, out, false), dtype);
+        let inp = x.shape().dims::<2>()[1];
+        let w = widen::<Self>(Self::int8_codes(q, inp, out, false), dtype);
         let y = Self::float_matmul(x, w);
         let scale = Self::float_cast(scale, dtype);
         Self::float_mul(y, Self::float_reshape(scale, Shape::new([1, out])))
@@ -54,17 +55,18 @@ pub(crate) trait FrozenOps: Backend {
     /// `dy · (q ⊙ scale)ᵀ`, computed as `(dy ⊙ scale) · qᵀ`.
     ///
     /// # Shapes
-    /// - `dy`: `[m, out]`, `q`: `[in, out]` (stored as above), `scale`: `[out]` → `[m, in]`
+    /// - `dy`: `[m, out]`, `q`: `[in, out]` (stored as above), `scale`: `[out]` → `[m, inp]`
     fn int8_matmul_t(
         dy: FloatTensor<Self>,
         q: IntTensor<Self>,
         scale: FloatTensor<Self>,
+        inp: usize,
     ) -> FloatTensor<Self> {
         let out = scale.shape().dims::<1>()[0];
         let dtype = FloatDType::from(dy.dtype());
         let scale = Self::float_cast(scale, dtype);
         let dy = Self::float_mul(dy, Self::float_reshape(scale, Shape::new([1, out])));
-        let wt = widen::<Self>(Self::int8_codes(q, out, true), dtype);
+        let wt = widen::<Self>(Self::int8_codes(q, inp, out, true), dtype);
         Self::float_matmul(dy, wt)
     }
 
@@ -100,52 +102,67 @@ fn widen<B: Backend>(w: FloatTensor<B>, dtype: FloatDType) -> FloatTensor<B> {
 impl FrozenOps for Flex {}
 
 impl FrozenOps for Cube {
-    fn int8_codes(q: IntTensor<Self>, out: usize, transposed: bool) -> FloatTensor<Self> {
-        words_to_codes::<Self>(q, out, transposed)
+    fn int8_codes(q: IntTensor<Self>, inp: usize, out: usize, transposed: bool) -> FloatTensor<Self> {
+        words_to_codes::<Self>(q, inp, out, transposed)
+    }
+
+    fn int8_matmul(x: FloatTensor<Self>, q: IntTensor<Self>, scale: FloatTensor<Self>) -> FloatTensor<Self> {
+        super::wgsl::int8_matmul(x, q, scale)
+    }
+
+    fn int8_matmul_t(
+        dy: FloatTensor<Self>,
+        q: IntTensor<Self>,
+        scale: FloatTensor<Self>,
+        inp: usize,
+    ) -> FloatTensor<Self> {
+        super::wgsl::int8_matmul_t(dy, q, scale, inp)
     }
 }
 
-/// Codes stored as i32 words (see [`FrozenOps`]) as f32, `[in, out]` or transposed.
-fn words_to_codes<B: Backend>(q: IntTensor<B>, out: usize, transposed: bool) -> FloatTensor<B> {
-    let [inp, words] = q.shape().dims::<2>();
-    let codes = if words == out {
-        B::int_into_float(q, FloatDType::F32)
+/// Packed codes (`[out, ⌈in/4⌉]` i32 words, see [`FrozenOps`]) as f32 `[in, out]`, or `[out, in]` when `transposed`.
+fn words_to_codes<B: Backend>(q: IntTensor<B>, inp: usize, out: usize, transposed: bool) -> FloatTensor<B> {
+    let words = q.shape().dims::<2>()[1];
+    // Byte j of each word, sign-extended: shift it to the top, then arithmetic-shift it back down.
+    let bytes: Vec<FloatTensor<B>> = (0..4)
+        .map(|j| {
+            let top = B::bitwise_left_shift_scalar(q.clone(), ((24 - 8 * j) as i32).into());
+            let b = B::bitwise_right_shift_scalar(top, 24i32.into());
+            B::float_reshape(B::int_into_float(b, FloatDType::F32), Shape::new([out, words, 1]))
+        })
+        .collect();
+    let codes = B::float_reshape(B::float_cat(bytes, 2), Shape::new([out, words * 4]));
+    let codes = if words * 4 == inp {
+        codes
     } else {
-        // Byte k of each word, sign-extended: shift it to the top, then arithmetic-shift it back down.
-        let bytes: Vec<FloatTensor<B>> = (0..4)
-            .map(|k| {
-                let top = B::bitwise_left_shift_scalar(q.clone(), ((24 - 8 * k) as i32).into());
-                let b = B::bitwise_right_shift_scalar(top, 24i32.into());
-                B::float_reshape(B::int_into_float(b, FloatDType::F32), Shape::new([inp, words, 1]))
-            })
-            .collect();
-        B::float_reshape(B::float_cat(bytes, 2), Shape::new([inp, words * 4]))
+        B::float_slice(codes, &[Slice::from(0..out), Slice::from(0..inp)])
     };
     if transposed {
-        B::float_transpose(codes)
-    } else {
         codes
+    } else {
+        B::float_transpose(codes)
     }
 }
 
 /// The quantized weight an op reads, kept by the autodiff graph for the backward pass (handles only).
 #[derive(Debug, Clone)]
 enum Frozen<B: Backend> {
-    Int8(IntTensor<B>, FloatTensor<B>),
+    /// Codes, scales and the input width.
+    Int8(IntTensor<B>, FloatTensor<B>, usize),
     F16(FloatTensor<B>),
 }
 
 impl<B: Backend + FrozenOps> Frozen<B> {
     fn forward(&self, x: FloatTensor<B>) -> FloatTensor<B> {
         match self.clone() {
-            Frozen::Int8(q, s) => B::int8_matmul(x, q, s),
+            Frozen::Int8(q, s, _) => B::int8_matmul(x, q, s),
             Frozen::F16(w) => B::f16_matmul(x, w),
         }
     }
 
     fn backward(&self, dy: FloatTensor<B>) -> FloatTensor<B> {
         match self.clone() {
-            Frozen::Int8(q, s) => B::int8_matmul_t(dy, q, s),
+            Frozen::Int8(q, s, inp) => B::int8_matmul_t(dy, q, s, inp),
             Frozen::F16(w) => B::f16_matmul_t(dy, w),
         }
     }
@@ -199,9 +216,9 @@ fn record<B: Backend + FrozenOps, C: CheckpointStrategy>(
 }
 
 impl<B: Backend + FrozenOps, C: CheckpointStrategy> FrozenOps for Autodiff<B, C> {
-    fn int8_codes(q: IntTensor<Self>, out: usize, transposed: bool) -> FloatTensor<Self> {
+    fn int8_codes(q: IntTensor<Self>, inp: usize, out: usize, transposed: bool) -> FloatTensor<Self> {
         // Frozen values: no gradient flows into the codes.
-        <Self as AutodiffBackend>::from_inner(B::int8_codes(q, out, transposed))
+        <Self as AutodiffBackend>::from_inner(B::int8_codes(q, inp, out, transposed))
     }
 
     fn int8_matmul(
@@ -209,15 +226,17 @@ impl<B: Backend + FrozenOps, C: CheckpointStrategy> FrozenOps for Autodiff<B, C>
         q: IntTensor<Self>,
         scale: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
-        record::<B, C>(x, Frozen::Int8(q, scale.into_primitive()), false)
+        let inp = x.shape().dims::<2>()[1];
+        record::<B, C>(x, Frozen::Int8(q, scale.into_primitive(), inp), false)
     }
 
     fn int8_matmul_t(
         dy: FloatTensor<Self>,
         q: IntTensor<Self>,
         scale: FloatTensor<Self>,
+        inp: usize,
     ) -> FloatTensor<Self> {
-        record::<B, C>(dy, Frozen::Int8(q, scale.into_primitive()), true)
+        record::<B, C>(dy, Frozen::Int8(q, scale.into_primitive(), inp), true)
     }
 
     fn f16_matmul(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {

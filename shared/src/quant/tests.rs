@@ -47,7 +47,8 @@ fn int8_f16_scales_are_representable() {
 /// Forward and input gradient of the int8 product against a dense matmul with the dequantized weight, on shapes that
 /// are not multiples of any tile, batch 1 and a long reduction; plus dequantization for export.
 fn check_int8(device: &Device, expected: DType) {
-    for (m, k, n) in [(5, 37, 19), (1, 64, 48), (3, 4096, 12)] {
+    // (rows, in, out): GEMV (≤ 4 rows) and tiled paths, odd widths (padded words), a long reduction both ways.
+    for (m, k, n) in [(5, 37, 19), (1, 64, 48), (3, 4096, 12), (17, 4099, 10)] {
         check_int8_shape(device, expected, m, k, n);
     }
 }
@@ -59,7 +60,7 @@ fn check_int8_shape(device: &Device, expected: DType, m: usize, k: usize, n: usi
     let dense = Tensor::<2>::from_data(TensorData::new(q8.dequantize(), [n, k]), device).transpose();
     let (q, scale) = q8.to_tensors(device);
     assert_eq!(q.dtype(), expected);
-    let back = vec2(int8_dequantize(q.clone(), scale.clone()));
+    let back = vec2(int8_dequantize(q.clone(), scale.clone(), k));
     assert!(max_rel(&back, &vec2(dense.clone())) < 1e-6, "dequantized codes ({m}, {k}, {n})");
     let x_data = Tensor::<2>::random([m, k], Distribution::Normal(0.0, 1.0), device).into_data();
     let upstream = Tensor::<2>::random([m, n], Distribution::Normal(0.0, 1.0), device);
