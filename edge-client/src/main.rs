@@ -1,5 +1,6 @@
 //! `offsite-edge`: the laptop side of Offsite.
 
+mod bench_cmd;
 mod join_cmd;
 mod train_cmd;
 
@@ -24,6 +25,15 @@ enum Command {
     Train(train_cmd::TrainArgs),
     /// Join a federation: download the emulator, train each round on local data, upload only adapter updates.
     Join(join_cmd::JoinArgs),
+    /// Benchmarks on this machine's device.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Products through frozen int8 weights: our kernels against burn's paths, per shape (time, GB/s, GFLOP/s).
+    Kernels(bench_cmd::BenchArgs),
 }
 
 fn main() -> Result<()> {
@@ -37,6 +47,7 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Train(args) => train_cmd::run(args),
         Command::Join(args) => join_cmd::run(args),
+        Command::Bench(BenchCommand::Kernels(args)) => bench_cmd::run(args),
         Command::Devices => {
             let adapters = gpu_adapters();
             if adapters.is_empty() {

@@ -1,0 +1,108 @@
+//! `offsite-edge bench kernels`: products through a frozen int8 weight, our kernels against the alternatives burn
+//! offers, side by side on one device: time, GB/s and GFLOP/s per shape.
+
+use std::time::Instant;
+
+use anyhow::Result;
+use burn::tensor::quantization::{QuantScheme, QuantStore, QuantValue};
+use burn::tensor::{Device, Distribution, Tensor, TensorData};
+use clap::Args;
+use offsite::device::{self, DeviceChoice};
+use offsite::quant::{int8_dequantize, int8_matmul, quantize_int8, ScaleDType};
+use tracing::info;
+
+#[derive(Args)]
+pub(crate) struct BenchArgs {
+    /// auto, cpu, gpu or gpu:N.
+    #[arg(long, default_value = "auto")]
+    device: DeviceChoice,
+    /// Timed repetitions per measurement (after two warm-up runs).
+    #[arg(long, default_value_t = 10)]
+    iters: usize,
+    /// Rows of x for the batched (GEMM) measurements: a training micro-batch of tokens.
+    #[arg(long, default_value_t = 512)]
+    rows: usize,
+    /// Also run the 7B-class 4096×11008 shapes (slow on a CPU).
+    #[arg(long)]
+    large: bool,
+}
+
+/// `(name, out, in)` of the weights measured.
+fn shapes(large: bool) -> Vec<(&'static str, usize, usize)> {
+    let mut s = vec![
+        ("smollm2 q/o_proj", 576, 576),
+        ("smollm2 k/v_proj", 192, 576),
+        ("smollm2 gate/up_proj", 1536, 576),
+        ("smollm2 down_proj", 576, 1536),
+    ];
+    if large {
+        s.push(("7B up_proj", 11008, 4096));
+        s.push(("7B down_proj", 4096, 11008));
+    }
+    s
+}
+
+/// Mean seconds of `f` over `iters` runs after two warm-ups, the device drained before and after.
+fn time(device: &Device, iters: usize, f: &dyn Fn() -> Tensor<2>) -> Result<f64> {
+    for _ in 0..2 {
+        drop(f());
+    }
+    device.sync().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let start = Instant::now();
+    let mut keep = Vec::with_capacity(iters);
+    for _ in 0..iters {
+        keep.push(f());
+    }
+    device.sync().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    Ok(start.elapsed().as_secs_f64() / iters as f64)
+}
+
+pub(crate) fn run(args: BenchArgs) -> Result<()> {
+    let (device, described) = device::resolve(args.device)?;
+    info!(device = %described, iters = args.iters, "benchmarking products through frozen int8 weights");
+    println!("device: {described}");
+    println!(
+        "{:<22} {:>6} {:<34} {:>10} {:>9} {:>9}",
+        "weight [out×in]", "rows", "path", "time (µs)", "GB/s", "GFLOP/s"
+    );
+    for (name, out, inp) in shapes(args.large) {
+        let w: Vec<f32> = Tensor::<2>::random([out, inp], Distribution::Normal(0.0, 0.05), &Device::flex())
+            .into_data()
+            .try_into_vec()
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        let q8 = quantize_int8(&w, out, inp, ScaleDType::F32);
+        let (q, scale) = q8.to_tensors(&device);
+        // The dense weight as the product wants it, [in, out].
+        let dense = Tensor::<2>::from_data(TensorData::new(w, [out, inp]), &device).transpose().into_data();
+        let dense = Tensor::<2>::from_data(dense, &device);
+        let burn_q8 = dense
+            .clone()
+            .quantize_dynamic(&QuantScheme::default().with_value(QuantValue::Q8S).with_store(QuantStore::PackedU32(0)));
+        for rows in [1, args.rows] {
+            let x = Tensor::<2>::random([rows, inp], Distribution::Normal(0.0, 1.0), &device);
+            let io = 4.0 * (rows * (inp + out)) as f64;
+            let flops = 2.0 * (rows * inp * out) as f64;
+            let int8_bytes = (out * inp + 4 * out) as f64 + io;
+            let f32_bytes = 4.0 * (out * inp) as f64 + io;
+            let paths: Vec<(&str, f64, Box<dyn Fn() -> Tensor<2>>)> = vec![
+                ("ours: int8 kernel", int8_bytes, Box::new(|| int8_matmul(x.clone(), q.clone(), scale.clone()))),
+                (
+                    "burn: dequantize, then f32 matmul",
+                    int8_bytes,
+                    Box::new(|| x.clone().matmul(int8_dequantize(q.clone(), scale.clone(), inp))),
+                ),
+                ("burn: Q8S PackedU32 matmul", int8_bytes, Box::new(|| x.clone().matmul(burn_q8.clone()))),
+                ("burn: f32 matmul", f32_bytes, Box::new(|| x.clone().matmul(dense.clone()))),
+            ];
+            for (path, bytes, f) in &paths {
+                let line = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| time(&device, args.iters, f.as_ref()))) {
+                    Ok(Ok(s)) => format!("{:>10.1} {:>9.2} {:>9.2}", s * 1e6, bytes / s / 1e9, flops / s / 1e9),
+                    Ok(Err(e)) => format!("failed: {e}"),
+                    Err(_) => "failed: the backend panicked (not supported on this device)".to_string(),
+                };
+                println!("{:<22} {:>6} {:<34} {line}", format!("{name} {out}×{inp}"), rows, path);
+            }
+        }
+    }
+    Ok(())
+}
