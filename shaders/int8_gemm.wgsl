@@ -2,10 +2,13 @@
 // per row), without widening W in memory:
 //   forward  (TRANSPOSED = false): c[m, o] = scale[o] · Σ_i a[m, i] · W[o, i]        (y = x · Wᵀ)
 //   backward (TRANSPOSED = true):  c[m, i] = Σ_o a[m, o] · W[o, i]                   (dx = (dy ⊙ scale) · W)
-// Each 16×16 workgroup computes a 16×16 tile of c, stepping through the reduction in tiles of 16 that it stages in
-// workgroup memory (a from f32, W decoded from its packed bytes). Shapes need not be multiples of 16.
+// Each 16×16 workgroup computes a 64×64 tile of c, 4×4 outputs per thread held in registers, stepping through the
+// reduction in slices of 16 that it stages in workgroup memory (a as f32, W decoded from its packed bytes, each
+// thread loading 4 of each). Shapes need not be multiples of anything.
 
-const TILE: u32 = 16u;
+const BM: u32 = 64u;
+const BN: u32 = 64u;
+const BK: u32 = 16u;
 const TRANSPOSED: bool = {{ transposed }};
 
 // Every binding is read_write: CubeCL may place several tensors in one wgpu buffer, and wgpu refuses a buffer
@@ -17,8 +20,8 @@ const TRANSPOSED: bool = {{ transposed }};
 // rows of a (m), reduction length (k), columns of c (n), u32 words per row of W.
 @group(0) @binding(4) var<storage, read_write> info: array<u32>;
 
-var<workgroup> tile_a: array<f32, 256>;
-var<workgroup> tile_b: array<f32, 256>;
+var<workgroup> tile_a: array<f32, 1024>; // [BM][BK]
+var<workgroup> tile_b: array<f32, 1024>; // [BK][BN]
 
 // W[o, i] as f32: byte (i mod 4) of word (o, i / 4), sign-extended.
 fn code(o: u32, i: u32, words: u32) -> f32 {
@@ -28,43 +31,74 @@ fn code(o: u32, i: u32, words: u32) -> f32 {
 }
 
 @compute @workgroup_size(16, 16, 1)
-fn main(@builtin(workgroup_id) group: vec3<u32>, @builtin(local_invocation_id) local: vec3<u32>) {
+fn main(@builtin(workgroup_id) group: vec3<u32>, @builtin(local_invocation_id) local: vec3<u32>,
+        @builtin(local_invocation_index) flat: u32) {
     let m = info[0];
     let k = info[1];
     let n = info[2];
     let words = info[3];
-    let row = group.y * TILE + local.y;
-    let col = group.x * TILE + local.x;
-    var acc = 0.0;
-    let steps = (k + TILE - 1u) / TILE;
+    let row0 = group.y * BM;
+    let col0 = group.x * BN;
+    var acc: array<f32, 16>;
+    let steps = (k + BK - 1u) / BK;
     for (var t = 0u; t < steps; t++) {
-        let ka = t * TILE + local.x;
-        var va = 0.0;
-        if (row < m && ka < k) {
-            va = a[row * k + ka];
-        }
-        tile_a[local.y * TILE + local.x] = va;
-        let kb = t * TILE + local.y;
-        var vb = 0.0;
-        if (kb < k && col < n) {
-            if (TRANSPOSED) {
-                vb = code(kb, col, words);
-            } else {
-                vb = code(col, kb, words);
+        let k0 = t * BK;
+        for (var e = 0u; e < 4u; e++) {
+            let idx = flat + 256u * e;
+            // a: consecutive threads read consecutive k of one row.
+            let r = idx / BK;
+            let ka = idx % BK;
+            var va = 0.0;
+            if (row0 + r < m && k0 + ka < k) {
+                va = a[(row0 + r) * k + k0 + ka];
             }
+            tile_a[r * BK + ka] = va;
+            // W: consecutive threads read consecutive codes of one stored row.
+            var kb: u32;
+            var cb: u32;
+            if (TRANSPOSED) {
+                kb = idx / BN;
+                cb = idx % BN;
+            } else {
+                cb = idx / BK;
+                kb = idx % BK;
+            }
+            var vb = 0.0;
+            if (k0 + kb < k && col0 + cb < n) {
+                if (TRANSPOSED) {
+                    vb = code(k0 + kb, col0 + cb, words);
+                } else {
+                    vb = code(col0 + cb, k0 + kb, words);
+                }
+            }
+            tile_b[kb * BN + cb] = vb;
         }
-        tile_b[local.y * TILE + local.x] = vb;
         workgroupBarrier();
-        for (var j = 0u; j < TILE; j++) {
-            acc += tile_a[local.y * TILE + j] * tile_b[j * TILE + local.x];
+        for (var kk = 0u; kk < BK; kk++) {
+            var bv: array<f32, 4>;
+            for (var j = 0u; j < 4u; j++) {
+                bv[j] = tile_b[kk * BN + local.x + 16u * j];
+            }
+            for (var i = 0u; i < 4u; i++) {
+                let av = tile_a[(local.y + 16u * i) * BK + kk];
+                for (var j = 0u; j < 4u; j++) {
+                    acc[i * 4u + j] += av * bv[j];
+                }
+            }
         }
         workgroupBarrier();
     }
-    if (row < m && col < n) {
-        if (TRANSPOSED) {
-            c[row * n + col] = acc;
-        } else {
-            c[row * n + col] = acc * scale[col];
+    for (var i = 0u; i < 4u; i++) {
+        let row = row0 + local.y + 16u * i;
+        for (var j = 0u; j < 4u; j++) {
+            let col = col0 + local.x + 16u * j;
+            if (row < m && col < n) {
+                if (TRANSPOSED) {
+                    c[row * n + col] = acc[i * 4u + j];
+                } else {
+                    c[row * n + col] = acc[i * 4u + j] * scale[col];
+                }
+            }
         }
     }
 }

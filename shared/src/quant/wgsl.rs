@@ -14,8 +14,8 @@ use burn_cubecl::tensor::CubeTensor;
 pub(crate) const GEMV_MAX_ROWS: usize = 4;
 /// Outputs per dispatch row of the GEMV kernel (its `SPAN`).
 const GEMV_SPAN: usize = 32768;
-/// The tiled kernel's tile edge.
-const TILE: usize = 16;
+/// The tiled kernel's output tile edge (16×16 threads, 4×4 outputs each).
+const TILE: usize = 64;
 
 /// Which kernel runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -79,7 +79,7 @@ fn launch(kernel: Int8Kernel, a: CubeTensor, q: CubeTensor, scale: CubeTensor, n
             CubeCount::Static(n.min(GEMV_SPAN) as u32, m as u32, n.div_ceil(GEMV_SPAN) as u32),
         ),
         Int8Kernel::Gemm | Int8Kernel::GemmT => (
-            CubeDim::new_2d(TILE as u32, TILE as u32),
+            CubeDim::new_2d(16, 16),
             CubeCount::Static(n.div_ceil(TILE) as u32, m.div_ceil(TILE) as u32, 1),
         ),
     };
