@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use super::prompt::{import_peft_prompt, PromptConfig};
 use super::{export_peft, import_peft, AdapterError, LoraConfig};
 use crate::load::{read_f32_safetensors, transpose, write_f32_safetensors};
-use crate::model::{Linear, LlamaForCausalLM, PromptEncoder, PromptKind};
+use crate::model::{stored_transposed, Linear, LlamaForCausalLM, PromptEncoder, PromptKind};
 use crate::tokenizer::Tokenizer;
 
 /// The manifest file of an Offsite adapter directory.
@@ -91,11 +91,6 @@ impl AdapterManifest {
     }
 }
 
-/// Whether a parameter is stored transposed in the module tree (linear and LoRA matrices are `[in, out]`; the
-/// embedding table is not).
-fn stored_transposed(name: &str, shape: &[usize]) -> bool {
-    shape.len() == 2 && !name.ends_with("embed_tokens.weight") && !name.ends_with("embedding.weight")
-}
 
 /// Whether a `method` adapter of `layers` holds the parameter `name`.
 fn holds(method: Method, layers: &[usize], name: &str) -> bool {
@@ -218,25 +213,9 @@ pub fn save(
             return Err(AdapterError::Config("a LoRA adapter needs its config".into()))
         }
         (method, _) => {
-            let mut tensors = Vec::new();
-            for p in model.named_params() {
-                if !holds(method, &manifest.layers, &p.name) {
-                    continue;
-                }
-                let data: Vec<f32> = p
-                    .value
-                    .into_data()
-                    .convert::<f32>()
-                    .try_into_vec()
-                    .map_err(|e| err(dir, format!("{}: {e:?}", p.name)))?;
-                let (data, shape) = if stored_transposed(&p.name, &p.shape) {
-                    let (r, c) = (p.shape[0], p.shape[1]);
-                    (transpose(&data, r, c), vec![c, r])
-                } else {
-                    (data, p.shape)
-                };
-                tensors.push((p.name, data, shape));
-            }
+            let tensors = model
+                .hf_tensors(&|n: &str| holds(method, &manifest.layers, n))
+                .map_err(|e| err(dir, e.to_string()))?;
             if tensors.is_empty() {
                 return Err(AdapterError::Mismatch(format!(
                     "the model holds nothing of a `{method:?}` adapter of layers {:?}",

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{layer_of, EmulatorConfig, EmulatorError};
 use crate::data::{Batch, Example};
-use crate::load::{transpose, Checkpoint, F32Tensor};
+use crate::load::{Checkpoint, F32Tensor};
 use crate::model::LlamaForCausalLM;
 use crate::train::{causal_lm_loss, Objective, StepReport, TrainConfig, TrainError, Trainer};
 
@@ -209,24 +209,12 @@ pub fn distill(
         });
     };
     let student = trainer.run(student, examples, &mut report).map_err(train_err)?;
-    let mut out = HashMap::new();
-    for p in student.named_params() {
-        if !layer_of(&p.name).is_some_and(|i| middle.contains(&i)) {
-            continue;
-        }
-        let data: Vec<f32> = p
-            .value
-            .into_data()
-            .convert::<f32>()
-            .try_into_vec()
-            .map_err(|e| EmulatorError::Config(format!("{}: {e:?}", p.name)))?;
-        let t = match p.shape.as_slice() {
-            &[r, c] => F32Tensor { data: transpose(&data, r, c), shape: vec![c, r] },
-            _ => F32Tensor { data, shape: p.shape },
-        };
-        out.insert(p.name, t);
-    }
-    Ok(DistilledLayers(out))
+    let tensors = student
+        .hf_tensors(&|n: &str| layer_of(n).is_some_and(|i| middle.contains(&i)))
+        .map_err(|e| EmulatorError::Config(e.to_string()))?;
+    Ok(DistilledLayers(
+        tensors.into_iter().map(|(name, data, shape)| (name, F32Tensor { data, shape })).collect(),
+    ))
 }
 
 #[cfg(test)]

@@ -203,10 +203,43 @@ impl LlamaForCausalLM {
         self.map(&mut m)
     }
 
+    /// The float parameters whose Hugging Face name passes `keep`, as f32 in Hugging Face's layout (linear and LoRA
+    /// matrices back to `[out, in]`; embedding tables as stored): `(name, values, shape)` in module order.
+    pub fn hf_tensors(
+        &self,
+        keep: &dyn Fn(&str) -> bool,
+    ) -> Result<Vec<(String, Vec<f32>, Vec<usize>)>, super::ModelError> {
+        let mut out = Vec::new();
+        for p in self.named_params() {
+            if !keep(&p.name) {
+                continue;
+            }
+            let data: Vec<f32> = p
+                .value
+                .into_data()
+                .convert::<f32>()
+                .try_into_vec()
+                .map_err(|e| super::ModelError::Input(format!("`{}`: {e:?}", p.name)))?;
+            out.push(if stored_transposed(&p.name, &p.shape) {
+                let (r, c) = (p.shape[0], p.shape[1]);
+                (p.name, crate::load::transpose(&data, r, c), vec![c, r])
+            } else {
+                (p.name, data, p.shape)
+            });
+        }
+        Ok(out)
+    }
+
     fn path(&self) -> Path {
         Path {
             parts: Vec::new(),
             layer_ids: self.model.layer_ids.clone(),
         }
     }
+}
+
+/// Whether a parameter is stored transposed in the module tree relative to Hugging Face (linear and LoRA matrices are
+/// `[in, out]` here; embedding tables, the prompt encoder's included, are not).
+pub(crate) fn stored_transposed(name: &str, shape: &[usize]) -> bool {
+    shape.len() == 2 && !name.ends_with("embed_tokens.weight") && !name.ends_with("embedding.weight")
 }

@@ -225,19 +225,23 @@ mod tests {
         last
     }
 
+    /// The model's logits of `TEXT` equal `reference`, and through a cache, token by token, the last position agrees.
+    fn reproduces(model: &LlamaForCausalLM, reference: &[f32]) {
+        let got = logits(model, &TEXT);
+        let d = max_diff(&got, reference);
+        assert!(d < 1e-5, "max |diff| {d}");
+        let vocab = model.config().vocab_size;
+        let d = max_diff(&incremental_last(model), &got[got.len() - vocab..]);
+        assert!(d < 1e-4, "cached vs uncached: max |diff| {d}");
+    }
+
     #[test]
     fn virtual_tokens_equal_to_embeddings_reproduce_the_text_they_embed() {
         let mut model = tiny();
         let reference = after_prompt(&model);
         let table = model.model.embed_tokens.forward(ids(&model, &PROMPT)).reshape([3, 64]);
         model.prompt_encoder = Some(PromptEncoder::new(PromptKind::Tokens, table, Vec::new(), vec![], 64).unwrap());
-        let got = logits(&model, &TEXT);
-        let d = max_diff(&got, &reference);
-        assert!(d < 1e-5, "max |diff| {d}");
-        // Through a cache, token by token, the last position agrees too.
-        let vocab = model.config().vocab_size;
-        let d = max_diff(&incremental_last(&model), &got[got.len() - vocab..]);
-        assert!(d < 1e-4, "cached vs uncached: max |diff| {d}");
+        reproduces(&model, &reference);
     }
 
     #[test]
@@ -259,12 +263,7 @@ mod tests {
         let table = Tensor::cat(parts, 1);
         model.prompt_encoder =
             Some(PromptEncoder::new(PromptKind::Prefix, table, Vec::new(), vec![0, 1], 2 * 2 * 32).unwrap());
-        let got = logits(&model, &TEXT);
-        let d = max_diff(&got, &reference);
-        assert!(d < 1e-5, "max |diff| {d}");
-        let vocab = model.config().vocab_size;
-        let d = max_diff(&incremental_last(&model), &got[got.len() - vocab..]);
-        assert!(d < 1e-4, "cached vs uncached: max |diff| {d}");
+        reproduces(&model, &reference);
     }
 
     #[test]
