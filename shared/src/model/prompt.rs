@@ -183,7 +183,11 @@ mod tests {
     use crate::model::{KvCache, LlamaForCausalLM};
 
     fn tiny() -> LlamaForCausalLM {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/tiny-llama");
+        // `$OFFSITE_FIXTURES`, by default `../shared/fixtures` beside the project root (as the end-to-end tests).
+        let root = std::env::var_os("OFFSITE_FIXTURES")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures"));
+        let dir = root.join("tiny-llama");
         crate::load::Checkpoint::open(&dir).unwrap().load_model(&Device::flex()).unwrap()
     }
 
