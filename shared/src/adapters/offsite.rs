@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use super::prompt::{import_peft_prompt, PromptConfig};
 use super::{export_peft, import_peft, AdapterError, LoraConfig};
 use crate::load::{read_f32_safetensors, transpose, write_f32_safetensors};
-use crate::model::{stored_transposed, Linear, LlamaForCausalLM, PromptEncoder, PromptKind};
+use crate::model::{Linear, LlamaForCausalLM, PromptEncoder, PromptKind};
 use crate::tokenizer::Tokenizer;
 
 /// The manifest file of an Offsite adapter directory.
@@ -281,37 +281,8 @@ pub fn apply(mut model: LlamaForCausalLM, dir: &Path) -> Result<LlamaForCausalLM
         model.prompt_encoder = Some(encoder_from(&model, kind, layers, tensors, &path)?);
         return Ok(model);
     }
-    let shapes: HashMap<String, Vec<usize>> = model
-        .named_params()
-        .into_iter()
-        .map(|p| (p.name, p.shape))
-        .collect();
-    let device = model.device();
-    let mut values = HashMap::with_capacity(tensors.len());
-    for (name, t) in tensors {
-        let data = t.data;
-        let shape = shapes.get(&name).ok_or_else(|| {
-            AdapterError::Mismatch(format!("`{name}` is not a parameter of the model"))
-        })?;
-        let n: usize = shape.iter().product();
-        if data.len() != n {
-            return Err(AdapterError::Mismatch(format!(
-                "`{name}` holds {} values, the model's parameter {shape:?} has {n}",
-                data.len()
-            )));
-        }
-        let data = if stored_transposed(&name, shape) {
-            transpose(&data, shape[1], shape[0])
-        } else {
-            data
-        };
-        values.insert(name, Tensor::<1>::from_data(TensorData::new(data, [n]), &device));
-    }
-    let model = model.replace_params(&mut values);
-    match values.keys().next() {
-        Some(left) => Err(AdapterError::Mismatch(format!("`{left}` could not be applied"))),
-        None => Ok(model),
-    }
+    let tensors = tensors.into_iter().map(|(name, t)| (name, t.data, t.shape)).collect();
+    model.set_params(tensors, true).map_err(|e| AdapterError::Mismatch(format!("{}: {e}", path.display())))
 }
 
 /// PEFT's `peft_type` in `dir/adapter_config.json` (`LORA` when absent, as PEFT's own default reader assumes).

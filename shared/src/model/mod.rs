@@ -16,7 +16,6 @@ pub use cache::KvCache;
 pub use config::{LlamaConfig, RopeScaling};
 pub use layers::{Embedding, Int8Weight, Linear, LinearWeight, LoraBranch, RmsNorm};
 pub use params::NamedParam;
-pub(crate) use params::stored_transposed;
 pub use prompt::{PromptEncoder, PromptKind};
 
 use attention::AttentionContext;

@@ -203,6 +203,40 @@ impl LlamaForCausalLM {
         self.map(&mut m)
     }
 
+    /// Sets parameters by Hugging Face name from `(name, values, shape)`, checking that every name is a parameter
+    /// of the model with that shape: the module's own (`[in, out]` linear weights) or, with `hf_layout`, Hugging
+    /// Face's (`[out, in]`, transposed here). Nothing is set unless everything fits.
+    pub fn set_params(
+        self,
+        tensors: Vec<(String, Vec<f32>, Vec<usize>)>,
+        hf_layout: bool,
+    ) -> Result<Self, super::ModelError> {
+        let bad = |m: String| super::ModelError::Input(m);
+        let shapes: HashMap<String, Vec<usize>> =
+            self.named_params().into_iter().map(|p| (p.name, p.shape)).collect();
+        let device = self.device();
+        let mut values = HashMap::with_capacity(tensors.len());
+        for (name, data, shape) in tensors {
+            let own = shapes.get(&name).ok_or_else(|| bad(format!("`{name}` is not a parameter of the model")))?;
+            let transposed = hf_layout && stored_transposed(&name, own);
+            let expected: Vec<usize> = if transposed { own.iter().rev().copied().collect() } else { own.clone() };
+            let n: usize = expected.iter().product();
+            if shape != expected || data.len() != n {
+                return Err(bad(format!(
+                    "`{name}` has shape {shape:?} ({} values), the model's is {expected:?}",
+                    data.len()
+                )));
+            }
+            let data = if transposed { crate::load::transpose(&data, own[1], own[0]) } else { data };
+            values.insert(name, Tensor::<1>::from_data(burn::tensor::TensorData::new(data, [n]), &device));
+        }
+        let model = self.replace_params(&mut values);
+        match values.keys().next() {
+            Some(left) => Err(bad(format!("`{left}` could not be set"))),
+            None => Ok(model),
+        }
+    }
+
     /// The float parameters whose Hugging Face name passes `keep`, as f32 in Hugging Face's layout (linear and LoRA
     /// matrices back to `[out, in]`; embedding tables as stored): `(name, values, shape)` in module order.
     pub fn hf_tensors(
@@ -240,6 +274,6 @@ impl LlamaForCausalLM {
 
 /// Whether a parameter is stored transposed in the module tree relative to Hugging Face (linear and LoRA matrices are
 /// `[in, out]` here; embedding tables, the prompt encoder's included, are not).
-pub(crate) fn stored_transposed(name: &str, shape: &[usize]) -> bool {
+fn stored_transposed(name: &str, shape: &[usize]) -> bool {
     shape.len() == 2 && !name.ends_with("embed_tokens.weight") && !name.ends_with("embedding.weight")
 }
