@@ -90,7 +90,7 @@ pub(crate) trait FrozenOps: Backend {
     }
 }
 
-/// `w` (f32) in `dtype`. int8 goes through f32 because burn's WGSL backend cannot cast i8 to f16 directly.
+/// `w` (f32, as [`FrozenOps::int8_codes`] gives it) in `dtype`, the input's precision.
 fn widen<B: Backend>(w: FloatTensor<B>, dtype: FloatDType) -> FloatTensor<B> {
     if dtype == FloatDType::F32 {
         w
