@@ -1,14 +1,14 @@
-//! `offsite-edge bench kernels`: products through a frozen int8 weight, our kernels against the alternatives burn
-//! offers, side by side on one device: time, GB/s and GFLOP/s per shape.
+//! `offsite-edge bench kernels`: products through a frozen int8 or f16 weight, our kernels against the alternatives
+//! burn offers, side by side on one device: time, GB/s and GFLOP/s per shape.
 
 use std::time::Instant;
 
 use anyhow::Result;
 use burn::tensor::quantization::{QuantScheme, QuantStore, QuantValue};
-use burn::tensor::{Device, Distribution, Tensor, TensorData};
+use burn::tensor::{Device, Distribution, FloatDType, Tensor, TensorData};
 use clap::Args;
 use offsite::device::{self, DeviceChoice};
-use offsite::quant::{int8_dequantize, int8_matmul, quantize_int8, ScaleDType};
+use offsite::quant::{f16_matmul, int8_dequantize, int8_matmul, quantize_int8, ScaleDType};
 use tracing::info;
 
 #[derive(Args)]
@@ -64,7 +64,7 @@ fn time(device: &Device, iters: usize, f: &dyn Fn() -> Tensor<2>) -> Result<f64>
 
 pub(crate) fn run(args: BenchArgs) -> Result<()> {
     let (device, described) = device::resolve(args.device)?;
-    info!(device = %described, iters = args.iters, "benchmarking products through frozen int8 weights");
+    info!(device = %described, iters = args.iters, "benchmarking products through frozen int8 and f16 weights");
     println!("device: {described}");
     println!(
         "{:<22} {:>6} {:<34} {:>10} {:>9} {:>9}",
@@ -80,6 +80,7 @@ pub(crate) fn run(args: BenchArgs) -> Result<()> {
         // The dense weight as the product wants it, [in, out].
         let dense = Tensor::<2>::from_data(TensorData::new(w, [out, inp]), &device).transpose().into_data();
         let dense = Tensor::<2>::from_data(dense, &device);
+        let half = dense.clone().cast(FloatDType::F16);
         let scheme = QuantScheme::default().with_value(QuantValue::Q8S).with_store(QuantStore::PackedU32(0));
         let burn_q8 = args.burn_q8s.then(|| dense.clone().quantize_dynamic(&scheme));
         for rows in [1, args.rows] {
@@ -88,12 +89,19 @@ pub(crate) fn run(args: BenchArgs) -> Result<()> {
             let flops = 2.0 * (rows * inp * out) as f64;
             let int8_bytes = (out * inp + 4 * out) as f64 + io;
             let f32_bytes = 4.0 * (out * inp) as f64 + io;
+            let f16_bytes = 2.0 * (out * inp) as f64 + io;
             let mut paths: Vec<(&str, f64, Box<dyn Fn() -> Tensor<2>>)> = vec![
                 ("ours: int8 kernel", int8_bytes, Box::new(|| int8_matmul(x.clone(), q.clone(), scale.clone()))),
                 (
                     "burn: dequantize, then f32 matmul",
                     int8_bytes,
                     Box::new(|| x.clone().matmul(int8_dequantize(q.clone(), scale.clone(), inp))),
+                ),
+                ("ours: f16 kernel", f16_bytes, Box::new(|| f16_matmul(x.clone(), half.clone()))),
+                (
+                    "burn: cast f16 to f32, then matmul",
+                    f16_bytes,
+                    Box::new(|| x.clone().matmul(half.clone().cast(FloatDType::F32))),
                 ),
                 ("burn: f32 matmul", f32_bytes, Box::new(|| x.clone().matmul(dense.clone()))),
             ];

@@ -86,7 +86,7 @@ impl Int8Matrix {
             }
         }
         let options = |dtype| TensorCreationOptions::new(device.clone()).with_dtype(dtype);
-        let q = if device.as_dispatch().identity().is_none() {
+        let q = if !packed_codes(device) {
             Tensor::<2, Int>::from_data(TensorData::new(t, [self.inp, self.out]), options(DType::I8))
         } else {
             let words = self.inp.div_ceil(4);
@@ -125,6 +125,26 @@ pub fn int8_dequantize(q: Tensor<2, Int>, scale: Tensor<1>, inp: usize) -> Tenso
     let codes: Tensor<2> =
         Tensor::from_dispatch(<Dispatch as FrozenOps>::int8_codes(q.into_dispatch(), inp, out, false));
     codes.mul(scale.unsqueeze::<2>())
+}
+
+/// Output channels `ids` of the int8 weight in f32, `[n, in]` (`(q ⊙ scale)ᵀ[ids]`): an embedding lookup through a
+/// quantized table; only the selected codes are widened.
+pub(crate) fn int8_channels(q: Tensor<2, Int>, scale: Tensor<1>, inp: usize, ids: Tensor<1, Int>) -> Tensor<2> {
+    let n = ids.dims()[0];
+    // The channel is a column of the CPU's `[in, out]` codes, a row of wgpu's `[out, words]`.
+    let dim = if packed_codes(&q.device()) { 0 } else { 1 };
+    let codes: Tensor<2> = Tensor::from_dispatch(<Dispatch as FrozenOps>::int8_codes(
+        q.select(dim, ids.clone()).into_dispatch(),
+        inp,
+        n,
+        true,
+    ));
+    codes.mul(scale.select(0, ids).unsqueeze_dim(1))
+}
+
+/// Whether int8 codes live on `device` as packed i32 words (wgpu) rather than i8 (the CPU).
+fn packed_codes(device: &Device) -> bool {
+    device.as_dispatch().identity().is_some()
 }
 
 /// `x · w` through an f16 weight; differentiable with respect to `x` only.

@@ -4,7 +4,8 @@
 //! gradient.
 //!
 //! The default bodies (the CPU backend) widen the weight into a temporary that is dropped as soon as the product is
-//! done; on wgpu the int8 products run our WGSL kernels (`wgsl.rs`), which read the packed codes directly.
+//! done; on wgpu the products run our WGSL kernels (`wgsl.rs`), which read the packed int8 codes or f16 halves
+//! directly (an f16 matrix with an odd element count, which does not fill whole u32 words, is widened instead).
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -75,8 +76,7 @@ pub(crate) trait FrozenOps: Backend {
     /// # Shapes
     /// - `x`: `[m, in]`, `w`: `[in, out]` (f16) → `[m, out]`
     fn f16_matmul(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
-        let dtype = FloatDType::from(x.dtype());
-        Self::float_matmul(x, Self::float_cast(w, dtype))
+        f16_matmul_widened::<Self>(x, w)
     }
 
     /// `dy · wᵀ` with `w` in f16.
@@ -84,10 +84,21 @@ pub(crate) trait FrozenOps: Backend {
     /// # Shapes
     /// - `dy`: `[m, out]`, `w`: `[in, out]` (f16) → `[m, in]`
     fn f16_matmul_t(dy: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
-        let dtype = FloatDType::from(dy.dtype());
-        let wt = Self::float_cast(Self::float_transpose(w), dtype);
-        Self::float_matmul(dy, wt)
+        f16_matmul_t_widened::<Self>(dy, w)
     }
+}
+
+/// `x · w` through a temporary copy of the f16 `w` in `x`'s precision.
+fn f16_matmul_widened<B: Backend>(x: FloatTensor<B>, w: FloatTensor<B>) -> FloatTensor<B> {
+    let dtype = FloatDType::from(x.dtype());
+    B::float_matmul(x, B::float_cast(w, dtype))
+}
+
+/// `dy · wᵀ` through a temporary copy of the f16 `w` in `dy`'s precision.
+fn f16_matmul_t_widened<B: Backend>(dy: FloatTensor<B>, w: FloatTensor<B>) -> FloatTensor<B> {
+    let dtype = FloatDType::from(dy.dtype());
+    let wt = B::float_cast(B::float_transpose(w), dtype);
+    B::float_matmul(dy, wt)
 }
 
 /// `w` (f32, as [`FrozenOps::int8_codes`] gives it) in `dtype`, the input's precision.
@@ -117,6 +128,22 @@ impl FrozenOps for Cube {
         inp: usize,
     ) -> FloatTensor<Self> {
         super::wgsl::int8_matmul_t(dy, q, scale, inp)
+    }
+
+    fn f16_matmul(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
+        if super::wgsl::f16_readable(&w) {
+            super::wgsl::f16_matmul(x, w)
+        } else {
+            f16_matmul_widened::<Self>(x, w)
+        }
+    }
+
+    fn f16_matmul_t(dy: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
+        if super::wgsl::f16_readable(&w) {
+            super::wgsl::f16_matmul_t(dy, w)
+        } else {
+            f16_matmul_t_widened::<Self>(dy, w)
+        }
     }
 }
 

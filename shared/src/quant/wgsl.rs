@@ -1,6 +1,6 @@
-//! Our WGSL kernels for products through frozen int8 weights on wgpu (`shaders/`), launched through burn's CubeCL
-//! backend as hand-written source kernels. The weight stays packed (four codes per u32 word) in GPU memory; no
-//! widened copy of it is made.
+//! Our WGSL kernels for products through frozen int8 and f16 weights on wgpu (`shaders/`), launched through burn's
+//! CubeCL backend as hand-written source kernels. The weight stays packed in GPU memory (four int8 codes or two
+//! halves per u32 word); no widened copy of it is made.
 
 use burn::backend::{Backend, Cube};
 use burn::tensor::{DType, FloatDType, Shape};
@@ -19,23 +19,36 @@ const TILE: usize = 64;
 
 /// Which kernel runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub(crate) enum Int8Kernel {
-    /// `y = x · Wᵀ` for a few rows (decode).
+pub(crate) enum Kernel {
+    /// int8 `y = x · Wᵀ` for a few rows (decode).
     Gemv,
-    /// `y = x · Wᵀ`, tiled.
+    /// int8 `y = x · Wᵀ`, tiled.
     Gemm,
-    /// `dx = a · W` (a = dy ⊙ scale), tiled.
+    /// int8 `dx = a · W` (a = dy ⊙ scale), tiled.
     GemmT,
+    /// f16 `y = x · W` (W `[in, out]`) for a few rows, the reduction split in slices.
+    F16Gemv,
+    /// f16 `y = x · W`, tiled.
+    F16Gemm,
+    /// f16 `dx = dy · Wᵀ`, tiled.
+    F16GemmT,
 }
 
-impl KernelSource for Int8Kernel {
+impl KernelSource for Kernel {
     fn source(&self) -> SourceTemplate {
+        // The tiled kernel's orientation is that of the stored matrix: int8 is stored [out, in], f16 [in, out].
+        let gemm = |transposed: bool, f16: bool| {
+            SourceTemplate::new(include_str!("../../../shaders/frozen_gemm.wgsl"))
+                .register("transposed", transposed.to_string())
+                .register("f16", f16.to_string())
+        };
         match self {
-            Int8Kernel::Gemv => SourceTemplate::new(include_str!("../../../shaders/int8_gemv.wgsl")),
-            Int8Kernel::Gemm | Int8Kernel::GemmT => {
-                SourceTemplate::new(include_str!("../../../shaders/int8_gemm.wgsl"))
-                    .register("transposed", if *self == Int8Kernel::GemmT { "true" } else { "false" })
-            }
+            Kernel::Gemv => SourceTemplate::new(include_str!("../../../shaders/int8_gemv.wgsl")),
+            Kernel::F16Gemv => SourceTemplate::new(include_str!("../../../shaders/f16_gemv.wgsl")),
+            Kernel::Gemm => gemm(false, false),
+            Kernel::GemmT => gemm(true, false),
+            Kernel::F16Gemm => gemm(true, true),
+            Kernel::F16GemmT => gemm(false, true),
         }
     }
 
@@ -58,35 +71,47 @@ fn scale_columns<B: Backend>(dy: B::FloatTensorPrimitive, scale: B::FloatTensorP
     B::float_mul(cast::<B>(dy, DType::F32), B::float_reshape(scale, Shape::new([1, out])))
 }
 
-/// Runs `kernel` on `a` (`[m, k]` f32) and the packed weight, giving `[m, n]` f32.
-fn launch(kernel: Int8Kernel, a: CubeTensor, q: CubeTensor, scale: CubeTensor, n: usize) -> CubeTensor {
-    let (a, q, scale) = (into_contiguous(a), into_contiguous(q), into_contiguous(scale));
-    let (m, k) = (a.meta.shape()[0], a.meta.shape()[1]);
-    let words = q.meta.shape()[1];
-    let client = a.client.clone();
-    let out = CubeTensor::new_contiguous(
+/// An empty contiguous `[rows, cols]` f32 tensor on `like`'s device.
+fn empty(like: &CubeTensor, rows: usize, cols: usize) -> CubeTensor {
+    let client = like.client.clone();
+    CubeTensor::new_contiguous(
         client.clone(),
-        a.device.clone(),
-        Shape::new([m, n]),
-        client.empty(m * n * std::mem::size_of::<f32>()),
+        like.device.clone(),
+        Shape::new([rows, cols]),
+        client.empty(rows * cols * std::mem::size_of::<f32>()),
         DType::F32,
-    );
-    let info: [u32; 4] = [m as u32, k as u32, n as u32, words as u32];
+    )
+}
+
+/// Runs a tiled or int8 GEMV `kernel` on `a` (`[m, k]` f32) and the packed weight `w` (`[rows, stride]`: int8 words
+/// or f16 elements), giving `[m, n]` f32. `scale` is `None` for f16.
+fn launch(kernel: Kernel, a: CubeTensor, w: CubeTensor, scale: Option<CubeTensor>, n: usize) -> CubeTensor {
+    let (a, w) = (into_contiguous(a), into_contiguous(w));
+    let (m, k) = (a.meta.shape()[0], a.meta.shape()[1]);
+    let stride = w.meta.shape()[1];
+    let client = a.client.clone();
+    let out = empty(&a, m, n);
+    let info: [u32; 4] = [m as u32, k as u32, n as u32, stride as u32];
     let info = client.create_from_slice(bytemuck::cast_slice(&info));
+    let scale = match scale {
+        Some(s) => into_contiguous(s).handle.binding(),
+        // f16 kernels never read it, but the binding must exist.
+        None => client.create_from_slice(bytemuck::cast_slice(&[1.0f32])).binding(),
+    };
     let (cube_dim, count) = match kernel {
-        Int8Kernel::Gemv => (
+        Kernel::Gemv => (
             CubeDim::new_1d(64),
             CubeCount::Static(n.min(GEMV_SPAN) as u32, m as u32, n.div_ceil(GEMV_SPAN) as u32),
         ),
-        Int8Kernel::Gemm | Int8Kernel::GemmT => (
+        _ => (
             CubeDim::new_2d(16, 16),
             CubeCount::Static(n.div_ceil(TILE) as u32, m.div_ceil(TILE) as u32, 1),
         ),
     };
     let args = KernelArguments::new().with_buffers(vec![
         a.handle.clone().binding(),
-        q.handle.clone().binding(),
-        scale.handle.clone().binding(),
+        w.handle.clone().binding(),
+        scale,
         out.handle.clone().binding(),
         info.binding(),
     ]);
@@ -102,8 +127,8 @@ pub(crate) fn int8_matmul(x: CubeTensor, q: CubeTensor, scale: CubeTensor) -> Cu
     let dtype = x.dtype;
     let x = cast::<Cube>(x, DType::F32);
     let (m, out) = (x.meta.shape()[0], scale.meta.shape()[0]);
-    let kernel = if m <= GEMV_MAX_ROWS { Int8Kernel::Gemv } else { Int8Kernel::Gemm };
-    let y = launch(kernel, x, q, scale, out);
+    let kernel = if m <= GEMV_MAX_ROWS { Kernel::Gemv } else { Kernel::Gemm };
+    let y = launch(kernel, x, q, Some(scale), out);
     cast::<Cube>(y, dtype)
 }
 
@@ -115,8 +140,63 @@ pub(crate) fn int8_matmul_t(dy: CubeTensor, q: CubeTensor, scale: CubeTensor, in
     let dtype = dy.dtype;
     let out = scale.meta.shape()[0];
     let scaled = scale_columns::<Cube>(dy, scale.clone(), out);
-    let dx = launch(Int8Kernel::GemmT, scaled, q, scale, inp);
+    let dx = launch(Kernel::GemmT, scaled, q, Some(scale), inp);
     cast::<Cube>(dx, dtype)
+}
+
+/// Whether our f16 kernels can read `w` (`[in, out]` f16): they bind it as u32 words, so it must fill whole words.
+pub(crate) fn f16_readable(w: &CubeTensor) -> bool {
+    w.dtype == DType::F16 && w.meta.shape().num_elements() % 2 == 0
+}
+
+/// `x · w` with `w` f16 `[in, out]` (see [`f16_readable`]); the split GEMV for a few rows, the tiled kernel otherwise.
+///
+/// # Shapes
+/// - `x`: `[m, in]` → `[m, out]`
+pub(crate) fn f16_matmul(x: CubeTensor, w: CubeTensor) -> CubeTensor {
+    let dtype = x.dtype;
+    let x = cast::<Cube>(x, DType::F32);
+    let (m, k, n) = (x.meta.shape()[0], x.meta.shape()[1], w.meta.shape()[1]);
+    let y = if m <= GEMV_MAX_ROWS { f16_gemv(x, w, m, k, n) } else { launch(Kernel::F16Gemm, x, w, None, n) };
+    cast::<Cube>(y, dtype)
+}
+
+/// `dy · wᵀ` with `w` f16 `[in, out]`: the input gradient of [`f16_matmul`].
+///
+/// # Shapes
+/// - `dy`: `[m, out]` → `[m, in]`
+pub(crate) fn f16_matmul_t(dy: CubeTensor, w: CubeTensor) -> CubeTensor {
+    let dtype = dy.dtype;
+    let inp = w.meta.shape()[0];
+    let dx = launch(Kernel::F16GemmT, cast::<Cube>(dy, DType::F32), w, None, inp);
+    cast::<Cube>(dx, dtype)
+}
+
+/// The f16 GEMV: partial sums per reduction slice, then their sum.
+fn f16_gemv(x: CubeTensor, w: CubeTensor, m: usize, k: usize, n: usize) -> CubeTensor {
+    let (x, w) = (into_contiguous(x), into_contiguous(w));
+    // Slices of at least 128 inputs, at most 64 of them: enough workgroups for a narrow layer to fill a GPU.
+    let splits = (k / 128).clamp(1, 64);
+    let slice = k.div_ceil(splits);
+    let client = x.client.clone();
+    let part = empty(&x, splits * m, n);
+    let info: [u32; 4] = [m as u32, k as u32, n as u32, slice as u32];
+    let info = client.create_from_slice(bytemuck::cast_slice(&info));
+    let args = KernelArguments::new().with_buffers(vec![
+        x.handle.clone().binding(),
+        w.handle.clone().binding(),
+        part.handle.clone().binding(),
+        info.binding(),
+    ]);
+    let count = CubeCount::Static(n.div_ceil(64) as u32, splits as u32, 1);
+    client.launch(Box::new(SourceKernel::new(Kernel::F16Gemv, CubeDim::new_1d(64))), count, args);
+    sum_slices::<Cube>(part, splits, m, n)
+}
+
+/// `[splits · m, n]` partial sums added over the slices: `[m, n]`.
+fn sum_slices<B: Backend>(part: B::FloatTensorPrimitive, splits: usize, m: usize, n: usize) -> B::FloatTensorPrimitive {
+    let part = B::float_reshape(part, Shape::new([splits, m * n]));
+    B::float_reshape(B::float_sum_dim(part, 0), Shape::new([m, n]))
 }
 
 #[cfg(test)]
@@ -134,7 +214,7 @@ mod tests {
 
     #[test]
     fn every_kernel_variant_is_valid_wgsl() {
-        for kernel in [Int8Kernel::Gemv, Int8Kernel::Gemm, Int8Kernel::GemmT] {
+        for kernel in [Kernel::Gemv, Kernel::Gemm, Kernel::GemmT, Kernel::F16Gemv, Kernel::F16Gemm, Kernel::F16GemmT] {
             validate(&format!("{kernel:?}"), &kernel.source().complete());
         }
     }
@@ -147,11 +227,14 @@ mod tests {
             let path = entry.unwrap().path();
             if path.extension().is_some_and(|e| e == "wgsl") {
                 // Template placeholders take a value they can have.
-                let source = std::fs::read_to_string(&path).unwrap().replace("{{ transposed }}", "false");
+                let source = std::fs::read_to_string(&path)
+                    .unwrap()
+                    .replace("{{ transposed }}", "false")
+                    .replace("{{ f16 }}", "false");
                 validate(&path.display().to_string(), &source);
                 seen += 1;
             }
         }
-        assert!(seen >= 2, "no WGSL files found in {}", dir.display());
+        assert!(seen >= 3, "no WGSL files found in {}", dir.display());
     }
 }
