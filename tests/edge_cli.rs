@@ -25,6 +25,7 @@ fn small_emulator(dir: &Path) -> std::path::PathBuf {
         drop_ratio: 1.0,
         quant: QuantFormat::Int8,
         scale_dtype: ScaleDType::F32,
+        quantize_embeddings: false,
     };
     let out = dir.join("smol.emu");
     let checkpoint = Checkpoint::open(&smollm2_gguf()).unwrap();

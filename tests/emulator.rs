@@ -3,9 +3,10 @@
 
 use std::path::{Path, PathBuf};
 
-use burn::tensor::Device;
+use burn::tensor::{Device, Int, Tensor, TensorData};
 use offsite::emulator::{self, Emulator, EmulatorConfig, EmulatorError};
 use offsite::load::Checkpoint;
+use offsite::train::causal_lm_loss;
 use offsite::quant::{QuantFormat, ScaleDType};
 use offsite_tests::{logits, max_abs_diff, tiny_llama_6_layers};
 
@@ -13,19 +14,24 @@ const IDS: [i64; 8] = [1, 15, 27, 99, 3, 200, 7, 42];
 
 fn build(dir: &Path, quant: QuantFormat) -> (PathBuf, PathBuf) {
     let model = tiny_llama_6_layers(&dir.join("model"));
+    build_from(&model, dir, quant, false)
+}
+
+fn build_from(model: &Path, dir: &Path, quant: QuantFormat, quantize_embeddings: bool) -> (PathBuf, PathBuf) {
     let config = EmulatorConfig {
         bottom_layers: 1,
         top_layers: 1,
         drop_ratio: 0.5,
         quant,
         scale_dtype: ScaleDType::F32,
+        quantize_embeddings,
     };
-    let out = dir.join(format!("{quant:?}.emu"));
-    let ckpt = Checkpoint::open(&model).unwrap();
+    let out = dir.join(format!("{quant:?}-{quantize_embeddings}.emu"));
+    let ckpt = Checkpoint::open(model).unwrap();
     let mut calls = 0;
     emulator::build(&ckpt, "tiny-6", &config, &out, &mut |_, _| calls += 1).unwrap();
     assert!(calls > 0);
-    (model, out)
+    (model.to_path_buf(), out)
 }
 
 fn rel(a: &[f32], b: &[f32]) -> f32 {
@@ -94,6 +100,108 @@ fn quantized_emulators_stay_close_and_keep_names() {
     }
 }
 
+/// The 6-layer tiny model with tied embeddings (its `lm_head.weight` dropped), as SmolLM2 has them.
+fn tied_copy(model: &Path, dir: &Path) -> PathBuf {
+    let file = std::fs::read(model.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&file).unwrap();
+    let views: Vec<_> = st.tensors().into_iter().filter(|(n, _)| n != "lm_head.weight").collect();
+    std::fs::create_dir_all(dir).unwrap();
+    safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(model.join("config.json")).unwrap()).unwrap();
+    config["tie_word_embeddings"] = true.into();
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    dir.to_path_buf()
+}
+
+/// A table as the file stores it, widened: int8 codes times their row's scale, or f16.
+fn stored_f32(st: &safetensors::SafeTensors, name: &str) -> (Vec<f32>, Vec<usize>) {
+    let t = st.tensor(name).unwrap();
+    let values = match t.dtype() {
+        safetensors::Dtype::I8 => {
+            let scale: Vec<f32> = st
+                .tensor(&format!("{name}_scale"))
+                .unwrap()
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                .collect();
+            let cols = t.shape()[1];
+            t.data().iter().enumerate().map(|(i, &c)| c as i8 as f32 * scale[i / cols]).collect()
+        }
+        safetensors::Dtype::F16 => t
+            .data()
+            .chunks_exact(2)
+            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        other => panic!("`{name}` is stored as {other:?}"),
+    };
+    (values, t.shape().to_vec())
+}
+
+/// Loss and adapter gradients on an autodiff device.
+fn loss_and_grads(emu: &Emulator, replace: Vec<(String, Vec<f32>, Vec<usize>)>) -> (Vec<f32>, Vec<(String, Vec<f32>)>) {
+    let device = Device::flex().autodiff();
+    let model = emu.load_model(&device).unwrap().set_params(replace, true).unwrap();
+    let model = model.with_trainable(&|n| emu.is_adapter_param(n));
+    let x = Tensor::<2, Int>::from_data(TensorData::new(IDS.to_vec(), [1, IDS.len()]), &device);
+    let out = model.forward(x, None, None).unwrap();
+    let loss = causal_lm_loss(out.clone(), &[IDS.to_vec()]).unwrap();
+    let grads = loss.backward();
+    let mut named: Vec<(String, Vec<f32>)> = model
+        .named_grads(&grads)
+        .into_iter()
+        .map(|(n, g)| (n, g.into_data().try_into_vec().unwrap()))
+        .collect();
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    (out.inner().into_data().try_into_vec().unwrap(), named)
+}
+
+#[test]
+fn quantized_embeddings_compute_through_the_stored_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let untied = tiny_llama_6_layers(&dir.path().join("model"));
+    let tied = tied_copy(&untied, &dir.path().join("tied"));
+    for (model, heads) in [(&untied, vec!["lm_head.weight"]), (&tied, vec![])] {
+        for quant in [QuantFormat::Int8, QuantFormat::F16] {
+            let (_, small) = build_from(model, model, quant, true);
+            let (_, plain) = build_from(model, model, quant, false);
+            let emu = Emulator::open(&small).unwrap();
+            assert!(emu.manifest().quantize_embeddings);
+            let file = std::fs::read(&small).unwrap();
+            let st = safetensors::SafeTensors::deserialize(&file).unwrap();
+            let tables: Vec<&str> = ["model.embed_tokens.weight"].into_iter().chain(heads.iter().copied()).collect();
+            for name in &tables {
+                assert_ne!(st.tensor(name).unwrap().dtype(), safetensors::Dtype::F32, "{name} ({quant:?})");
+            }
+            assert_eq!(st.tensor("model.norm.weight").unwrap().dtype(), safetensors::Dtype::F32);
+            let (small_len, plain_len) = (file.len(), std::fs::metadata(&plain).unwrap().len() as usize);
+            assert!(small_len < plain_len, "{quant:?}: {small_len} vs {plain_len} bytes");
+
+            // Reference: the same emulator with dense tables holding exactly the stored (widened) values. Lookups,
+            // the head and its input gradient through the stored codes must give what the dense path gives.
+            let replace: Vec<_> = tables
+                .iter()
+                .map(|n| {
+                    let (v, shape) = stored_f32(&st, n);
+                    (n.to_string(), v, shape)
+                })
+                .collect();
+            let (got, got_grads) = loss_and_grads(&emu, Vec::new());
+            let (want, want_grads) = loss_and_grads(&Emulator::open(&plain).unwrap(), replace);
+            let r = rel(&got, &want);
+            assert!(r < 1e-5, "{quant:?} tied={}: relative logit error {r}", heads.is_empty());
+            assert_eq!(got_grads.len(), want_grads.len());
+            assert!(!got_grads.is_empty());
+            for ((n, g), (m, w)) in got_grads.iter().zip(&want_grads) {
+                assert_eq!(n, m);
+                let r = rel(g, w);
+                assert!(r < 1e-4, "{quant:?} tied={}: {n} gradient relative error {r}", heads.is_empty());
+            }
+        }
+    }
+}
+
 #[test]
 fn damaged_files_are_refused() {
     let dir = tempfile::tempdir().unwrap();
@@ -147,7 +255,7 @@ fn distillation_pulls_the_middle_towards_the_full_model_and_touches_nothing_else
         })
         .collect();
     let held: Vec<Vec<i64>> = (100..106).map(|i| seq(i, 16).iter().map(|&x| x as i64).collect()).collect();
-    let config = EmulatorConfig { bottom_layers: 1, top_layers: 1, drop_ratio: 0.5, quant: QuantFormat::F32, scale_dtype: ScaleDType::F32 };
+    let config = EmulatorConfig { bottom_layers: 1, top_layers: 1, drop_ratio: 0.5, quant: QuantFormat::F32, scale_dtype: ScaleDType::F32, quantize_embeddings: false };
     let full = ckpt.load_model(&Device::flex()).unwrap();
     let plain = Emulator::open(&plain_path).unwrap();
     let before = boundary_nmse(&plain.load_model(&Device::flex()).unwrap(), &full, &held);

@@ -259,6 +259,7 @@ pub fn tiny_emulator(dir: &Path) -> (PathBuf, PathBuf) {
         drop_ratio: 0.5,
         quant: QuantFormat::Int8,
         scale_dtype: ScaleDType::F32,
+        quantize_embeddings: false,
     };
     let out = dir.join("tiny.emu");
     let checkpoint = offsite::load::Checkpoint::open(&model).unwrap();

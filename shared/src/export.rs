@@ -90,7 +90,7 @@ pub fn write_merged(
     let (v, h) = (config.vocab_size, config.hidden_size);
     tensors.push((
         "model.embed_tokens.weight".into(),
-        host(model.model.embed_tokens.weight.val(), "embed")?,
+        host(model.model.embed_tokens.to_f32(), "embed")?,
         vec![v, h],
     ));
     for (i, layer) in model.model.layers.iter().enumerate() {

@@ -72,6 +72,7 @@ fn emulator_config(quant: QuantFormat) -> EmulatorConfig {
         drop_ratio: 0.5,
         quant,
         scale_dtype: ScaleDType::F32,
+        quantize_embeddings: false,
     }
 }
 

@@ -22,6 +22,10 @@ pub struct EmulatorConfig {
     /// Precision of int8 scales in the file.
     #[serde(default)]
     pub scale_dtype: ScaleDType,
+    /// Also store the token embeddings and the LM head in `quant` (int8: one scale per vocabulary row). They are
+    /// frozen in every emulator, and in a small model they are its largest matrix (SmolLM2-135M: 28M of 135M).
+    #[serde(default)]
+    pub quantize_embeddings: bool,
 }
 
 fn default_quant() -> QuantFormat {
@@ -98,6 +102,7 @@ mod tests {
             drop_ratio: drop,
             quant: QuantFormat::Int8,
             scale_dtype: ScaleDType::F32,
+            quantize_embeddings: false,
         }
     }
 

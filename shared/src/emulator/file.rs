@@ -1,6 +1,7 @@
 //! The emulator file: one safetensors file whose header metadata holds a JSON manifest and a SHA-256 over the
 //! manifest and every tensor. Tensors use Hugging Face names and PyTorch layouts; a frozen int8 projection is
-//! `{module}.weight` (I8, `[out, in]`) plus `{module}.weight_scale` (`[out]`, F32 or F16). No code, ever.
+//! `{module}.weight` (I8, `[out, in]`) plus `{module}.weight_scale` (`[out]`, F32 or F16); quantized embeddings are `model.embed_tokens.weight` (I8,
+//! `[vocab, hidden]`, one scale per vocabulary row) plus its `_scale`. No code, ever.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -14,8 +15,8 @@ use crate::quant::{QuantFormat, ScaleDType};
 
 /// Value of the `format` metadata key.
 pub(crate) const FORMAT: &str = "offsite-emulator";
-/// Manifest version this build reads and writes.
-pub const MANIFEST_VERSION: u32 = 1;
+/// Manifest version this build writes; it also reads version 1 (before `quantize_embeddings`).
+pub const MANIFEST_VERSION: u32 = 2;
 
 /// What an emulator is: where it came from, which layers it holds and how they are stored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -39,6 +40,9 @@ pub struct EmulatorManifest {
     pub quant: QuantFormat,
     /// Precision of int8 scales.
     pub scale_dtype: ScaleDType,
+    /// Whether the token embeddings and the LM head are stored in `quant` too (absent in version 1: false).
+    #[serde(default)]
+    pub quantize_embeddings: bool,
     /// Whether the kept middle was distilled against the full model.
     pub distilled: bool,
     /// The tokenizer, as Hugging Face's `tokenizer.json`.

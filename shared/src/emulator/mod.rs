@@ -146,8 +146,11 @@ fn write(
             }
             None => source.read(&info.name)?,
         };
-        let frozen = layer_of(&info.name).is_some_and(|i| !adapter_layers.contains(&i));
-        if frozen && is_projection(&info.name, &t.shape) {
+        let frozen = match layer_of(&info.name) {
+            Some(i) => !adapter_layers.contains(&i) && is_projection(&info.name, &t.shape),
+            None => config.quantize_embeddings && info.name != "model.norm.weight",
+        };
+        if frozen {
             entries.extend(quantized_entries(&info.name, t, config));
         } else {
             entries.push(f32_entry(info.name.clone(), t));
@@ -166,6 +169,7 @@ fn write(
         drop_ratio: config.drop_ratio,
         quant: config.quant,
         scale_dtype: config.scale_dtype,
+        quantize_embeddings: config.quantize_embeddings && config.quant != QuantFormat::F32,
         distilled,
         tokenizer: tokenizer.as_ref().and_then(|t| t.to_json().ok()),
         tokenizer_config: tokenizer.as_ref().map(Tokenizer::tokenizer_config_json),
@@ -252,9 +256,9 @@ impl Emulator {
         let version: Option<u64> = serde_json::from_str::<serde_json::Value>(json)
             .ok()
             .and_then(|v| v.get("format_version")?.as_u64());
-        if version != Some(MANIFEST_VERSION as u64) {
+        if !version.is_some_and(|v| (1..=MANIFEST_VERSION as u64).contains(&v)) {
             return Err(bad(format!(
-                "manifest format_version {version:?}; this build reads version {MANIFEST_VERSION}"
+                "manifest format_version {version:?}; this build reads versions 1 to {MANIFEST_VERSION}"
             )));
         }
         let manifest: EmulatorManifest =

@@ -123,8 +123,14 @@ pub(crate) fn build_layers(
         config.num_key_value_heads * d,
     );
     let eps = config.rms_norm_eps;
-    let embed_tokens =
-        Embedding::new(b.tensor2("model.embed_tokens.weight", config.vocab_size, h)?);
+    let frozen_table = match frozen {
+        Some(f) => f.frozen("model.embed_tokens", config.vocab_size, h, device)?,
+        None => None,
+    };
+    let embed_tokens = match frozen_table {
+        Some(table) => Embedding::frozen(table),
+        None => Embedding::new(b.tensor2("model.embed_tokens.weight", config.vocab_size, h)?),
+    };
     let mut layers = Vec::with_capacity(layer_ids.len());
     for &n in layer_ids {
         let p = format!("model.layers.{n}");

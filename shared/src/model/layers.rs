@@ -1,9 +1,9 @@
 //! Building blocks with Hugging Face's parameter names: `Linear`, `RmsNorm`, `Embedding`.
 
 use burn::module::{Module, Param};
-use burn::tensor::{FloatDType, Int, Tensor};
+use burn::tensor::{Device, FloatDType, Int, Tensor};
 
-use crate::quant::{f16_matmul, int8_dequantize, int8_matmul};
+use crate::quant::{f16_matmul, int8_channels, int8_dequantize, int8_matmul};
 
 /// A dense projection `y = x · W (+ b)`, named like Hugging Face's `nn.Linear` (`weight`, `bias`).
 ///
@@ -77,6 +77,15 @@ impl LinearWeight {
             LinearWeight::Dense(w) => w.val(),
             LinearWeight::F16(w) => w.val().cast(burn::tensor::FloatDType::F32),
             LinearWeight::Int8(w) => int8_dequantize(w.q.val(), w.scale.val(), w.in_features),
+        }
+    }
+
+    /// The output channels `ids` in f32: rows of `Wᵀ`, `[n, in]` (an embedding lookup through a frozen table).
+    fn channels(&self, ids: Tensor<1, Int>) -> Tensor<2> {
+        match self {
+            LinearWeight::Dense(w) => w.val().select(1, ids).transpose(),
+            LinearWeight::F16(w) => w.val().select(1, ids).transpose().cast(FloatDType::F32),
+            LinearWeight::Int8(w) => int8_channels(w.q.val(), w.scale.val(), w.in_features, ids),
         }
     }
 
@@ -196,22 +205,98 @@ impl RmsNorm {
 /// Token embedding table.
 #[derive(Module, Debug)]
 pub struct Embedding {
-    /// `[vocab, hidden]`.
-    pub weight: Param<Tensor<2>>,
+    /// The table, dense or frozen in low precision.
+    pub weight: EmbeddingWeight,
+}
+
+/// An embedding table: dense in Hugging Face's layout, or frozen int8/f16 (an emulator with quantized embeddings)
+/// stored as the tied LM head's projection, so the head multiplies through it directly.
+#[derive(Module, Debug)]
+pub enum EmbeddingWeight {
+    /// f32 `[vocab, hidden]`.
+    Dense(Param<Tensor<2>>),
+    /// A frozen projection with `in` = hidden and `out` = vocab (`[hidden, vocab]`, see [`LinearWeight`]); a lookup
+    /// reads the output channels of the ids.
+    Frozen(LinearWeight),
 }
 
 impl Embedding {
-    /// Wraps a loaded table.
+    /// Wraps a loaded `[vocab, hidden]` table.
     pub fn new(weight: Tensor<2>) -> Self {
         Self {
-            weight: Param::from_tensor(weight),
+            weight: EmbeddingWeight::Dense(Param::from_tensor(weight)),
+        }
+    }
+
+    /// Wraps a frozen low-precision table (`in` = hidden, `out` = vocab).
+    pub fn frozen(weight: LinearWeight) -> Self {
+        Self {
+            weight: EmbeddingWeight::Frozen(weight),
+        }
+    }
+
+    /// `[vocab, hidden]`.
+    pub fn dims(&self) -> [usize; 2] {
+        match &self.weight {
+            EmbeddingWeight::Dense(w) => w.dims(),
+            EmbeddingWeight::Frozen(w) => {
+                let [h, v] = w.dims();
+                [v, h]
+            }
+        }
+    }
+
+    /// The table in f32, `[vocab, hidden]` (a copy when frozen; for export).
+    pub fn to_f32(&self) -> Tensor<2> {
+        match &self.weight {
+            EmbeddingWeight::Dense(w) => w.val(),
+            EmbeddingWeight::Frozen(w) => w.to_f32().transpose(),
+        }
+    }
+
+    /// The device the table lives on.
+    pub fn device(&self) -> Device {
+        match &self.weight {
+            EmbeddingWeight::Dense(w) | EmbeddingWeight::Frozen(LinearWeight::Dense(w) | LinearWeight::F16(w)) => {
+                w.device()
+            }
+            EmbeddingWeight::Frozen(LinearWeight::Int8(w)) => w.scale.device(),
         }
     }
 
     /// # Shapes
     /// - `ids`: `[batch, seq]` → `[batch, seq, hidden]`
     pub fn forward(&self, ids: Tensor<2, Int>) -> Tensor<3> {
-        burn::tensor::module::embedding(self.weight.val(), ids)
+        match &self.weight {
+            EmbeddingWeight::Dense(w) => burn::tensor::module::embedding(w.val(), ids),
+            EmbeddingWeight::Frozen(w) => {
+                let [b, s] = ids.dims();
+                let hidden = w.dims()[0];
+                w.channels(ids.reshape([b * s])).reshape([b, s, hidden])
+            }
+        }
+    }
+
+    /// The tied LM head: `hidden · Eᵀ`, in f16 when `half` (mixed precision).
+    ///
+    /// # Shapes
+    /// - `hidden`: `[m, hidden]` → `[m, vocab]`
+    pub(crate) fn head(&self, hidden: Tensor<2>, half: bool) -> Tensor<2> {
+        let f16 = FloatDType::F16;
+        match &self.weight {
+            EmbeddingWeight::Dense(w) => {
+                // `E · hᵀ` then transpose the (small) activation, never the `[vocab, hidden]` table.
+                let (table, flat) = (w.val(), hidden.transpose());
+                let logits = if half {
+                    table.cast(f16).matmul(flat.cast(f16)).cast(FloatDType::F32)
+                } else {
+                    table.matmul(flat)
+                };
+                logits.transpose()
+            }
+            EmbeddingWeight::Frozen(w) if half => w.matmul(hidden.cast(f16)).cast(FloatDType::F32),
+            EmbeddingWeight::Frozen(w) => w.matmul(hidden),
+        }
     }
 }
 

@@ -14,7 +14,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 pub use attention::{LlamaAttention, LlamaMlp};
 pub use cache::KvCache;
 pub use config::{LlamaConfig, RopeScaling};
-pub use layers::{Embedding, Int8Weight, Linear, LinearWeight, LoraBranch, RmsNorm};
+pub use layers::{Embedding, EmbeddingWeight, Int8Weight, Linear, LinearWeight, LoraBranch, RmsNorm};
 pub use params::NamedParam;
 pub use prompt::{PromptEncoder, PromptKind};
 
@@ -162,7 +162,7 @@ impl LlamaForCausalLM {
 
     /// The device the parameters live on.
     pub fn device(&self) -> Device {
-        self.model.embed_tokens.weight.device()
+        self.model.embed_tokens.device()
     }
 
     /// Logits of every position.
@@ -394,18 +394,10 @@ impl LlamaForCausalLM {
         match &self.lm_head {
             Some(head) => head.forward(hidden),
             None => {
-                // Tied head: `E · hᵀ` then transpose the (small) activation, never the `[vocab, hidden]` table.
                 let [b, s, h] = hidden.dims();
-                let table = self.model.embed_tokens.weight.val();
-                let vocab = table.dims()[0];
-                let flat = hidden.reshape([b * s, h]).transpose();
-                let logits = if self.half {
-                    let f16 = burn::tensor::FloatDType::F16;
-                    table.cast(f16).matmul(flat.cast(f16)).cast(burn::tensor::FloatDType::F32)
-                } else {
-                    table.matmul(flat)
-                };
-                logits.transpose().reshape([b, s, vocab])
+                let logits = self.model.embed_tokens.head(hidden.reshape([b * s, h]), self.half);
+                let vocab = logits.dims()[1];
+                logits.reshape([b, s, vocab])
             }
         }
     }

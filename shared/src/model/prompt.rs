@@ -94,7 +94,7 @@ impl PromptEncoder {
     pub fn hidden_width(&self) -> usize {
         self.mlp_head
             .first()
-            .map_or(self.embedding.weight.dims()[1], Linear::out_features)
+            .map_or(self.embedding.dims()[1], Linear::out_features)
     }
 
     /// The prefixed layers (full-model indices), for a prefix.
@@ -104,7 +104,7 @@ impl PromptEncoder {
 
     /// Number of virtual tokens.
     pub fn num_virtual_tokens(&self) -> usize {
-        self.embedding.weight.dims()[0]
+        self.embedding.dims()[0]
     }
 
     /// The encoder's output: virtual-token embeddings, or every prefixed layer's keys and values side by side
@@ -113,7 +113,7 @@ impl PromptEncoder {
     /// # Shapes
     /// - → `[virtual, hidden]` or `[virtual, layers·2·kv_dim]`
     pub fn output(&self) -> Tensor<2> {
-        let table = self.embedding.weight.val();
+        let table = self.embedding.to_f32();
         match (self.kind, self.mlp_head.as_slice()) {
             (_, []) => table,
             (PromptKind::EncodedTokens, [a, b, c]) => {
