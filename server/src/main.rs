@@ -46,7 +46,12 @@ enum Command {
     },
 }
 
+/// Freed pages stay with the process for reuse (see `offsite::alloc`).
+#[global_allocator]
+static ALLOC: offsite::alloc::MiMalloc = offsite::alloc::MiMalloc;
+
 fn main() -> Result<()> {
+    offsite::alloc::keep_freed_pages();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(

@@ -2,6 +2,7 @@
 //! generation and device selection. Adapters, emulators, data and the wire protocol build on these.
 
 pub mod adapters;
+pub mod alloc;
 pub mod data;
 pub mod device;
 pub mod emulator;

@@ -79,7 +79,12 @@ fn decode(model: &LlamaForCausalLM, prompt: usize, steps: usize) -> Result<f64> 
     Ok(steps as f64 / start.elapsed().as_secs_f64())
 }
 
+/// Freed pages stay with the process for reuse (see `offsite::alloc`).
+#[global_allocator]
+static ALLOC: offsite::alloc::MiMalloc = offsite::alloc::MiMalloc;
+
 fn main() -> Result<()> {
+    offsite::alloc::keep_freed_pages();
     let args = Args::parse();
     let (device, described) = device::resolve(args.device)?;
     let checkpoint = Checkpoint::open(&args.model)?;
