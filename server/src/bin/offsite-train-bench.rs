@@ -17,10 +17,11 @@ use offsite::load::{peak_rss_bytes, Checkpoint};
 use offsite::quant::{QuantFormat, ScaleDType};
 use offsite::train::{TrainConfig, Trainer};
 
-const MODES: [(&str, &str); 5] = [
+const MODES: [(&str, &str); 6] = [
     ("full-lora", "LoRA r=8 q/v, full model"),
     ("full-ft", "full fine-tuning, full model"),
     ("emu-int8", "offsite 2+2, int8 emulator"),
+    ("emu-int8-emb", "offsite 2+2, int8 emulator + int8 embeddings"),
     ("emu-f32", "offsite 2+2, f32 emulator"),
     ("emu-int8-lora", "offsite 2+2 + LoRA r=8 all-linear, int8"),
 ];
@@ -65,16 +66,20 @@ fn lora(targets: TargetModules) -> LoraConfig {
     }
 }
 
-fn emulator_config(quant: QuantFormat) -> EmulatorConfig {
+fn emulator_config(quant: QuantFormat, quantize_embeddings: bool) -> EmulatorConfig {
     EmulatorConfig {
         bottom_layers: 2,
         top_layers: 2,
         drop_ratio: 0.5,
         quant,
         scale_dtype: ScaleDType::F32,
-        quantize_embeddings: false,
+        quantize_embeddings,
     }
 }
+
+/// The emulators measured: (file, storage of the frozen middle, quantized embeddings).
+const EMULATORS: [(&str, QuantFormat, bool); 3] =
+    [("int8.emu", QuantFormat::Int8, false), ("int8-emb.emu", QuantFormat::Int8, true), ("f32.emu", QuantFormat::F32, false)];
 
 /// Runs one configuration: returns (tokens/s, seconds per step).
 fn child(args: &Args, mode: &str, workdir: &Path) -> Result<(f64, f64)> {
@@ -85,7 +90,11 @@ fn child(args: &Args, mode: &str, workdir: &Path) -> Result<(f64, f64)> {
         let n = model.config().num_hidden_layers;
         (model, (0..n).collect::<Vec<_>>())
     } else {
-        let file = if mode == "emu-f32" { "f32.emu" } else { "int8.emu" };
+        let file = match mode {
+            "emu-f32" => "f32.emu",
+            "emu-int8-emb" => "int8-emb.emu",
+            _ => "int8.emu",
+        };
         let emu = Emulator::open(&workdir.join(file))?;
         (emu.load_model(&ad)?, emu.manifest().adapter_layers.clone())
     };
@@ -139,8 +148,9 @@ fn main() -> Result<()> {
     let work = std::env::temp_dir().join(format!("offsite-train-bench-{}", std::process::id()));
     std::fs::create_dir_all(&work)?;
     let checkpoint = Checkpoint::open(&args.model)?;
-    for (quant, file) in [(QuantFormat::Int8, "int8.emu"), (QuantFormat::F32, "f32.emu")] {
-        emulator::build(&checkpoint, "bench", &emulator_config(quant), &work.join(file), &mut |_, _| {})?;
+    for (file, quant, embeddings) in EMULATORS {
+        let config = emulator_config(quant, embeddings);
+        emulator::build(&checkpoint, "bench", &config, &work.join(file), &mut |_, _| {})?;
     }
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!(
