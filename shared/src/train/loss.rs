@@ -1,9 +1,10 @@
 //! Hugging Face's causal-LM loss: mean cross-entropy of `logits[:, t]` against `labels[:, t + 1]`, skipping
 //! positions labelled [`IGNORE_INDEX`] (prompt tokens, padding).
 
-use burn::tensor::activation::log_softmax;
+use burn::backend::Dispatch;
 use burn::tensor::{Int, Tensor, TensorData};
 
+use super::xent::CrossEntropyOps;
 use crate::model::ModelError;
 
 /// Label of positions that do not count in the loss (PyTorch's `ignore_index`).
@@ -23,10 +24,12 @@ pub fn causal_lm_loss(logits: Tensor<3>, labels: &[Vec<i64>]) -> Result<Tensor<1
             "a sequence needs at least 2 tokens to predict one".into(),
         ));
     }
-    let mut targets = Vec::with_capacity(b * (s - 1));
-    let mut weights = Vec::with_capacity(b * (s - 1));
+    // Every position is a row; the last of each sequence predicts nothing (weight 0), which spares slicing the
+    // `[batch, seq, vocab]` logits into a copy.
+    let mut targets = Vec::with_capacity(b * s);
+    let mut weights = Vec::with_capacity(b * s);
     for row in labels {
-        for &l in &row[1..] {
+        for &l in row[1..].iter().chain(std::iter::once(&IGNORE_INDEX)) {
             if l == IGNORE_INDEX {
                 targets.push(0i64);
                 weights.push(0.0f32);
@@ -47,9 +50,11 @@ pub fn causal_lm_loss(logits: Tensor<3>, labels: &[Vec<i64>]) -> Result<Tensor<1
         ));
     }
     let device = logits.device();
-    let targets = Tensor::<3, Int>::from_data(TensorData::new(targets, [b, s - 1, 1]), &device);
-    let weights = Tensor::<3>::from_data(TensorData::new(weights, [b, s - 1, 1]), &device);
-    let log_probs = log_softmax(logits.slice([0..b, 0..s - 1, 0..v]), 2);
-    let picked = log_probs.gather(2, targets).mul(weights);
-    Ok(picked.sum().neg().div_scalar(count).reshape([1]))
+    let targets = Tensor::<1, Int>::from_data(TensorData::new(targets, [b * s]), &device);
+    let weights = Tensor::<1>::from_data(TensorData::new(weights, [b * s]), &device);
+    let per_row: Tensor<1> = Tensor::from_dispatch(<Dispatch as CrossEntropyOps>::xent_rows(
+        logits.reshape([b * s, v]).into_dispatch(),
+        targets.into_dispatch(),
+    ));
+    Ok(per_row.mul(weights).sum().div_scalar(count).reshape([1]))
 }

@@ -4,6 +4,7 @@
 mod eval;
 mod job;
 mod loss;
+mod xent;
 mod optim;
 mod scaler;
 mod trainer;
