@@ -93,11 +93,6 @@ fn lse_row(row: &[f32]) -> f32 {
     max + sum.ln()
 }
 
-/// A small f32 vector of a contiguous CPU tensor (the per-row values).
-fn small_f32(t: &FlexTensor) -> Option<&[f32]> {
-    t.as_slice::<f32>()
-}
-
 /// Targets as `usize`, whatever integer type the CPU backend holds them in.
 fn targets_usize(t: &FlexTensor) -> Option<Vec<usize>> {
     match t.dtype() {
@@ -127,7 +122,7 @@ impl CrossEntropyOps for Flex {
         g: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
         let [n, v] = x.shape().dims::<2>();
-        let fast = match (x.as_slice::<f32>(), small_f32(&lse), small_f32(&g), targets_usize(&targets)) {
+        let fast = match (x.as_slice::<f32>(), lse.as_slice::<f32>(), g.as_slice::<f32>(), targets_usize(&targets)) {
             (Some(data), Some(lse), Some(g), Some(t)) if v > 0 => {
                 let mut out = vec![0.0f32; n * v];
                 out.par_chunks_mut(v).zip(data.par_chunks(v)).enumerate().for_each(|(r, (o, row))| {
