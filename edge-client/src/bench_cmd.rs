@@ -8,7 +8,7 @@ use burn::tensor::quantization::{QuantScheme, QuantStore, QuantValue};
 use burn::tensor::{Device, Distribution, FloatDType, Tensor, TensorData};
 use clap::Args;
 use offsite::device::{self, DeviceChoice};
-use offsite::quant::{f16_matmul, int8_dequantize, int8_matmul, quantize_int8, ScaleDType};
+use offsite::quant::{f16_matmul, int8_dequantize, int8_matmul, quantize_int8, QuantFormat, ScaleDType};
 use tracing::info;
 
 #[derive(Args)]
@@ -121,12 +121,12 @@ pub(crate) fn run(args: BenchArgs) -> Result<()> {
 }
 
 /// Device memory the allocator holds after one training step (forward and input gradient) through an MLP block of
-/// frozen weights (`down(gate(x) ⊙ up(x))`), int8 through our kernels against the same block with dense f32 weights
-/// resident. The CPU backend reports no pools.
+/// frozen weights (`down(gate(x) ⊙ up(x))`), int8 and f16 through our kernels against the same block with dense f32
+/// weights resident. The CPU backend reports no pools.
 fn step_memory(device: &Device, rows: usize, large: bool) -> Result<()> {
     let (hidden, inter) = if large { (4096, 11008) } else { (576, 1536) };
     println!("\ntraining step through a frozen MLP block ({hidden}→{inter}→{hidden}, {rows} rows): device memory held");
-    for int8 in [true, false] {
+    for storage in [QuantFormat::Int8, QuantFormat::F16, QuantFormat::F32] {
         device.memory_cleanup();
         let ad = device.clone().autodiff();
         let weight = |out: usize, inp: usize| -> Result<Box<dyn Fn(Tensor<2>) -> Tensor<2>>> {
@@ -134,12 +134,21 @@ fn step_memory(device: &Device, rows: usize, large: bool) -> Result<()> {
                 .into_data()
                 .try_into_vec()
                 .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-            Ok(if int8 {
-                let (q, scale) = quantize_int8(&w, out, inp, ScaleDType::F32).to_tensors(&ad);
-                Box::new(move |x| int8_matmul(x, q.clone(), scale.clone()))
-            } else {
-                let dense = Tensor::<2>::from_data(TensorData::new(w, [out, inp]), &ad).transpose();
-                Box::new(move |x: Tensor<2>| x.matmul(dense.clone()))
+            Ok(match storage {
+                QuantFormat::Int8 => {
+                    let (q, scale) = quantize_int8(&w, out, inp, ScaleDType::F32).to_tensors(&ad);
+                    Box::new(move |x| int8_matmul(x, q.clone(), scale.clone()))
+                }
+                QuantFormat::F16 => {
+                    let half = Tensor::<2>::from_data(TensorData::new(w, [out, inp]), &ad)
+                        .transpose()
+                        .cast(FloatDType::F16);
+                    Box::new(move |x| f16_matmul(x, half.clone()))
+                }
+                QuantFormat::F32 => {
+                    let dense = Tensor::<2>::from_data(TensorData::new(w, [out, inp]), &ad).transpose();
+                    Box::new(move |x: Tensor<2>| x.matmul(dense.clone()))
+                }
             })
         };
         let (gate, up, down) = (weight(inter, hidden)?, weight(inter, hidden)?, weight(hidden, inter)?);
@@ -151,7 +160,11 @@ fn step_memory(device: &Device, rows: usize, large: bool) -> Result<()> {
         let held = device.memory_pool_usage().map_or("n/a (backend reports no pools)".to_string(), |u| {
             format!("{:.1} MiB reserved, {:.1} MiB in use", u.bytes_reserved as f64 / 1048576.0, u.bytes_in_use as f64 / 1048576.0)
         });
-        let label = if int8 { "int8 weights, our kernels" } else { "f32 weights resident" };
+        let label = match storage {
+            QuantFormat::Int8 => "int8 weights, our kernels",
+            QuantFormat::F16 => "f16 weights, our kernels",
+            QuantFormat::F32 => "f32 weights resident",
+        };
         println!("  {label:<28} {held}  (Σdx = {:.3})", dx.unwrap_or(f32::NAN));
     }
     Ok(())
