@@ -349,8 +349,9 @@ impl Emulator {
         layer_of(name).is_some_and(|i| self.manifest.adapter_layers.contains(&i))
     }
 
-    /// Builds the emulator model on `device`: adapter layers, embeddings and norms in f32, the frozen middle in its
-    /// stored precision. Every parameter starts frozen; the trainer chooses what trains.
+    /// Builds the emulator model on `device`: adapter layers and norms in f32, the frozen middle (and the embeddings
+    /// and LM head, when `quantize_embeddings`) in its stored precision. Every parameter starts frozen; the trainer
+    /// chooses what trains.
     pub fn load_model(&self, device: &Device) -> Result<LlamaForCausalLM, EmulatorError> {
         let model = build_layers(
             &self.config,
