@@ -172,6 +172,7 @@ pub(crate) fn build_with_progress(
         layers = ?manifest.layers,
         adapter_layers = ?manifest.adapter_layers,
         quant = ?manifest.quant,
+        quantize_embeddings = manifest.quantize_embeddings,
         distilled = manifest.distilled,
         mib = format!("{:.1}", bytes as f64 / (1 << 20) as f64),
         sha256 = %sha,
