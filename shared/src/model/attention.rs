@@ -1,12 +1,13 @@
 //! Grouped-query self-attention (`self_attn`) and the SwiGLU MLP (`mlp`) of a decoder layer.
 
 use burn::module::Module;
-use burn::tensor::activation::{silu, softmax};
+use burn::tensor::activation::softmax;
 use burn::tensor::Tensor;
 
 use super::cache::LayerCache;
 use super::layers::Linear;
 use super::rope::apply_rotary;
+use super::swiglu::swiglu;
 
 /// `model.layers.{i}.self_attn`: q/k/v/o projections with grouped-query attention.
 #[derive(Module, Debug)]
@@ -115,7 +116,7 @@ impl LlamaMlp {
     /// # Shapes
     /// - `x`: `[batch, seq, hidden]` → `[batch, seq, hidden]`
     pub(crate) fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let gate = silu(self.gate_proj.forward(x.clone()));
-        self.down_proj.forward(gate.mul(self.up_proj.forward(x)))
+        let gated = swiglu(self.gate_proj.forward(x.clone()), self.up_proj.forward(x));
+        self.down_proj.forward(gated)
     }
 }

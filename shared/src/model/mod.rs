@@ -7,6 +7,7 @@ mod layers;
 mod params;
 mod prompt;
 mod rope;
+mod swiglu;
 
 use burn::module::Module;
 use burn::tensor::{Device, Int, Tensor, TensorData};
