@@ -176,6 +176,12 @@ fn describe(a: &GpuAdapter) -> String {
     format!("gpu {} ({}, {:?})", a.name, a.backend, a.device_type)
 }
 
+/// The first wgpu adapter, for unit tests of the GPU path (in CI: Mesa's lavapipe).
+#[cfg(test)]
+pub(crate) fn test_gpu() -> Device {
+    resolve(DeviceChoice::Gpu(0)).expect("a wgpu adapter (CI installs Mesa's lavapipe)").0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

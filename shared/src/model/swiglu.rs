@@ -194,8 +194,6 @@ mod tests {
 
     #[test]
     fn swiglu_matches_the_composite_on_wgpu() {
-        let (device, _) = crate::device::resolve(crate::device::DeviceChoice::Gpu(0))
-            .expect("a wgpu adapter (CI installs Mesa's lavapipe)");
-        check(&device);
+        check(&crate::device::test_gpu());
     }
 }

@@ -95,9 +95,7 @@ fn int8_matches_dequantized_dense_on_cpu() {
 /// On wgpu (CI: Mesa's lavapipe) the codes travel as i32 words, four to a word.
 #[test]
 fn int8_matches_dequantized_dense_on_wgpu() {
-    let (device, _) = crate::device::resolve(crate::device::DeviceChoice::Gpu(0))
-        .expect("a wgpu adapter (CI installs Mesa's lavapipe)");
-    check_int8(&device, DType::I32);
+    check_int8(&crate::device::test_gpu(), DType::I32);
 }
 
 /// Forward and input gradient of the f16 product against a dense matmul with the widened weight: the GEMV (≤ 4 rows)
@@ -129,7 +127,5 @@ fn f16_matches_dense_and_has_input_gradient_on_cpu() {
 
 #[test]
 fn f16_matches_dense_and_has_input_gradient_on_wgpu() {
-    let (device, _) = crate::device::resolve(crate::device::DeviceChoice::Gpu(0))
-        .expect("a wgpu adapter (CI installs Mesa's lavapipe)");
-    check_f16(&device);
+    check_f16(&crate::device::test_gpu());
 }

@@ -242,9 +242,7 @@ mod tests {
 
     #[test]
     fn fused_cross_entropy_matches_a_plain_reference_on_wgpu() {
-        let (device, _) = crate::device::resolve(crate::device::DeviceChoice::Gpu(0))
-            .expect("a wgpu adapter (CI installs Mesa's lavapipe)");
-        check(&device);
+        check(&crate::device::test_gpu());
     }
 
     #[test]
