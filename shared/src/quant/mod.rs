@@ -2,6 +2,7 @@
 //! compute through them without keeping a full-precision copy.
 
 mod ops;
+mod route;
 mod wgsl;
 
 use burn::backend::Dispatch;

@@ -4,8 +4,9 @@
 //! gradient.
 //!
 //! The default bodies (the CPU backend) widen the weight into a temporary that is dropped as soon as the product is
-//! done; on wgpu the products run our WGSL kernels (`wgsl.rs`), which read the packed int8 codes or f16 halves
-//! directly (an f16 matrix with an odd element count, which does not fill whole u32 words, is widened instead).
+//! done. On wgpu the products take the route the autotuner measured fastest (`route.rs`): our WGSL kernels, which
+//! read the packed int8 codes or f16 halves directly (`wgsl.rs`), or a transient widened copy and burn's matmul (an
+//! f16 matrix with an odd element count, which does not fill whole u32 words, is always widened).
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -118,7 +119,7 @@ impl FrozenOps for Cube {
     }
 
     fn int8_matmul(x: FloatTensor<Self>, q: IntTensor<Self>, scale: FloatTensor<Self>) -> FloatTensor<Self> {
-        super::wgsl::int8_matmul(x, q, scale)
+        super::route::int8_matmul(x, q, scale)
     }
 
     fn int8_matmul_t(
@@ -127,12 +128,12 @@ impl FrozenOps for Cube {
         scale: FloatTensor<Self>,
         inp: usize,
     ) -> FloatTensor<Self> {
-        super::wgsl::int8_matmul_t(dy, q, scale, inp)
+        super::route::int8_matmul_t(dy, q, scale, inp)
     }
 
     fn f16_matmul(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
         if super::wgsl::f16_readable(&w) {
-            super::wgsl::f16_matmul(x, w)
+            super::route::f16_matmul(x, w)
         } else {
             f16_matmul_widened::<Self>(x, w)
         }
@@ -140,7 +141,7 @@ impl FrozenOps for Cube {
 
     fn f16_matmul_t(dy: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
         if super::wgsl::f16_readable(&w) {
-            super::wgsl::f16_matmul_t(dy, w)
+            super::route::f16_matmul_t(dy, w)
         } else {
             f16_matmul_t_widened::<Self>(dy, w)
         }

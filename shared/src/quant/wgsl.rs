@@ -1,9 +1,10 @@
 //! Our WGSL kernels for products through frozen int8 and f16 weights on wgpu (`shaders/`), launched through burn's
-//! CubeCL backend as hand-written source kernels. The weight stays packed in GPU memory (four int8 codes or two
-//! halves per u32 word); no widened copy of it is made.
+//! CubeCL backend as hand-written source kernels. The products read the weight packed in GPU memory (four int8 codes
+//! or two halves per u32 word) without widening it; [`int8_widen`] makes the transient dense copy of the dense route
+//! (`route.rs`). All of them compute in f32.
 
 use burn::backend::{Backend, Cube};
-use burn::tensor::{DType, FloatDType, Shape};
+use burn::tensor::{DType, Shape};
 use burn_cubecl::cubecl::prelude::{CubeCount, CubeDim, KernelId};
 use burn_cubecl::cubecl::server::KernelArguments;
 use burn_cubecl::kernel::into_contiguous;
@@ -16,6 +17,8 @@ pub(crate) const GEMV_MAX_ROWS: usize = 4;
 const GEMV_SPAN: usize = 32768;
 /// The tiled kernel's output tile edge (16×16 threads, 4×4 outputs each).
 const TILE: usize = 64;
+/// Workgroups per dispatch dimension that every wgpu device accepts.
+const DISPATCH_MAX: usize = 65535;
 
 /// Which kernel runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -32,6 +35,8 @@ pub(crate) enum Kernel {
     F16Gemm,
     /// f16 `dx = dy · Wᵀ`, tiled.
     F16GemmT,
+    /// int8 codes times their scales, widened to a dense f32 matrix.
+    Widen,
 }
 
 impl KernelSource for Kernel {
@@ -49,6 +54,7 @@ impl KernelSource for Kernel {
             Kernel::GemmT => gemm(true, false),
             Kernel::F16Gemm => gemm(true, true),
             Kernel::F16GemmT => gemm(false, true),
+            Kernel::Widen => SourceTemplate::new(include_str!("../../../shaders/int8_dequantize.wgsl")),
         }
     }
 
@@ -59,16 +65,6 @@ impl KernelSource for Kernel {
     fn lang(&self) -> &'static str {
         "wgsl"
     }
-}
-
-/// `t` in `dtype` (our kernels compute in f32; mixed precision casts around them).
-fn cast<B: Backend>(t: B::FloatTensorPrimitive, dtype: DType) -> B::FloatTensorPrimitive {
-    B::float_cast(t, FloatDType::from(dtype))
-}
-
-/// `dy ⊙ scale` with one scale per column, in f32.
-fn scale_columns<B: Backend>(dy: B::FloatTensorPrimitive, scale: B::FloatTensorPrimitive, out: usize) -> B::FloatTensorPrimitive {
-    B::float_mul(cast::<B>(dy, DType::F32), B::float_reshape(scale, Shape::new([1, out])))
 }
 
 /// An empty contiguous `[rows, cols]` f32 tensor on `like`'s device.
@@ -119,29 +115,48 @@ fn launch(kernel: Kernel, a: CubeTensor, w: CubeTensor, scale: Option<CubeTensor
     out
 }
 
-/// `x · (q ⊙ scale)ᵀ` with `q` packed `[out, ⌈in/4⌉]`; the GEMV kernel for a few rows, the tiled one otherwise.
+/// `a · (q ⊙ scale)ᵀ` (`a` f32) with `q` packed `[n, ⌈k/4⌉]`; the GEMV kernel for a few rows, the tiled one
+/// otherwise.
 ///
 /// # Shapes
-/// - `x`: `[m, in]` → `[m, out]`
-pub(crate) fn int8_matmul(x: CubeTensor, q: CubeTensor, scale: CubeTensor) -> CubeTensor {
-    let dtype = x.dtype;
-    let x = cast::<Cube>(x, DType::F32);
-    let (m, out) = (x.meta.shape()[0], scale.meta.shape()[0]);
+/// - `a`: `[m, k]` → `[m, n]`
+pub(crate) fn int8_product(a: CubeTensor, q: CubeTensor, scale: CubeTensor) -> CubeTensor {
+    let (m, n) = (a.meta.shape()[0], scale.meta.shape()[0]);
     let kernel = if m <= GEMV_MAX_ROWS { Kernel::Gemv } else { Kernel::Gemm };
-    let y = launch(kernel, x, q, Some(scale), out);
-    cast::<Cube>(y, dtype)
+    launch(kernel, a, q, Some(scale), n)
 }
 
-/// `(dy ⊙ scale) · q` with `q` packed `[out, ⌈in/4⌉]`: the input gradient of [`int8_matmul`].
+/// `a · q` (`a` f32, already scaled by the weight's scales) with `q` packed `[k, ⌈n/4⌉]`: the input gradient of
+/// [`int8_product`].
 ///
 /// # Shapes
-/// - `dy`: `[m, out]` → `[m, inp]`
-pub(crate) fn int8_matmul_t(dy: CubeTensor, q: CubeTensor, scale: CubeTensor, inp: usize) -> CubeTensor {
-    let dtype = dy.dtype;
-    let out = scale.meta.shape()[0];
-    let scaled = scale_columns::<Cube>(dy, scale.clone(), out);
-    let dx = launch(Kernel::GemmT, scaled, q, Some(scale), inp);
-    cast::<Cube>(dx, dtype)
+/// - `a`: `[m, k]` → `[m, n]`
+pub(crate) fn int8_product_t(a: CubeTensor, q: CubeTensor, scale: CubeTensor, n: usize) -> CubeTensor {
+    launch(Kernel::GemmT, a, q, Some(scale), n)
+}
+
+/// `q ⊙ scale` widened into a dense row-major f32 matrix, `q` packed `[n, ⌈k/4⌉]`.
+///
+/// # Shapes
+/// - `q`: `[n, ⌈k/4⌉]`, `scale`: `[n]` → `[n, k]`
+pub(crate) fn int8_widen(q: CubeTensor, scale: CubeTensor, k: usize) -> CubeTensor {
+    let (q, scale) = (into_contiguous(q), into_contiguous(scale));
+    let (n, words) = (q.meta.shape()[0], q.meta.shape()[1]);
+    let client = q.client.clone();
+    let out = empty(&q, n, k);
+    let groups = (n * words).div_ceil(256);
+    let across = groups.min(DISPATCH_MAX);
+    let info: [u32; 4] = [n as u32, k as u32, words as u32, across as u32];
+    let info = client.create_from_slice(bytemuck::cast_slice(&info));
+    let args = KernelArguments::new().with_buffers(vec![
+        q.handle.clone().binding(),
+        scale.handle.clone().binding(),
+        out.handle.clone().binding(),
+        info.binding(),
+    ]);
+    let count = CubeCount::Static(across as u32, groups.div_ceil(across) as u32, 1);
+    client.launch(Box::new(SourceKernel::new(Kernel::Widen, CubeDim::new_1d(256))), count, args);
+    out
 }
 
 /// Whether our f16 kernels can read `w` (`[in, out]` f16): they bind it as u32 words, so it must fill whole words.
@@ -149,27 +164,27 @@ pub(crate) fn f16_readable(w: &CubeTensor) -> bool {
     w.dtype == DType::F16 && w.meta.shape().num_elements() % 2 == 0
 }
 
-/// `x · w` with `w` f16 `[in, out]` (see [`f16_readable`]); the split GEMV for a few rows, the tiled kernel otherwise.
+/// `a · w` (`a` f32) with `w` f16 `[k, n]` (see [`f16_readable`]); the split GEMV for a few rows, the tiled kernel
+/// otherwise.
 ///
 /// # Shapes
-/// - `x`: `[m, in]` → `[m, out]`
-pub(crate) fn f16_matmul(x: CubeTensor, w: CubeTensor) -> CubeTensor {
-    let dtype = x.dtype;
-    let x = cast::<Cube>(x, DType::F32);
-    let (m, k, n) = (x.meta.shape()[0], x.meta.shape()[1], w.meta.shape()[1]);
-    let y = if m <= GEMV_MAX_ROWS { f16_gemv(x, w, m, k, n) } else { launch(Kernel::F16Gemm, x, w, None, n) };
-    cast::<Cube>(y, dtype)
+/// - `a`: `[m, k]` → `[m, n]`
+pub(crate) fn f16_product(a: CubeTensor, w: CubeTensor) -> CubeTensor {
+    let (m, k, n) = (a.meta.shape()[0], a.meta.shape()[1], w.meta.shape()[1]);
+    if m <= GEMV_MAX_ROWS {
+        f16_gemv(a, w, m, k, n)
+    } else {
+        launch(Kernel::F16Gemm, a, w, None, n)
+    }
 }
 
-/// `dy · wᵀ` with `w` f16 `[in, out]`: the input gradient of [`f16_matmul`].
+/// `a · wᵀ` (`a` f32) with `w` f16 `[n, k]`: the input gradient of [`f16_product`].
 ///
 /// # Shapes
-/// - `dy`: `[m, out]` → `[m, in]`
-pub(crate) fn f16_matmul_t(dy: CubeTensor, w: CubeTensor) -> CubeTensor {
-    let dtype = dy.dtype;
-    let inp = w.meta.shape()[0];
-    let dx = launch(Kernel::F16GemmT, cast::<Cube>(dy, DType::F32), w, None, inp);
-    cast::<Cube>(dx, dtype)
+/// - `a`: `[m, k]` → `[m, n]`
+pub(crate) fn f16_product_t(a: CubeTensor, w: CubeTensor) -> CubeTensor {
+    let n = w.meta.shape()[0];
+    launch(Kernel::F16GemmT, a, w, None, n)
 }
 
 /// The f16 GEMV: partial sums per reduction slice, then their sum.
@@ -214,7 +229,15 @@ mod tests {
 
     #[test]
     fn every_kernel_variant_is_valid_wgsl() {
-        for kernel in [Kernel::Gemv, Kernel::Gemm, Kernel::GemmT, Kernel::F16Gemv, Kernel::F16Gemm, Kernel::F16GemmT] {
+        for kernel in [
+            Kernel::Gemv,
+            Kernel::Gemm,
+            Kernel::GemmT,
+            Kernel::F16Gemv,
+            Kernel::F16Gemm,
+            Kernel::F16GemmT,
+            Kernel::Widen,
+        ] {
             validate(&format!("{kernel:?}"), &kernel.source().complete());
         }
     }
@@ -235,6 +258,6 @@ mod tests {
                 seen += 1;
             }
         }
-        assert!(seen >= 3, "no WGSL files found in {}", dir.display());
+        assert!(seen >= 4, "no WGSL files found in {}", dir.display());
     }
 }

@@ -1,0 +1,217 @@
+//! How a product through a frozen int8 or f16 weight runs on wgpu. Two routes compute it:
+//! - **kernel**: our WGSL kernels read the packed weight directly (`wgsl.rs`; GEMV for a few rows, tiled otherwise);
+//! - **dense**: the weight is widened into a transient f32 copy (our one-pass int8 kernel, or a cast for f16) that
+//!   burn's own autotuned matmul consumes; the copy is dropped when the product is done, so no widened weight stays
+//!   resident, but one matrix's f32 copy is live during the product.
+//!
+//! Which is faster depends on the device and the shape (on a software Vulkan device burn's matmul beats our tiled
+//! kernel; on decode shapes our GEMV reads a quarter of the bytes), so, as burn does for its own matmul, CubeCL's
+//! autotuner measures both routes once per device and shape class (rows rounded up to a power of two) and reuses
+//! the winner. The dense route is burn's dequantize-then-matmul path with a cheaper widening, so the tuned product
+//! is never slower than that path.
+//!
+//! Every route computes in f32; inputs in another precision are cast around it.
+
+use burn::backend::ops::FloatTensorOps;
+use burn::backend::Cube;
+use burn::tensor::{DType, FloatDType, Shape};
+use burn_cubecl::cubecl::tune::{local_tuner, LocalTuner, Tunable, TunableSet};
+use burn_cubecl::tensor::CubeTensor;
+use burn_cubecl::CubeTuneId;
+
+use super::wgsl;
+
+/// A frozen weight as the kernels store it.
+#[derive(Debug, Clone)]
+pub(crate) enum Weight {
+    /// int8 codes packed four to an i32 word along each stored row, `[rows, ⌈cols/4⌉]`, one f32 scale per row.
+    Int8 { q: CubeTensor, scale: CubeTensor },
+    /// f16, `[rows, cols]`, fully packed into u32 words (see [`wgsl::f16_readable`]).
+    F16(CubeTensor),
+}
+
+/// How a [`Problem`] is computed (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Route {
+    /// Our kernels read the packed weight.
+    Kernel,
+    /// A transient f32 copy of the weight, then burn's matmul.
+    Dense,
+}
+
+/// One product of `a` (`[m, k]`, f32) and a frozen weight `W` (its scales applied), giving `[m, n]` f32: the
+/// forward `a · Wᵀ` for int8 (`W` stored `[n, k]`) and `a · W` for f16 (`[k, n]`); with `transposed`, the input
+/// gradient of that forward (int8 `a · W`, W `[k, n]`; f16 `a · Wᵀ`, W `[n, k]`).
+#[derive(Debug, Clone)]
+pub(crate) struct Problem {
+    pub(crate) a: CubeTensor,
+    pub(crate) weight: Weight,
+    pub(crate) transposed: bool,
+    pub(crate) n: usize,
+}
+
+impl Problem {
+    /// The autotune key: the product and its shape, rows rounded up to a power of two.
+    fn key(&self) -> String {
+        let (m, k) = (self.a.meta.shape()[0], self.a.meta.shape()[1]);
+        let storage = match self.weight {
+            Weight::Int8 { .. } => "int8",
+            Weight::F16(_) => "f16",
+        };
+        let direction = if self.transposed { "input-gradient" } else { "forward" };
+        format!("{storage} {direction} m{} k{k} n{}", m.next_power_of_two(), self.n)
+    }
+
+    /// The product by `route`.
+    pub(crate) fn run(self, route: Route) -> CubeTensor {
+        let Problem { a, weight, transposed, n } = self;
+        let k = a.meta.shape()[1];
+        match (route, weight, transposed) {
+            (Route::Kernel, Weight::Int8 { q, scale }, false) => wgsl::int8_product(a, q, scale),
+            (Route::Kernel, Weight::Int8 { q, scale }, true) => {
+                let a = Cube::float_mul(a, Cube::float_reshape(scale.clone(), Shape::new([1, k])));
+                wgsl::int8_product_t(a, q, scale, n)
+            }
+            (Route::Kernel, Weight::F16(w), false) => wgsl::f16_product(a, w),
+            (Route::Kernel, Weight::F16(w), true) => wgsl::f16_product_t(a, w),
+            (Route::Dense, Weight::Int8 { q, scale }, false) => {
+                Cube::float_matmul(a, Cube::float_transpose(wgsl::int8_widen(q, scale, k)))
+            }
+            (Route::Dense, Weight::Int8 { q, scale }, true) => Cube::float_matmul(a, wgsl::int8_widen(q, scale, n)),
+            (Route::Dense, Weight::F16(w), false) => Cube::float_matmul(a, cast(w, DType::F32)),
+            (Route::Dense, Weight::F16(w), true) => Cube::float_matmul(a, Cube::float_transpose(cast(w, DType::F32))),
+        }
+    }
+}
+
+/// The tuner that picks a [`Route`] per device and [`Problem::key`].
+static TUNER: LocalTuner<String, CubeTuneId> = local_tuner!();
+
+/// The product by the route measured fastest for this device and shape class (measuring both the first time).
+fn tuned(problem: Problem) -> CubeTensor {
+    let client = problem.a.client.clone();
+    let id = CubeTuneId::new(&client, &problem.a.device);
+    let set = TUNER.init(&id, || {
+        // Names are the cache's identity for a result: spelled out, not derived from the variants.
+        TunableSet::<String, Problem, CubeTensor>::new_cloning_inputs(|p: &Problem| p.key())
+            .with(Tunable::new("kernel", |p: Problem| Ok::<_, String>(p.run(Route::Kernel))))
+            .with(Tunable::new("dense", |p: Problem| Ok::<_, String>(p.run(Route::Dense))))
+    });
+    TUNER.execute(&id, &client, set, problem)
+}
+
+/// `t` in `dtype`.
+fn cast(t: CubeTensor, dtype: DType) -> CubeTensor {
+    Cube::float_cast(t, FloatDType::from(dtype))
+}
+
+/// `problem`'s product in f32 by the tuned route, cast back to `dtype`.
+fn product(problem: Problem, dtype: DType) -> CubeTensor {
+    cast(tuned(Problem { a: cast(problem.a.clone(), DType::F32), ..problem }), dtype)
+}
+
+/// `x · (q ⊙ scale)ᵀ` with `q` packed `[out, ⌈in/4⌉]`.
+///
+/// # Shapes
+/// - `x`: `[m, in]` → `[m, out]`
+pub(crate) fn int8_matmul(x: CubeTensor, q: CubeTensor, scale: CubeTensor) -> CubeTensor {
+    let (dtype, n) = (x.dtype, scale.meta.shape()[0]);
+    product(Problem { a: x, weight: Weight::Int8 { q, scale }, transposed: false, n }, dtype)
+}
+
+/// `dy · (q ⊙ scale)` with `q` packed `[out, ⌈in/4⌉]`: the input gradient of [`int8_matmul`].
+///
+/// # Shapes
+/// - `dy`: `[m, out]` → `[m, inp]`
+pub(crate) fn int8_matmul_t(dy: CubeTensor, q: CubeTensor, scale: CubeTensor, inp: usize) -> CubeTensor {
+    let dtype = dy.dtype;
+    product(Problem { a: dy, weight: Weight::Int8 { q, scale }, transposed: true, n: inp }, dtype)
+}
+
+/// `x · w` with `w` f16 `[in, out]` (see [`wgsl::f16_readable`]).
+///
+/// # Shapes
+/// - `x`: `[m, in]` → `[m, out]`
+pub(crate) fn f16_matmul(x: CubeTensor, w: CubeTensor) -> CubeTensor {
+    let (dtype, n) = (x.dtype, w.meta.shape()[1]);
+    product(Problem { a: x, weight: Weight::F16(w), transposed: false, n }, dtype)
+}
+
+/// `dy · wᵀ` with `w` f16 `[in, out]`: the input gradient of [`f16_matmul`].
+///
+/// # Shapes
+/// - `dy`: `[m, out]` → `[m, in]`
+pub(crate) fn f16_matmul_t(dy: CubeTensor, w: CubeTensor) -> CubeTensor {
+    let (dtype, n) = (dy.dtype, w.meta.shape()[0]);
+    product(Problem { a: dy, weight: Weight::F16(w), transposed: true, n }, dtype)
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::backend::{BackendTensor, DispatchTensor, DispatchTensorKind};
+    use burn::tensor::{Device, Distribution, FloatDType, Tensor, TensorData};
+
+    use super::*;
+    use crate::quant::{quantize_int8, ScaleDType};
+
+    fn cube(t: DispatchTensor) -> CubeTensor {
+        match t.kind {
+            DispatchTensorKind::Cube(BackendTensor::Float(c) | BackendTensor::Int(c)) => c,
+            other => panic!("not a wgpu tensor: {other:?}"),
+        }
+    }
+
+    fn tensor(c: CubeTensor) -> Tensor<2> {
+        Tensor::from_dispatch(DispatchTensor {
+            kind: DispatchTensorKind::Cube(BackendTensor::Float(c)),
+            autodiff: Default::default(),
+        })
+    }
+
+    fn max_rel(got: Tensor<2>, want: Tensor<2>) -> f32 {
+        assert_eq!(got.dims(), want.dims());
+        ((got - want.clone()).abs() / want.abs().clamp_min(1.0)).max().into_scalar::<f32>()
+    }
+
+    fn random(rows: usize, cols: usize) -> Vec<f32> {
+        Tensor::<2>::random([rows, cols], Distribution::Uniform(-1.0, 1.0), &Device::flex())
+            .into_data()
+            .try_into_vec()
+            .unwrap()
+    }
+
+    /// Both routes of all four products against a dense f32 matmul on the CPU-emulated GPU: GEMV and tiled shapes,
+    /// widths off every tile and word, a long reduction, more rows than one tile.
+    #[test]
+    fn every_route_of_every_product_matches_a_dense_reference() {
+        let device = crate::device::test_gpu();
+        for (m, k, n) in [(5, 37, 18), (1, 64, 48), (3, 4096, 12), (17, 4099, 10), (70, 33, 66)] {
+            let a = Tensor::<2>::random([m, k], Distribution::Normal(0.0, 1.0), &device);
+            let tol = 1e-5 * (k as f32 / 64.0).max(1.0);
+            for transposed in [false, true] {
+                // int8 is stored [out, in]: the forward reads W [n, k], its input gradient W [k, n].
+                let (rows, cols) = if transposed { (k, n) } else { (n, k) };
+                let q8 = quantize_int8(&random(rows, cols), rows, cols, ScaleDType::F32);
+                let dense = Tensor::<2>::from_data(TensorData::new(q8.dequantize(), [rows, cols]), &device);
+                let want = a.clone().matmul(if transposed { dense } else { dense.transpose() });
+                let (q, scale) = q8.to_tensors(&device);
+                // f16 is stored [in, out]: the forward reads W [k, n], its input gradient W [n, k].
+                let (rows, cols) = (cols, rows);
+                let half = Tensor::<2>::from_data(TensorData::new(random(rows, cols), [rows, cols]), &device)
+                    .cast(FloatDType::F16);
+                let wide = half.clone().cast(FloatDType::F32);
+                let want_f16 = a.clone().matmul(if transposed { wide.transpose() } else { wide });
+                for route in [Route::Kernel, Route::Dense] {
+                    let int8 = Weight::Int8 { q: cube(q.clone().into_dispatch()), scale: cube(scale.clone().into_dispatch()) };
+                    let f16 = Weight::F16(cube(half.clone().into_dispatch()));
+                    for (weight, want) in [(int8, &want), (f16, &want_f16)] {
+                        let what = format!("{weight:?}").split(' ').next().unwrap_or_default().to_string();
+                        let problem = Problem { a: cube(a.clone().into_dispatch()), weight, transposed, n };
+                        let err = max_rel(tensor(problem.run(route)), want.clone());
+                        assert!(err < tol, "{what} {route:?} transposed={transposed} ({m}, {k}, {n}): {err}");
+                    }
+                }
+            }
+        }
+    }
+}
