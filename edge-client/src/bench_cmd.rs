@@ -1,5 +1,6 @@
-//! `offsite-edge bench kernels`: products through a frozen int8 or f16 weight, our kernels against the alternatives
-//! burn offers, side by side on one device: time, GB/s and GFLOP/s per shape.
+//! `offsite-edge bench kernels`: products through a frozen int8 or f16 weight, ours (the tuned product training runs,
+//! and each of its routes) against the alternatives burn offers, side by side on one device: time, GB/s, GFLOP/s and
+//! the speedup over burn's path for the same storage, per shape.
 
 use std::time::Instant;
 
@@ -8,7 +9,10 @@ use burn::tensor::quantization::{QuantScheme, QuantStore, QuantValue};
 use burn::tensor::{Device, Distribution, FloatDType, Tensor, TensorData};
 use clap::Args;
 use offsite::device::{self, DeviceChoice};
-use offsite::quant::{f16_matmul, int8_dequantize, int8_matmul, quantize_int8, QuantFormat, ScaleDType};
+use offsite::quant::{
+    f16_matmul, f16_matmul_by, int8_dequantize, int8_matmul, int8_matmul_by, quantize_int8, QuantFormat, Route,
+    ScaleDType,
+};
 use tracing::info;
 
 #[derive(Args)]
@@ -67,8 +71,8 @@ pub(crate) fn run(args: BenchArgs) -> Result<()> {
     info!(device = %described, iters = args.iters, "benchmarking products through frozen int8 and f16 weights");
     println!("device: {described}");
     println!(
-        "{:<22} {:>6} {:<34} {:>10} {:>9} {:>9}",
-        "weight [out×in]", "rows", "path", "time (µs)", "GB/s", "GFLOP/s"
+        "{:<22} {:>6} {:<40} {:>10} {:>9} {:>9} {:>10}",
+        "weight [out×in]", "rows", "path", "time (µs)", "GB/s", "GFLOP/s", "vs burn"
     );
     for (name, out, inp) in shapes(args.large) {
         let w: Vec<f32> = Tensor::<2>::random([out, inp], Distribution::Normal(0.0, 0.05), &Device::flex())
@@ -90,30 +94,53 @@ pub(crate) fn run(args: BenchArgs) -> Result<()> {
             let int8_bytes = (out * inp + 4 * out) as f64 + io;
             let f32_bytes = 4.0 * (out * inp) as f64 + io;
             let f16_bytes = 2.0 * (out * inp) as f64 + io;
-            let mut paths: Vec<(&str, f64, Box<dyn Fn() -> Tensor<2>>)> = vec![
-                ("ours: int8 kernel", int8_bytes, Box::new(|| int8_matmul(x.clone(), q.clone(), scale.clone()))),
+            // (path, bytes moved, the burn path it replaces (index into `paths`), the product)
+            type Path<'a> = (&'static str, f64, Option<usize>, Box<dyn Fn() -> Tensor<2> + 'a>);
+            let (xr, qr, sr, hr) = (&x, &q, &scale, &half);
+            let int8 = |route| -> Box<dyn Fn() -> Tensor<2> + '_> {
+                Box::new(move || int8_matmul_by(route, xr.clone(), qr.clone(), sr.clone()))
+            };
+            let f16 = |route| -> Box<dyn Fn() -> Tensor<2> + '_> {
+                Box::new(move || f16_matmul_by(route, xr.clone(), hr.clone()))
+            };
+            let mut paths: Vec<Path> = vec![
                 (
                     "burn: dequantize, then f32 matmul",
                     int8_bytes,
+                    None,
                     Box::new(|| x.clone().matmul(int8_dequantize(q.clone(), scale.clone(), inp))),
                 ),
-                ("ours: f16 kernel", f16_bytes, Box::new(|| f16_matmul(x.clone(), half.clone()))),
+                ("ours: int8, tuned (what training runs)", int8_bytes, Some(0), int8(None)),
+                ("ours: int8, kernel route", int8_bytes, Some(0), int8(Some(Route::Kernel))),
+                ("ours: int8, dense route", int8_bytes, Some(0), int8(Some(Route::Dense))),
                 (
                     "burn: cast f16 to f32, then matmul",
                     f16_bytes,
+                    None,
                     Box::new(|| x.clone().matmul(half.clone().cast(FloatDType::F32))),
                 ),
-                ("burn: f32 matmul", f32_bytes, Box::new(|| x.clone().matmul(dense.clone()))),
+                ("ours: f16, tuned (what training runs)", f16_bytes, Some(4), f16(None)),
+                ("ours: f16, kernel route", f16_bytes, Some(4), f16(Some(Route::Kernel))),
+                ("ours: f16, dense route", f16_bytes, Some(4), f16(Some(Route::Dense))),
+                ("burn: f32 matmul", f32_bytes, None, Box::new(|| x.clone().matmul(dense.clone()))),
             ];
             if let Some(w8) = &burn_q8 {
-                paths.push(("burn: Q8S PackedU32 matmul", int8_bytes, Box::new(|| x.clone().matmul(w8.clone()))));
+                paths.push(("burn: Q8S PackedU32 matmul", int8_bytes, None, Box::new(|| x.clone().matmul(w8.clone()))));
             }
-            for (path, bytes, f) in &paths {
-                let line = match time(&device, args.iters, f.as_ref()) {
-                    Ok(s) => format!("{:>10.1} {:>9.2} {:>9.2}", s * 1e6, bytes / s / 1e9, flops / s / 1e9),
+            let mut times: Vec<Option<f64>> = Vec::with_capacity(paths.len());
+            for (path, bytes, against, f) in &paths {
+                let seconds = time(&device, args.iters, f.as_ref());
+                let line = match &seconds {
+                    Ok(s) => {
+                        let speedup = against
+                            .and_then(|i| times[i])
+                            .map_or(String::new(), |burn: f64| format!(" {:>9.2}×", burn / s));
+                        format!("{:>10.1} {:>9.2} {:>9.2}{speedup}", s * 1e6, bytes / s / 1e9, flops / s / 1e9)
+                    }
                     Err(e) => format!("failed: {e}"),
                 };
-                println!("{:<22} {:>6} {:<34} {line}", format!("{name} {out}×{inp}"), rows, path);
+                times.push(seconds.ok());
+                println!("{:<22} {:>6} {:<40} {line}", format!("{name} {out}×{inp}"), rows, path);
             }
         }
     }

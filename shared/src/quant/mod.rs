@@ -10,6 +10,7 @@ use burn::tensor::{DType, Device, Int, Tensor, TensorCreationOptions, TensorData
 use serde::{Deserialize, Serialize};
 
 use ops::FrozenOps;
+pub use route::Route;
 
 /// How a frozen matrix is stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -157,6 +158,32 @@ pub fn f16_matmul(x: Tensor<2>, w: Tensor<2>) -> Tensor<2> {
         x.into_dispatch(),
         w.into_dispatch(),
     ))
+}
+
+/// [`int8_matmul`] by a chosen route (`None`: the tuned one the model takes), without autodiff: for benchmarks and
+/// diagnostics. Only wgpu has routes; elsewhere (or for tensors under autodiff) this is [`int8_matmul`].
+pub fn int8_matmul_by(route: Option<Route>, x: Tensor<2>, q: Tensor<2, Int>, scale: Tensor<1>) -> Tensor<2> {
+    let n = scale.dims()[0];
+    let parts = (route::wgpu_tensor(x.clone().into_dispatch()), route::wgpu_tensor(q.clone().into_dispatch()));
+    match (route, parts, route::wgpu_tensor(scale.clone().into_dispatch())) {
+        (Some(route), (Some(a), Some(q)), Some(scale)) if a.dtype == DType::F32 => {
+            let problem = route::Problem { a, weight: route::Weight::Int8 { q, scale }, transposed: false, n };
+            Tensor::from_dispatch(route::from_wgpu(problem.run(route)))
+        }
+        _ => int8_matmul(x, q, scale),
+    }
+}
+
+/// [`f16_matmul`] by a chosen route, as [`int8_matmul_by`].
+pub fn f16_matmul_by(route: Option<Route>, x: Tensor<2>, w: Tensor<2>) -> Tensor<2> {
+    let n = w.dims()[1];
+    match (route, route::wgpu_tensor(x.clone().into_dispatch()), route::wgpu_tensor(w.clone().into_dispatch())) {
+        (Some(route), Some(a), Some(w)) if a.dtype == DType::F32 && wgsl::f16_readable(&w) => {
+            let problem = route::Problem { a, weight: route::Weight::F16(w), transposed: false, n };
+            Tensor::from_dispatch(route::from_wgpu(problem.run(route)))
+        }
+        _ => f16_matmul(x, w),
+    }
 }
 
 #[cfg(test)]

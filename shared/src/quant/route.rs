@@ -13,7 +13,7 @@
 //! Every route computes in f32; inputs in another precision are cast around it.
 
 use burn::backend::ops::FloatTensorOps;
-use burn::backend::Cube;
+use burn::backend::{BackendTensor, Cube, DispatchTensor, DispatchTensorKind};
 use burn::tensor::{DType, FloatDType, Shape};
 use burn_cubecl::cubecl::tune::{local_tuner, LocalTuner, Tunable, TunableSet};
 use burn_cubecl::tensor::CubeTensor;
@@ -30,9 +30,9 @@ pub(crate) enum Weight {
     F16(CubeTensor),
 }
 
-/// How a [`Problem`] is computed (see the module docs).
+/// How a product through a frozen weight is computed on wgpu (see [`crate::quant::int8_matmul_by`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Route {
+pub enum Route {
     /// Our kernels read the packed weight.
     Kernel,
     /// A transient f32 copy of the weight, then burn's matmul.
@@ -146,26 +146,33 @@ pub(crate) fn f16_matmul_t(dy: CubeTensor, w: CubeTensor) -> CubeTensor {
     product(Problem { a: dy, weight: Weight::F16(w), transposed: true, n }, dtype)
 }
 
+/// The wgpu tensor inside `t` (float or int, not under autodiff), if it is one.
+pub(crate) fn wgpu_tensor(t: DispatchTensor) -> Option<CubeTensor> {
+    match t.kind {
+        DispatchTensorKind::Cube(BackendTensor::Float(c) | BackendTensor::Int(c)) => Some(c),
+        _ => None,
+    }
+}
+
+/// A wgpu float tensor as a dispatch tensor.
+pub(crate) fn from_wgpu(c: CubeTensor) -> DispatchTensor {
+    DispatchTensor { kind: DispatchTensorKind::Cube(BackendTensor::Float(c)), autodiff: Default::default() }
+}
+
 #[cfg(test)]
 mod tests {
-    use burn::backend::{BackendTensor, DispatchTensor, DispatchTensorKind};
+    use burn::backend::DispatchTensor;
     use burn::tensor::{Device, Distribution, FloatDType, Tensor, TensorData};
 
     use super::*;
     use crate::quant::{quantize_int8, ScaleDType};
 
     fn cube(t: DispatchTensor) -> CubeTensor {
-        match t.kind {
-            DispatchTensorKind::Cube(BackendTensor::Float(c) | BackendTensor::Int(c)) => c,
-            other => panic!("not a wgpu tensor: {other:?}"),
-        }
+        wgpu_tensor(t).expect("a wgpu tensor")
     }
 
     fn tensor(c: CubeTensor) -> Tensor<2> {
-        Tensor::from_dispatch(DispatchTensor {
-            kind: DispatchTensorKind::Cube(BackendTensor::Float(c)),
-            autodiff: Default::default(),
-        })
+        Tensor::from_dispatch(from_wgpu(c))
     }
 
     fn max_rel(got: Tensor<2>, want: Tensor<2>) -> f32 {
