@@ -197,8 +197,7 @@ impl RmsNorm {
     /// # Shapes
     /// - `x`: `[batch, seq, hidden]` → same
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let rms = x.clone().square().mean_dim(2).add_scalar(self.eps).sqrt();
-        x.div(rms).mul(self.weight.val().unsqueeze::<3>())
+        super::rmsnorm::rms_norm(x, self.weight.val(), self.eps)
     }
 }
 

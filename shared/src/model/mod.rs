@@ -7,6 +7,7 @@ mod layers;
 mod params;
 mod prompt;
 mod rope;
+mod rmsnorm;
 mod swiglu;
 
 use burn::module::Module;
