@@ -14,5 +14,7 @@ pub mod model;
 pub mod net;
 pub mod protocol;
 pub mod quant;
+#[cfg(test)]
+mod testing;
 pub mod tokenizer;
 pub mod train;

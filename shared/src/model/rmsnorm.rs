@@ -213,6 +213,7 @@ mod tests {
     use burn::tensor::{Device, Distribution, Tensor};
 
     use super::rms_norm;
+    use crate::testing::max_rel;
 
     /// The fused op and its gradients against burn's composite under autodiff.
     fn check(device: &Device) {
@@ -243,7 +244,7 @@ mod tests {
         };
         let (got, want) = (run(true), run(false));
         for (name, a, b) in [("value", &got.0, &want.0), ("dx", &got.1, &want.1), ("dw", &got.2, &want.2)] {
-            let err = a.iter().zip(b).map(|(x, y)| (x - y).abs() / y.abs().max(1.0)).fold(0.0f32, f32::max);
+            let err = max_rel(a, b);
             assert!(err < 1e-4, "{name}: max relative error {err}");
         }
     }

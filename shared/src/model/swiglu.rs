@@ -164,6 +164,7 @@ mod tests {
     use burn::tensor::{Device, Distribution, Tensor};
 
     use super::swiglu;
+    use crate::testing::max_rel;
 
     /// The fused op and its gradients against burn's composite `silu(g) · u` under autodiff.
     fn check(device: &Device) {
@@ -182,7 +183,7 @@ mod tests {
         };
         let (got, want) = (run(true), run(false));
         for (name, a, b) in [("value", &got.0, &want.0), ("dg", &got.1, &want.1), ("du", &got.2, &want.2)] {
-            let err = a.iter().zip(b).map(|(x, y)| (x - y).abs() / y.abs().max(1.0)).fold(0.0f32, f32::max);
+            let err = max_rel(a, b);
             assert!(err < 1e-5, "{name}: max relative error {err}");
         }
     }

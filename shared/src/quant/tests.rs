@@ -1,6 +1,7 @@
 use burn::tensor::{DType, Device, Distribution, Tensor, TensorData};
 
 use super::*;
+use crate::testing::max_rel;
 
 fn random(rows: usize, cols: usize, seed: u64) -> Vec<f32> {
     // A small LCG keeps the test independent of any RNG crate's stream.
@@ -15,13 +16,6 @@ fn random(rows: usize, cols: usize, seed: u64) -> Vec<f32> {
 
 fn vec2(t: Tensor<2>) -> Vec<f32> {
     t.into_data().convert::<f32>().try_into_vec::<f32>().unwrap()
-}
-
-fn max_rel(a: &[f32], b: &[f32]) -> f32 {
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs() / y.abs().max(1.0))
-        .fold(0.0, f32::max)
 }
 
 #[test]
