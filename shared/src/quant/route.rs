@@ -106,8 +106,9 @@ fn cast(t: CubeTensor, dtype: DType) -> CubeTensor {
 }
 
 /// `problem`'s product in f32 by the tuned route, cast back to `dtype`.
-fn product(problem: Problem, dtype: DType) -> CubeTensor {
-    cast(tuned(Problem { a: cast(problem.a.clone(), DType::F32), ..problem }), dtype)
+fn product(mut problem: Problem, dtype: DType) -> CubeTensor {
+    problem.a = cast(problem.a, DType::F32);
+    cast(tuned(problem), dtype)
 }
 
 /// `x · (q ⊙ scale)ᵀ` with `q` packed `[out, ⌈in/4⌉]`.
