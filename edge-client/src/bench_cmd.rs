@@ -6,12 +6,12 @@ use std::time::Instant;
 
 use anyhow::Result;
 use burn::tensor::quantization::{QuantScheme, QuantStore, QuantValue};
-use burn::tensor::{Device, Distribution, FloatDType, Tensor, TensorData};
+use burn::tensor::{DType, Device, Distribution, FloatDType, Tensor, TensorCreationOptions, TensorData};
 use clap::Args;
 use offsite::device::{self, DeviceChoice};
 use offsite::quant::{
-    f16_matmul, f16_matmul_by, int8_dequantize, int8_matmul, int8_matmul_by, quantize_int8, QuantFormat, Route,
-    ScaleDType,
+    f16_matmul, f16_matmul_by, int8_dequantize, int8_matmul, int8_matmul_by, max_buffer_bytes, quantize_int8, QuantFormat,
+    Route, ScaleDType,
 };
 use tracing::info;
 
@@ -82,12 +82,21 @@ pub(crate) fn run(args: BenchArgs) -> Result<()> {
             .map_err(|e| anyhow::anyhow!("{e:?}"))?;
         let q8 = quantize_int8(&w, out, inp, ScaleDType::F32);
         let (q, scale) = q8.to_tensors(&device);
-        // The dense weight as the product wants it, [in, out].
-        let dense = Tensor::<2>::from_data(TensorData::new(w, [out, inp]), &device).transpose().into_data();
-        let dense = Tensor::<2>::from_data(dense, &device);
-        let half = dense.clone().cast(FloatDType::F16);
+        // The weight as the products want it, [in, out]: f16 always, f32 only where one buffer holds it.
+        let wt = transposed(&w, out, inp);
+        let f32_matrix = (4 * out * inp) as u64;
+        let limit = max_buffer_bytes(&device);
+        let fits = limit.is_none_or(|limit| f32_matrix <= limit);
+        let options = |dtype| TensorCreationOptions::new(device.clone()).with_dtype(dtype);
+        let half = Tensor::<2>::from_data(TensorData::new(wt.clone(), [inp, out]), options(DType::F16));
+        let dense = fits.then(|| Tensor::<2>::from_data(TensorData::new(wt, [inp, out]), &device));
         let scheme = QuantScheme::default().with_value(QuantValue::Q8S).with_store(QuantStore::PackedU32(0));
-        let burn_q8 = args.burn_q8s.then(|| dense.clone().quantize_dynamic(&scheme));
+        let burn_q8 = dense.as_ref().filter(|_| args.burn_q8s).map(|d| d.clone().quantize_dynamic(&scheme));
+        let unfit = format!(
+            "n/a: needs a {:.0} MB f32 matrix, over the device's {:.0} MB buffer limit",
+            f32_matrix as f64 / 1e6,
+            limit.unwrap_or(0) as f64 / 1e6
+        );
         for rows in [1, args.rows] {
             let x = Tensor::<2>::random([rows, inp], Distribution::Normal(0.0, 1.0), &device);
             let io = 4.0 * (rows * (inp + out)) as f64;
@@ -95,8 +104,9 @@ pub(crate) fn run(args: BenchArgs) -> Result<()> {
             let int8_bytes = (out * inp + 4 * out) as f64 + io;
             let f32_bytes = 4.0 * (out * inp) as f64 + io;
             let f16_bytes = 2.0 * (out * inp) as f64 + io;
-            // (path, bytes moved, the burn path it replaces (index into `paths`), the product)
-            type Path<'a> = (&'static str, f64, Option<usize>, Box<dyn Fn() -> Tensor<2> + 'a>);
+            // (path, bytes moved, the burn path it replaces (index into `paths`), whether it needs the dense f32
+            // matrix, the product)
+            type Path<'a> = (&'static str, f64, Option<usize>, bool, Box<dyn Fn() -> Tensor<2> + 'a>);
             let (xr, qr, sr, hr) = (&x, &q, &scale, &half);
             let int8 = |route| -> Box<dyn Fn() -> Tensor<2> + '_> {
                 Box::new(move || int8_matmul_by(route, xr.clone(), qr.clone(), sr.clone()))
@@ -104,30 +114,38 @@ pub(crate) fn run(args: BenchArgs) -> Result<()> {
             let f16 = |route| -> Box<dyn Fn() -> Tensor<2> + '_> {
                 Box::new(move || f16_matmul_by(route, xr.clone(), hr.clone()))
             };
+            // Never called where the dense matrix does not exist (such paths are skipped).
+            let f32_matmul: Box<dyn Fn() -> Tensor<2>> = match &dense {
+                Some(d) => Box::new(move || xr.clone().matmul(d.clone())),
+                None => Box::new(|| unreachable!("paths needing the dense matrix are skipped")),
+            };
             let mut paths: Vec<Path> = vec![
                 (
                     "burn: dequantize, then f32 matmul",
                     int8_bytes,
                     None,
+                    true,
                     Box::new(|| x.clone().matmul(int8_dequantize(q.clone(), scale.clone(), inp))),
                 ),
-                ("ours: int8, tuned (what training runs)", int8_bytes, Some(0), int8(None)),
-                ("ours: int8, kernel route", int8_bytes, Some(0), int8(Some(Route::Kernel))),
-                ("ours: int8, dense route", int8_bytes, Some(0), int8(Some(Route::Dense))),
+                ("ours: int8, tuned (what training runs)", int8_bytes, Some(0), false, int8(None)),
+                ("ours: int8, kernel route", int8_bytes, Some(0), false, int8(Some(Route::Kernel))),
+                ("ours: int8, dense route", int8_bytes, Some(0), true, int8(Some(Route::Dense))),
                 (
                     "burn: cast f16 to f32, then matmul",
                     f16_bytes,
                     None,
+                    true,
                     Box::new(|| x.clone().matmul(half.clone().cast(FloatDType::F32))),
                 ),
-                ("ours: f16, tuned (what training runs)", f16_bytes, Some(4), f16(None)),
-                ("ours: f16, kernel route", f16_bytes, Some(4), f16(Some(Route::Kernel))),
-                ("ours: f16, dense route", f16_bytes, Some(4), f16(Some(Route::Dense))),
-                ("burn: f32 matmul", f32_bytes, None, Box::new(|| x.clone().matmul(dense.clone()))),
+                ("ours: f16, tuned (what training runs)", f16_bytes, Some(4), false, f16(None)),
+                ("ours: f16, kernel route", f16_bytes, Some(4), false, f16(Some(Route::Kernel))),
+                ("ours: f16, dense route", f16_bytes, Some(4), true, f16(Some(Route::Dense))),
+                ("burn: f32 matmul", f32_bytes, None, true, f32_matmul),
             ];
             match &burn_q8 {
                 Some(w8) if rows > 1 => {
-                    paths.push(("burn: Q8S PackedU32 matmul", int8_bytes, None, Box::new(|| x.clone().matmul(w8.clone()))));
+                    let q8s: Box<dyn Fn() -> Tensor<2>> = Box::new(|| x.clone().matmul(w8.clone()));
+                    paths.push(("burn: Q8S PackedU32 matmul", int8_bytes, None, true, q8s));
                 }
                 Some(_) => println!(
                     "{:<22} {:>6} {:<40} skipped: burn 0.22 panics on a single row",
@@ -138,7 +156,12 @@ pub(crate) fn run(args: BenchArgs) -> Result<()> {
                 None => {}
             }
             let mut times: Vec<Option<f64>> = Vec::with_capacity(paths.len());
-            for (path, bytes, against, f) in &paths {
+            for (path, bytes, against, needs_dense, f) in &paths {
+                if *needs_dense && !fits {
+                    println!("{:<22} {:>6} {:<40} {unfit}", format!("{name} {out}×{inp}"), rows, path);
+                    times.push(None);
+                    continue;
+                }
                 let seconds = time(&device, args.iters, f.as_ref());
                 let line = match &seconds {
                     Ok(s) => {
@@ -157,6 +180,17 @@ pub(crate) fn run(args: BenchArgs) -> Result<()> {
     step_memory(&device, args.rows, args.large)
 }
 
+/// `w` (`[out, inp]`, row-major) as `[inp, out]`.
+fn transposed(w: &[f32], out: usize, inp: usize) -> Vec<f32> {
+    let mut t = vec![0.0f32; w.len()];
+    for (o, row) in w.chunks_exact(inp).enumerate() {
+        for (i, &v) in row.iter().enumerate() {
+            t[i * out + o] = v;
+        }
+    }
+    t
+}
+
 /// Device memory the allocator holds after one training step (forward and input gradient) through an MLP block of
 /// frozen weights (`down(gate(x) ⊙ up(x))`), int8 and f16 through our kernels against the same block with dense f32
 /// weights resident. The CPU backend reports no pools.
@@ -164,6 +198,15 @@ fn step_memory(device: &Device, rows: usize, large: bool) -> Result<()> {
     let (hidden, inter) = if large { (4096, 11008) } else { (576, 1536) };
     println!("\ntraining step through a frozen MLP block ({hidden}→{inter}→{hidden}, {rows} rows): device memory held");
     for storage in [QuantFormat::Int8, QuantFormat::F16, QuantFormat::F32] {
+        let label = match storage {
+            QuantFormat::Int8 => "int8 weights, tuned product",
+            QuantFormat::F16 => "f16 weights, tuned product",
+            QuantFormat::F32 => "f32 weights resident",
+        };
+        if storage == QuantFormat::F32 && max_buffer_bytes(device).is_some_and(|limit| (4 * hidden * inter) as u64 > limit) {
+            println!("  {label:<28} n/a: an f32 {inter}×{hidden} matrix is over the device's buffer limit");
+            continue;
+        }
         device.memory_cleanup();
         let ad = device.clone().autodiff();
         let weight = |out: usize, inp: usize| -> Result<Box<dyn Fn(Tensor<2>) -> Tensor<2>>> {
@@ -177,9 +220,8 @@ fn step_memory(device: &Device, rows: usize, large: bool) -> Result<()> {
                     Box::new(move |x| int8_matmul(x, q.clone(), scale.clone()))
                 }
                 QuantFormat::F16 => {
-                    let half = Tensor::<2>::from_data(TensorData::new(w, [out, inp]), &ad)
-                        .transpose()
-                        .cast(FloatDType::F16);
+                    let options = TensorCreationOptions::new(ad.clone()).with_dtype(DType::F16);
+                    let half = Tensor::<2>::from_data(TensorData::new(transposed(&w, out, inp), [inp, out]), options);
                     Box::new(move |x| f16_matmul(x, half.clone()))
                 }
                 QuantFormat::F32 => {
@@ -197,11 +239,6 @@ fn step_memory(device: &Device, rows: usize, large: bool) -> Result<()> {
         let held = device.memory_pool_usage().map_or("n/a (backend reports no pools)".to_string(), |u| {
             format!("{:.1} MiB reserved, {:.1} MiB in use", u.bytes_reserved as f64 / 1048576.0, u.bytes_in_use as f64 / 1048576.0)
         });
-        let label = match storage {
-            QuantFormat::Int8 => "int8 weights, our kernels",
-            QuantFormat::F16 => "f16 weights, our kernels",
-            QuantFormat::F32 => "f32 weights resident",
-        };
         println!("  {label:<28} {held}  (Σdx = {:.3})", dx.unwrap_or(f32::NAN));
     }
     Ok(())

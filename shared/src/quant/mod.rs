@@ -160,6 +160,12 @@ pub fn f16_matmul(x: Tensor<2>, w: Tensor<2>) -> Tensor<2> {
     ))
 }
 
+/// The largest buffer, in bytes, that `device` can allocate and bind (wgpu); `None` on the CPU, which has no such
+/// limit. A dense f32 weight larger than this cannot be used there at all; our kernels never need one.
+pub fn max_buffer_bytes(device: &Device) -> Option<u64> {
+    route::max_buffer_bytes(Tensor::<1>::zeros([1], device).into_dispatch())
+}
+
 /// [`int8_matmul`] by a chosen route (`None`: the tuned one the model takes), without autodiff: for benchmarks and
 /// diagnostics. Only wgpu has routes; elsewhere (or for tensors under autodiff) this is [`int8_matmul`].
 pub fn int8_matmul_by(route: Option<Route>, x: Tensor<2>, q: Tensor<2, Int>, scale: Tensor<1>) -> Tensor<2> {

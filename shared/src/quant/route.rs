@@ -87,9 +87,15 @@ impl Problem {
 /// The tuner that picks a [`Route`] per device and [`Problem::key`].
 static TUNER: LocalTuner<String, CubeTuneId> = local_tuner!();
 
-/// The product by the route measured fastest for this device and shape class (measuring both the first time).
+/// The product by the route measured fastest for this device and shape class (measuring both the first time). A
+/// weight whose widened copy would not fit in one buffer of this device (wgpu's binding limit, often 128 MiB: a
+/// 4096×11008 f32 matrix does not fit) takes the kernel route without measuring.
 fn tuned(problem: Problem) -> CubeTensor {
     let client = problem.a.client.clone();
+    let widened = problem.a.meta.shape()[1] * problem.n * std::mem::size_of::<f32>();
+    if widened as u64 > client.properties().memory.max_page_size {
+        return problem.run(Route::Kernel);
+    }
     let id = CubeTuneId::new(&client, &problem.a.device);
     let set = TUNER.init(&id, || {
         // Names are the cache's identity for a result: spelled out, not derived from the variants.
@@ -145,6 +151,11 @@ pub(crate) fn f16_matmul(x: CubeTensor, w: CubeTensor) -> CubeTensor {
 pub(crate) fn f16_matmul_t(dy: CubeTensor, w: CubeTensor) -> CubeTensor {
     let (dtype, n) = (dy.dtype, w.meta.shape()[0]);
     product(Problem { a: dy, weight: Weight::F16(w), transposed: true, n }, dtype)
+}
+
+/// The largest buffer, in bytes, that the wgpu device of `t` binds; `None` off wgpu.
+pub(crate) fn max_buffer_bytes(t: DispatchTensor) -> Option<u64> {
+    wgpu_tensor(t).map(|c| c.client.properties().memory.max_page_size)
 }
 
 /// The wgpu tensor inside `t` (float or int, not under autodiff), if it is one.
@@ -221,5 +232,45 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A weight whose widened f32 copy is over the device's buffer limit (lavapipe: 128 MiB) still multiplies, by
+    /// the kernel route without tuning, and matches a host reference.
+    #[test]
+    fn a_weight_too_large_to_widen_takes_the_kernel_route() {
+        let device = crate::device::test_gpu();
+        let limit = crate::quant::max_buffer_bytes(&device).expect("a wgpu device has a buffer limit");
+        if limit > 1 << 30 {
+            eprintln!("skipped: this device binds buffers of {limit} bytes; the test needs one of at most 1 GiB");
+            return;
+        }
+        let (m, k) = (2, 4096);
+        let n = limit as usize / (4 * k) + 1;
+        let mut state = 7u64;
+        let w: Vec<f32> = (0..n * k)
+            .map(|_| {
+                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect();
+        let q8 = quantize_int8(&w, n, k, ScaleDType::F32);
+        drop(w);
+        let x: Vec<f32> = (0..m * k).map(|i| ((i % 13) as f32 - 6.0) / 7.0).collect();
+        let dense = q8.dequantize();
+        let want: Vec<f32> = (0..m)
+            .flat_map(|r| {
+                let (x, dense) = (&x, &dense);
+                (0..n).map(move |o| {
+                    let row = &dense[o * k..(o + 1) * k];
+                    row.iter().zip(&x[r * k..(r + 1) * k]).map(|(&w, &x)| (w as f64) * (x as f64)).sum::<f64>() as f32
+                })
+            })
+            .collect();
+        let (q, scale) = q8.to_tensors(&device);
+        let xt = Tensor::<2>::from_data(TensorData::new(x, [m, k]), &device);
+        let got = crate::quant::int8_matmul(xt, q, scale);
+        let got = got.into_data().try_into_vec::<f32>().unwrap();
+        let err = crate::testing::max_rel(&got, &want);
+        assert!(err < 1e-3, "max relative error {err} over {n}×{k}");
     }
 }
