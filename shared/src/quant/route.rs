@@ -12,9 +12,9 @@
 //!
 //! Every route computes in f32; inputs in another precision are cast around it.
 
-use burn::backend::ops::FloatTensorOps;
+use burn::backend::ops::{FloatTensorOps, IntTensorOps};
 use burn::backend::{BackendTensor, Cube, DispatchTensor, DispatchTensorKind};
-use burn::tensor::{DType, FloatDType, Shape};
+use burn::tensor::{DType, FloatDType, Shape, Slice};
 use burn_cubecl::cubecl::tune::{local_tuner, LocalTuner, Tunable, TunableSet};
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::CubeTuneId;
@@ -64,6 +64,12 @@ impl Problem {
 
     /// The product by `route`.
     pub(crate) fn run(self, route: Route) -> CubeTensor {
+        let budget = (self.a.client.properties().memory.max_page_size as usize).min(SLAB_BYTES);
+        self.run_in_slabs(route, budget)
+    }
+
+    /// The product by `route`, the dense route widening at most `budget` bytes of the weight at a time.
+    fn run_in_slabs(self, route: Route, budget: usize) -> CubeTensor {
         let Problem { a, weight, transposed, n } = self;
         let k = a.meta.shape()[1];
         match (route, weight, transposed) {
@@ -74,28 +80,59 @@ impl Problem {
             }
             (Route::Kernel, Weight::F16(w), false) => wgsl::f16_product(a, w),
             (Route::Kernel, Weight::F16(w), true) => wgsl::f16_product_t(a, w),
-            (Route::Dense, Weight::Int8 { q, scale }, false) => {
-                Cube::float_matmul(a, Cube::float_transpose(wgsl::int8_widen(q, scale, k)))
-            }
-            (Route::Dense, Weight::Int8 { q, scale }, true) => Cube::float_matmul(a, wgsl::int8_widen(q, scale, n)),
-            (Route::Dense, Weight::F16(w), false) => Cube::float_matmul(a, cast(w, DType::F32)),
-            (Route::Dense, Weight::F16(w), true) => Cube::float_matmul(a, Cube::float_transpose(cast(w, DType::F32))),
+            (Route::Dense, weight, transposed) => dense(a, weight, transposed, n, budget),
         }
     }
 }
 
+/// The dense route: the weight widened slab by slab (stored rows, at most `budget` bytes of f32 each), every slab
+/// multiplied by burn's matmul as soon as it exists. Where the stored rows are output columns (int8 forward, f16
+/// input gradient) the slabs' products are output blocks, concatenated; otherwise (the rows run along the
+/// reduction) they are partial sums, added.
+fn dense(a: CubeTensor, weight: Weight, transposed: bool, n: usize, budget: usize) -> CubeTensor {
+    let (m, k) = (a.meta.shape()[0], a.meta.shape()[1]);
+    let rows_are_outputs = matches!((&weight, transposed), (Weight::Int8 { .. }, false) | (Weight::F16(_), true));
+    let (rows, cols) = if rows_are_outputs { (n, k) } else { (k, n) };
+    let per_slab = (budget / (cols * std::mem::size_of::<f32>()).max(1)).max(1);
+    let mut parts = Vec::with_capacity(rows.div_ceil(per_slab));
+    for start in (0..rows).step_by(per_slab) {
+        let span = start..(start + per_slab).min(rows);
+        let slab = match &weight {
+            Weight::Int8 { q, scale } => {
+                let words = q.meta.shape()[1];
+                let q = Cube::int_slice(q.clone(), &[Slice::from(span.clone()), Slice::from(0..words)]);
+                let scale = Cube::float_slice(scale.clone(), &[Slice::from(span.clone())]);
+                wgsl::int8_widen(q, scale, cols)
+            }
+            Weight::F16(w) => cast(Cube::float_slice(w.clone(), &[Slice::from(span.clone()), Slice::from(0..cols)]), DType::F32),
+        };
+        parts.push(if rows_are_outputs {
+            Cube::float_matmul(a.clone(), Cube::float_transpose(slab))
+        } else {
+            let a = Cube::float_slice(a.clone(), &[Slice::from(0..m), Slice::from(span)]);
+            Cube::float_matmul(a, slab)
+        });
+    }
+    match (rows_are_outputs, parts.len()) {
+        (_, 1) => parts.remove(0),
+        (true, _) => Cube::float_cat(parts, 1),
+        (false, _) => parts.into_iter().reduce(Cube::float_add).unwrap_or_else(|| {
+            // An empty reduction (k = 0): the product is zero.
+            Cube::float_zeros(Shape::new([m, n]), &a.device, FloatDType::F32)
+        }),
+    }
+}
+
+/// The most bytes of widened weight the dense route holds at once (less where the device's largest buffer is
+/// smaller): a 7B-class 4096×11008 matrix, 180 MB in f32, is widened and multiplied in three slabs.
+const SLAB_BYTES: usize = 64 << 20;
+
 /// The tuner that picks a [`Route`] per device and [`Problem::key`].
 static TUNER: LocalTuner<String, CubeTuneId> = local_tuner!();
 
-/// The product by the route measured fastest for this device and shape class (measuring both the first time). A
-/// weight whose widened copy would not fit in one buffer of this device (wgpu's binding limit, often 128 MiB: a
-/// 4096×11008 f32 matrix does not fit) takes the kernel route without measuring.
+/// The product by the route measured fastest for this device and shape class (measuring both the first time).
 fn tuned(problem: Problem) -> CubeTensor {
     let client = problem.a.client.clone();
-    let widened = problem.a.meta.shape()[1] * problem.n * std::mem::size_of::<f32>();
-    if widened as u64 > client.properties().memory.max_page_size {
-        return problem.run(Route::Kernel);
-    }
     let id = CubeTuneId::new(&client, &problem.a.device);
     let set = TUNER.init(&id, || {
         // Names are the cache's identity for a result: spelled out, not derived from the variants.
@@ -220,24 +257,29 @@ mod tests {
                     .cast(FloatDType::F16);
                 let wide = half.clone().cast(FloatDType::F32);
                 let want_f16 = a.clone().matmul(if transposed { wide.transpose() } else { wide });
-                for route in [Route::Kernel, Route::Dense] {
+                // The dense route whole, and in slabs of 3 stored rows (a budget that splits every weight here).
+                for (route, budget) in [(Route::Kernel, None), (Route::Dense, None), (Route::Dense, Some(3 * 4 * k.max(n)))] {
                     let int8 = Weight::Int8 { q: cube(q.clone().into_dispatch()), scale: cube(scale.clone().into_dispatch()) };
                     let f16 = Weight::F16(cube(half.clone().into_dispatch()));
                     for (weight, want) in [(int8, &want), (f16, &want_f16)] {
                         let what = format!("{weight:?}").split(' ').next().unwrap_or_default().to_string();
                         let problem = Problem { a: cube(a.clone().into_dispatch()), weight, transposed, n };
-                        let err = max_rel(tensor(problem.run(route)), want.clone());
-                        assert!(err < tol, "{what} {route:?} transposed={transposed} ({m}, {k}, {n}): {err}");
+                        let got = match budget {
+                            Some(budget) => problem.run_in_slabs(route, budget),
+                            None => problem.run(route),
+                        };
+                        let err = max_rel(tensor(got), want.clone());
+                        assert!(err < tol, "{what} {route:?} {budget:?} transposed={transposed} ({m}, {k}, {n}): {err}");
                     }
                 }
             }
         }
     }
 
-    /// A weight whose widened f32 copy is over the device's buffer limit (lavapipe: 128 MiB) still multiplies, by
-    /// the kernel route without tuning, and matches a host reference.
+    /// A weight whose widened f32 copy is over the device's buffer limit (lavapipe: 128 MiB) multiplies by either
+    /// route (the dense one in slabs) and the tuned product, all matching a host reference.
     #[test]
-    fn a_weight_too_large_to_widen_takes_the_kernel_route() {
+    fn a_weight_too_large_to_widen_at_once_multiplies_by_every_route() {
         let device = crate::device::test_gpu();
         let limit = crate::quant::max_buffer_bytes(&device).expect("a wgpu device has a buffer limit");
         if limit > 1 << 30 {
@@ -268,9 +310,16 @@ mod tests {
             .collect();
         let (q, scale) = q8.to_tensors(&device);
         let xt = Tensor::<2>::from_data(TensorData::new(x, [m, k]), &device);
-        let got = crate::quant::int8_matmul(xt, q, scale);
-        let got = got.into_data().try_into_vec::<f32>().unwrap();
-        let err = crate::testing::max_rel(&got, &want);
-        assert!(err < 1e-3, "max relative error {err} over {n}×{k}");
+        let weight = || Weight::Int8 { q: cube(q.clone().into_dispatch()), scale: cube(scale.clone().into_dispatch()) };
+        let by_route = |route| Problem { a: cube(xt.clone().into_dispatch()), weight: weight(), transposed: false, n }.run(route);
+        let outputs = [
+            ("kernel route", tensor(by_route(Route::Kernel))),
+            ("dense route", tensor(by_route(Route::Dense))),
+            ("tuned", crate::quant::int8_matmul(xt.clone(), q.clone(), scale.clone())),
+        ];
+        for (what, got) in outputs {
+            let err = crate::testing::max_rel(&got.into_data().try_into_vec::<f32>().unwrap(), &want);
+            assert!(err < 1e-3, "{what}: max relative error {err} over {n}×{k}");
+        }
     }
 }
