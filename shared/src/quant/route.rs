@@ -1,8 +1,9 @@
 //! How a product through a frozen int8 or f16 weight runs on wgpu. Two routes compute it:
 //! - **kernel**: our WGSL kernels read the packed weight directly (`wgsl.rs`; GEMV for a few rows, tiled otherwise);
-//! - **dense**: the weight is widened into a transient f32 copy (our one-pass int8 kernel, or a cast for f16) that
-//!   burn's own autotuned matmul consumes; the copy is dropped when the product is done, so no widened weight stays
-//!   resident, but one matrix's f32 copy is live during the product.
+//! - **dense**: the weight is widened into transient f32 slabs of at most 64 MiB (our one-pass int8 kernel, or a
+//!   cast for f16) that burn's own autotuned matmul consumes one by one; each slab is dropped after its product, so
+//!   no widened weight stays resident and the transient copy is bounded whatever the model's size (a 7B-class
+//!   4096×11008 matrix, 180 MB in f32, is over wgpu's common 128 MiB binding limit and goes in three slabs).
 //!
 //! Which is faster depends on the device and the shape (on a software Vulkan device burn's matmul beats our tiled
 //! kernel; on decode shapes our GEMV reads a quarter of the bytes), so, as burn does for its own matmul, CubeCL's
