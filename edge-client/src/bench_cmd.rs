@@ -104,7 +104,7 @@ pub(crate) fn run(args: BenchArgs) -> Result<()> {
             let int8_bytes = (out * inp + 4 * out) as f64 + io;
             let f32_bytes = 4.0 * (out * inp) as f64 + io;
             let f16_bytes = 2.0 * (out * inp) as f64 + io;
-            // (path, bytes moved, the burn path it replaces (index into `paths`), whether it needs the dense f32
+            // (path, bytes moved, the burn path it replaces (index into `paths`), whether it needs the whole f32
             // matrix, the product)
             type Path<'a> = (&'static str, f64, Option<usize>, bool, Box<dyn Fn() -> Tensor<2> + 'a>);
             let (xr, qr, sr, hr) = (&x, &q, &scale, &half);
@@ -129,7 +129,7 @@ pub(crate) fn run(args: BenchArgs) -> Result<()> {
                 ),
                 ("ours: int8, tuned (what training runs)", int8_bytes, Some(0), false, int8(None)),
                 ("ours: int8, kernel route", int8_bytes, Some(0), false, int8(Some(Route::Kernel))),
-                ("ours: int8, dense route", int8_bytes, Some(0), true, int8(Some(Route::Dense))),
+                ("ours: int8, dense route", int8_bytes, Some(0), false, int8(Some(Route::Dense))),
                 (
                     "burn: cast f16 to f32, then matmul",
                     f16_bytes,
@@ -139,7 +139,7 @@ pub(crate) fn run(args: BenchArgs) -> Result<()> {
                 ),
                 ("ours: f16, tuned (what training runs)", f16_bytes, Some(4), false, f16(None)),
                 ("ours: f16, kernel route", f16_bytes, Some(4), false, f16(Some(Route::Kernel))),
-                ("ours: f16, dense route", f16_bytes, Some(4), true, f16(Some(Route::Dense))),
+                ("ours: f16, dense route", f16_bytes, Some(4), false, f16(Some(Route::Dense))),
                 ("burn: f32 matmul", f32_bytes, None, true, f32_matmul),
             ];
             match &burn_q8 {
