@@ -192,8 +192,8 @@ fn transposed(w: &[f32], out: usize, inp: usize) -> Vec<f32> {
 }
 
 /// Device memory the allocator holds after one training step (forward and input gradient) through an MLP block of
-/// frozen weights (`down(gate(x) ⊙ up(x))`), int8 and f16 through our kernels against the same block with dense f32
-/// weights resident. The CPU backend reports no pools.
+/// frozen weights (`down(gate(x) ⊙ up(x))`), int8 and f16 through the tuned product against the same block with
+/// dense f32 weights resident (where the device can hold them). The CPU backend reports no pools.
 fn step_memory(device: &Device, rows: usize, large: bool) -> Result<()> {
     let (hidden, inter) = if large { (4096, 11008) } else { (576, 1536) };
     println!("\ntraining step through a frozen MLP block ({hidden}→{inter}→{hidden}, {rows} rows): device memory held");

@@ -212,7 +212,7 @@ pub(crate) fn from_wgpu(c: CubeTensor) -> DispatchTensor {
 #[cfg(test)]
 mod tests {
     use burn::backend::DispatchTensor;
-    use burn::tensor::{Device, Distribution, FloatDType, Tensor, TensorData};
+    use burn::tensor::{Distribution, FloatDType, Tensor, TensorData};
 
     use super::*;
     use crate::quant::{quantize_int8, ScaleDType};
@@ -231,10 +231,7 @@ mod tests {
     }
 
     fn random(rows: usize, cols: usize) -> Vec<f32> {
-        Tensor::<2>::random([rows, cols], Distribution::Uniform(-1.0, 1.0), &Device::flex())
-            .into_data()
-            .try_into_vec()
-            .unwrap()
+        crate::testing::uniform(rows * cols, (rows * 1000 + cols) as u64)
     }
 
     /// Both routes of all four products against a dense f32 matmul on the CPU-emulated GPU: GEMV and tiled shapes,
@@ -289,13 +286,7 @@ mod tests {
         }
         let (m, k) = (2, 4096);
         let n = limit as usize / (4 * k) + 1;
-        let mut state = 7u64;
-        let w: Vec<f32> = (0..n * k)
-            .map(|_| {
-                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect();
+        let w = random(n, k);
         let q8 = quantize_int8(&w, n, k, ScaleDType::F32);
         drop(w);
         let x: Vec<f32> = (0..m * k).map(|i| ((i % 13) as f32 - 6.0) / 7.0).collect();

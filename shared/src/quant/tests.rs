@@ -4,14 +4,7 @@ use super::*;
 use crate::testing::max_rel;
 
 fn random(rows: usize, cols: usize, seed: u64) -> Vec<f32> {
-    // A small LCG keeps the test independent of any RNG crate's stream.
-    let mut s = seed;
-    (0..rows * cols)
-        .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
+    crate::testing::uniform(rows * cols, seed)
 }
 
 fn vec2(t: Tensor<2>) -> Vec<f32> {
