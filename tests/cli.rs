@@ -83,10 +83,7 @@ fn export_merged_and_peft() {
         .arg(&merged)
         .args(["--ids", &ids, "--out"])
         .arg(&out));
-    let diff = max_abs_diff(
-        &Tensors::read(&out).f32("logits"),
-        &exp.f32("logits")[9 * 256..],
-    );
+    let diff = max_abs_diff(&Tensors::read(&out).f32("logits"), &exp.f32("logits")[9 * 256..]);
     assert!(diff < 1e-4, "merged logits differ by {diff}");
     let theirs = Tensors::read(&fixture("tiny-llama-lora/adapter_model.safetensors"));
     let ours = Tensors::read(&dir.path().join("peft/adapter_model.safetensors"));
@@ -102,13 +99,7 @@ fn info_tokenize_and_generate_on_smollm2() {
     assert!(info.contains("layers:              30"), "{info}");
     assert!(info.contains("Q4_1"), "{info}");
     let ids = run(server()
-        .args([
-            "model",
-            "tokenize",
-            "--text",
-            "Hello, world!<|im_end|>",
-            "--model",
-        ])
+        .args(["model", "tokenize", "--text", "Hello, world!<|im_end|>", "--model"])
         .arg(&model));
     assert_eq!(ids.trim(), "[19556,28,905,17,2]");
     let text = run(server()
@@ -165,14 +156,24 @@ fn emulator_build_info_and_eval_on_smollm2() {
     )
     .unwrap();
     let emu = dir.path().join("smol.emu");
-    run(server().args(["emulator", "build", "--model"]).arg(&model).arg("--config").arg(&config).arg("--out").arg(&emu));
+    run(server()
+        .args(["emulator", "build", "--model"])
+        .arg(&model)
+        .arg("--config")
+        .arg(&config)
+        .arg("--out")
+        .arg(&emu));
     let info: serde_json::Value =
         serde_json::from_str(&run(server().args(["emulator", "info", "--emulator"]).arg(&emu))).unwrap();
     assert_eq!(info["adapter_layers"], serde_json::json!([0, 29]));
     assert_eq!(info["layers"].as_array().unwrap().len(), 30);
 
     let data = dir.path().join("text.txt");
-    std::fs::write(&data, "Friends, Romans, countrymen, lend me your ears; I come to bury Caesar.\n".repeat(6)).unwrap();
+    std::fs::write(
+        &data,
+        "Friends, Romans, countrymen, lend me your ears; I come to bury Caesar.\n".repeat(6),
+    )
+    .unwrap();
     let job = dir.path().join("job.toml");
     std::fs::write(&job, "[data]\nmax_len = 16\n").unwrap();
     let json = dir.path().join("eval.json");
@@ -195,12 +196,22 @@ fn emulator_build_info_and_eval_on_smollm2() {
     );
     assert_eq!(r["emulator"]["tokens"], 45);
     assert!(full > 1.0 && full.is_finite());
-    assert!(((full - emu_ppl) / full).abs() < 1e-5, "full {full} vs emulator {emu_ppl}");
+    assert!(
+        ((full - emu_ppl) / full).abs() < 1e-5,
+        "full {full} vs emulator {emu_ppl}"
+    );
 
     // An unknown key in the emulator table is named.
     std::fs::write(&config, "[emulator]\nbottom_layers = 1\ntop_layers = 1\ndrop = 0.5\n").unwrap();
-    let out = server().args(["emulator", "build", "--model"]).arg(&model).arg("--config").arg(&config)
-        .arg("--out").arg(dir.path().join("x.emu")).output().unwrap();
+    let out = server()
+        .args(["emulator", "build", "--model"])
+        .arg(&model)
+        .arg("--config")
+        .arg(&config)
+        .arg("--out")
+        .arg(dir.path().join("x.emu"))
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("drop"), "{err}");
 }
@@ -210,7 +221,11 @@ fn tiny_federation(dir: &std::path::Path, rounds: u64, min_clients: usize) -> st
     let model = offsite_tests::tiny_llama_6_layers(&dir.join("model"));
     offsite_tests::word_tokenizer(&model);
     for (i, name) in ["a", "b", "c", "eval"].iter().enumerate() {
-        std::fs::write(dir.join(format!("{name}.txt")), offsite_tests::word_text(i as u32 + 1, 400)).unwrap();
+        std::fs::write(
+            dir.join(format!("{name}.txt")),
+            offsite_tests::word_text(i as u32 + 1, 400),
+        )
+        .unwrap();
     }
     let d = dir.display();
     let config = format!(
@@ -271,8 +286,16 @@ fn sim_runs_a_federation_and_reports_perplexities() {
         assert_eq!(r["participants"], 3);
         assert!(r["eval_perplexity"].as_f64().unwrap().is_finite());
     }
-    for label in ["zero-shot full model", "emulator before federation", "emulator + global adapter", "plug-in"] {
-        let line = out.lines().find(|l| l.starts_with(label)).unwrap_or_else(|| panic!("{label} missing:\n{out}"));
+    for label in [
+        "zero-shot full model",
+        "emulator before federation",
+        "emulator + global adapter",
+        "plug-in",
+    ] {
+        let line = out
+            .lines()
+            .find(|l| l.starts_with(label))
+            .unwrap_or_else(|| panic!("{label} missing:\n{out}"));
         let ppl: f64 = line.split_whitespace().last().unwrap().parse().unwrap();
         assert!(ppl.is_finite() && ppl > 1.0, "{line}");
     }
@@ -280,7 +303,9 @@ fn sim_runs_a_federation_and_reports_perplexities() {
     let plug = out.lines().find(|l| l.starts_with("plug-in")).unwrap();
     let last: f64 = plug.split_whitespace().last().unwrap().parse().unwrap();
     assert!((last - rows[1]["eval_perplexity"].as_f64().unwrap()).abs() < 1e-3 * last);
-    assert!(std::fs::read_to_string(state.join("metrics.svg")).unwrap().contains("<svg"));
+    assert!(std::fs::read_to_string(state.join("metrics.svg"))
+        .unwrap()
+        .contains("<svg"));
     assert!(state.join("global-adapter/adapter_config.json").exists());
     // The global adapter exports as a PEFT directory like any other adapter.
     run(server()
@@ -300,13 +325,24 @@ fn serve_and_join_through_the_binaries_with_issued_and_revoked_tokens() {
     let config = tiny_federation(dir.path(), 1, 2);
     let state = dir.path().join("state");
     let issue = |client: &str| {
-        run(server().args(["token", "issue", "--client", client, "--state-dir"]).arg(&state)).trim().to_string()
+        run(server()
+            .args(["token", "issue", "--client", client, "--state-dir"])
+            .arg(&state))
+        .trim()
+        .to_string()
     };
     let (t1, t2, t3) = (issue("one"), issue("two"), issue("three"));
-    run(server().args(["token", "revoke", "--client", "three", "--state-dir"]).arg(&state));
+    run(server()
+        .args(["token", "revoke", "--client", "three", "--state-dir"])
+        .arg(&state));
     let list = run(server().args(["token", "list", "--state-dir"]).arg(&state));
-    assert!(list.contains("three\trevoked") && list.contains("one\tactive"), "{list}");
-    assert!(!std::fs::read_to_string(state.join("tokens.json")).unwrap().contains(&t1));
+    assert!(
+        list.contains("three\trevoked") && list.contains("one\tactive"),
+        "{list}"
+    );
+    assert!(!std::fs::read_to_string(state.join("tokens.json"))
+        .unwrap()
+        .contains(&t1));
 
     let mut srv = server()
         .args(["serve", "--device", "cpu", "--config"])
@@ -316,26 +352,57 @@ fn serve_and_join_through_the_binaries_with_issued_and_revoked_tokens() {
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(srv.stdout.take().unwrap()).lines();
-    let addr = lines.next().unwrap().unwrap().trim_start_matches("listening on ").to_string();
-    let fp = lines.next().unwrap().unwrap().split_whitespace().last().unwrap().to_string();
+    let addr = lines
+        .next()
+        .unwrap()
+        .unwrap()
+        .trim_start_matches("listening on ")
+        .to_string();
+    let fp = lines
+        .next()
+        .unwrap()
+        .unwrap()
+        .split_whitespace()
+        .last()
+        .unwrap()
+        .to_string();
     let edge_bin = std::path::Path::new(env!("CARGO_BIN_EXE_offsite-server")).with_file_name("offsite-edge");
-    assert!(edge_bin.exists(), "build the workspace first: {} is missing", edge_bin.display());
+    assert!(
+        edge_bin.exists(),
+        "build the workspace first: {} is missing",
+        edge_bin.display()
+    );
     let join = |token: &str, name: &str| {
         let mut c = Command::new(&edge_bin);
-        c.args(["join", "--device", "cpu", "--server", &addr, "--fingerprint", &fp, "--token", token, "--name", name])
-            .arg("--data")
-            .arg(dir.path().join(format!("{name}.txt")))
-            .arg("--cache")
-            .arg(dir.path().join(format!("cache-{name}")))
-            .arg("--data-config")
-            .arg(&config);
+        c.args([
+            "join",
+            "--device",
+            "cpu",
+            "--server",
+            &addr,
+            "--fingerprint",
+            &fp,
+            "--token",
+            token,
+            "--name",
+            name,
+        ])
+        .arg("--data")
+        .arg(dir.path().join(format!("{name}.txt")))
+        .arg("--cache")
+        .arg(dir.path().join(format!("cache-{name}")))
+        .arg("--data-config")
+        .arg(&config);
         c
     };
     // The revoked token is refused with the reason, and the client gives up (no retry on a refusal).
     let refused = join(&t3, "c").output().unwrap();
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("unknown or revoked token"));
-    assert!(!dir.path().join("cache-c").exists(), "a refused client received no emulator");
+    assert!(
+        !dir.path().join("cache-c").exists(),
+        "a refused client received no emulator"
+    );
     let mut a = join(&t1, "a").spawn().unwrap();
     let mut b = join(&t2, "b").spawn().unwrap();
     assert!(a.wait().unwrap().success() && b.wait().unwrap().success());
@@ -360,10 +427,18 @@ fn sim_federates_a_prefix_tuning_adapter() {
     let metrics = std::fs::read_to_string(state.join("metrics.jsonl")).unwrap();
     let row: serde_json::Value = serde_json::from_str(metrics.lines().next().unwrap()).unwrap();
     assert_eq!(row["participants"], 3, "{out}");
-    let manifest = offsite::adapters::read_manifest(&state.join("global-adapter")).unwrap().unwrap();
-    assert_eq!((manifest.method, manifest.layers), (offsite::adapters::Method::PrefixTuning, vec![0, 5]));
+    let manifest = offsite::adapters::read_manifest(&state.join("global-adapter"))
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (manifest.method, manifest.layers),
+        (offsite::adapters::Method::PrefixTuning, vec![0, 5])
+    );
     let ppl = |label: &str| -> f64 {
-        let line = out.lines().find(|l| l.starts_with(label)).unwrap_or_else(|| panic!("{label} missing:\n{out}"));
+        let line = out
+            .lines()
+            .find(|l| l.starts_with(label))
+            .unwrap_or_else(|| panic!("{label} missing:\n{out}"));
         line.split_whitespace().last().unwrap().parse().unwrap()
     };
     // The prefixes change what the plugged-in full model predicts.

@@ -68,7 +68,11 @@ fn train_then_resume_writes_a_plug_in_adapter() {
     let log = std::fs::read_to_string(out.join("train_log.jsonl")).unwrap();
     let steps: Vec<u64> = log
         .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap())
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
+                .as_u64()
+                .unwrap()
+        })
         .collect();
     assert_eq!(steps, [1, 2, 3], "the resumed run appends step 3 only");
     let state: serde_json::Value =
@@ -88,16 +92,28 @@ fn train_then_resume_writes_a_plug_in_adapter() {
 
     // An unknown key in the job is named; a corrupt emulator is refused.
     std::fs::write(&config, "[train]\nstepz = 3\n").unwrap();
-    let o = run(edge().args(["train", "--device", "cpu", "--emulator"]).arg(&emu).arg("--data").arg(&data)
-        .arg("--config").arg(&config).arg("--out").arg(dir.path().join("x")));
+    let o = run(edge()
+        .args(["train", "--device", "cpu", "--emulator"])
+        .arg(&emu)
+        .arg("--data")
+        .arg(&data)
+        .arg("--config")
+        .arg(&config)
+        .arg("--out")
+        .arg(dir.path().join("x")));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("stepz"), "{err}");
     let mut bytes = std::fs::read(&emu).unwrap();
     let n = bytes.len();
     bytes[n - 10] ^= 0xff;
     std::fs::write(&emu, bytes).unwrap();
-    let o = run(edge().args(["train", "--device", "cpu", "--emulator"]).arg(&emu).arg("--data").arg(&data)
-        .arg("--out").arg(dir.path().join("y")));
+    let o = run(edge()
+        .args(["train", "--device", "cpu", "--emulator"])
+        .arg(&emu)
+        .arg("--data")
+        .arg(&data)
+        .arg("--out")
+        .arg(dir.path().join("y")));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("smol.emu"), "{err}");
 }
@@ -107,7 +123,11 @@ fn prompt_tuning_through_the_binaries_exports_to_peft_and_refuses_merging() {
     let dir = tempfile::tempdir().unwrap();
     let emu = small_emulator(dir.path());
     let data = dir.path().join("play.txt");
-    std::fs::write(&data, "Ber. Who's there?\nFran. Nay, answer me: stand, and unfold yourself.\n".repeat(12)).unwrap();
+    std::fs::write(
+        &data,
+        "Ber. Who's there?\nFran. Nay, answer me: stand, and unfold yourself.\n".repeat(12),
+    )
+    .unwrap();
     let config = dir.path().join("job.toml");
     std::fs::write(
         &config,
@@ -117,24 +137,48 @@ fn prompt_tuning_through_the_binaries_exports_to_peft_and_refuses_merging() {
     )
     .unwrap();
     let out = dir.path().join("adapter");
-    let o = run(edge().args(["train", "--device", "cpu", "--emulator"]).arg(&emu).arg("--data").arg(&data)
-        .arg("--config").arg(&config).arg("--out").arg(&out));
+    let o = run(edge()
+        .args(["train", "--device", "cpu", "--emulator"])
+        .arg(&emu)
+        .arg("--data")
+        .arg(&data)
+        .arg("--config")
+        .arg(&config)
+        .arg("--out")
+        .arg(&out));
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(read_manifest(&out).unwrap().unwrap().method, Method::PromptTuning);
 
     // `cargo test --workspace` builds the server binary beside this crate's.
     let server_bin = Path::new(env!("CARGO_BIN_EXE_offsite-edge")).with_file_name("offsite-server");
-    assert!(server_bin.exists(), "{} is missing: run the tests with --workspace", server_bin.display());
+    assert!(
+        server_bin.exists(),
+        "{} is missing: run the tests with --workspace",
+        server_bin.display()
+    );
     let server = || Command::new(&server_bin);
     let peft = dir.path().join("peft");
-    let o = run(server().args(["export", "--format", "peft", "--model"]).arg(smollm2_gguf())
-        .arg("--adapter").arg(&out).arg("--out").arg(&peft));
+    let o = run(server()
+        .args(["export", "--format", "peft", "--model"])
+        .arg(smollm2_gguf())
+        .arg("--adapter")
+        .arg(&out)
+        .arg("--out")
+        .arg(&peft));
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(peft.join("adapter_config.json")).unwrap()).unwrap();
-    assert_eq!((config["peft_type"].as_str(), config["num_virtual_tokens"].as_u64()), (Some("PROMPT_TUNING"), Some(6)));
-    let o = run(server().args(["export", "--format", "merged", "--model"]).arg(smollm2_gguf())
-        .arg("--adapter").arg(&out).arg("--out").arg(dir.path().join("merged")));
+    assert_eq!(
+        (config["peft_type"].as_str(), config["num_virtual_tokens"].as_u64()),
+        (Some("PROMPT_TUNING"), Some(6))
+    );
+    let o = run(server()
+        .args(["export", "--format", "merged", "--model"])
+        .arg(smollm2_gguf())
+        .arg("--adapter")
+        .arg(&out)
+        .arg("--out")
+        .arg(dir.path().join("merged")));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("--format peft"), "{err}");
 }

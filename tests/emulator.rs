@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use offsite::emulator::{self, Emulator, EmulatorConfig, EmulatorError};
 use offsite::load::Checkpoint;
-use offsite::train::causal_lm_loss;
 use offsite::quant::{QuantFormat, ScaleDType};
+use offsite::train::causal_lm_loss;
 use offsite_tests::{logits, max_abs_diff, tiny_llama_6_layers};
 
 const IDS: [i64; 8] = [1, 15, 27, 99, 3, 200, 7, 42];
@@ -59,7 +59,10 @@ fn f32_emulator_equals_the_full_model_without_the_dropped_layers() {
     let diff = max_abs_diff(&got, &want);
     assert!(diff < 1e-5, "max |diff| {diff}");
     // And dropping layers changed the function (the check above is not vacuous).
-    let whole = logits(&Checkpoint::open(&model_dir).unwrap().load_model(&device).unwrap(), &IDS);
+    let whole = logits(
+        &Checkpoint::open(&model_dir).unwrap().load_model(&device).unwrap(),
+        &IDS,
+    );
     assert!(max_abs_diff(&whole, &want) > 1e-3);
 }
 
@@ -104,7 +107,11 @@ fn quantized_emulators_stay_close_and_keep_names() {
 fn tied_copy(model: &Path, dir: &Path) -> PathBuf {
     let file = std::fs::read(model.join("model.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&file).unwrap();
-    let views: Vec<_> = st.tensors().into_iter().filter(|(n, _)| n != "lm_head.weight").collect();
+    let views: Vec<_> = st
+        .tensors()
+        .into_iter()
+        .filter(|(n, _)| n != "lm_head.weight")
+        .collect();
     std::fs::create_dir_all(dir).unwrap();
     safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
     let mut config: serde_json::Value =
@@ -127,7 +134,11 @@ fn stored_f32(st: &safetensors::SafeTensors, name: &str) -> (Vec<f32>, Vec<usize
                 .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
                 .collect();
             let cols = t.shape()[1];
-            t.data().iter().enumerate().map(|(i, &c)| c as i8 as f32 * scale[i / cols]).collect()
+            t.data()
+                .iter()
+                .enumerate()
+                .map(|(i, &c)| c as i8 as f32 * scale[i / cols])
+                .collect()
         }
         safetensors::Dtype::F16 => t
             .data()
@@ -170,9 +181,16 @@ fn quantized_embeddings_compute_through_the_stored_table() {
             assert!(emu.manifest().quantize_embeddings);
             let file = std::fs::read(&small).unwrap();
             let st = safetensors::SafeTensors::deserialize(&file).unwrap();
-            let tables: Vec<&str> = ["model.embed_tokens.weight"].into_iter().chain(heads.iter().copied()).collect();
+            let tables: Vec<&str> = ["model.embed_tokens.weight"]
+                .into_iter()
+                .chain(heads.iter().copied())
+                .collect();
             for name in &tables {
-                assert_ne!(st.tensor(name).unwrap().dtype(), safetensors::Dtype::F32, "{name} ({quant:?})");
+                assert_ne!(
+                    st.tensor(name).unwrap().dtype(),
+                    safetensors::Dtype::F32,
+                    "{name} ({quant:?})"
+                );
             }
             assert_eq!(st.tensor("model.norm.weight").unwrap().dtype(), safetensors::Dtype::F32);
             let (small_len, plain_len) = (file.len(), std::fs::metadata(&plain).unwrap().len() as usize);
@@ -190,13 +208,21 @@ fn quantized_embeddings_compute_through_the_stored_table() {
             let (got, got_grads) = loss_and_grads(&emu, Vec::new());
             let (want, want_grads) = loss_and_grads(&Emulator::open(&plain).unwrap(), replace);
             let r = rel(&got, &want);
-            assert!(r < 1e-5, "{quant:?} tied={}: relative logit error {r}", heads.is_empty());
+            assert!(
+                r < 1e-5,
+                "{quant:?} tied={}: relative logit error {r}",
+                heads.is_empty()
+            );
             assert_eq!(got_grads.len(), want_grads.len());
             assert!(!got_grads.is_empty());
             for ((n, g), (m, w)) in got_grads.iter().zip(&want_grads) {
                 assert_eq!(n, m);
                 let r = rel(g, w);
-                assert!(r < 1e-4, "{quant:?} tied={}: {n} gradient relative error {r}", heads.is_empty());
+                assert!(
+                    r < 1e-4,
+                    "{quant:?} tied={}: {n} gradient relative error {r}",
+                    heads.is_empty()
+                );
             }
         }
     }
@@ -225,15 +251,29 @@ fn damaged_files_are_refused() {
 }
 
 /// Normalised MSE between the emulator's and the full model's hidden state entering the top adapter layer.
-fn boundary_nmse(emu: &offsite::model::LlamaForCausalLM, full: &offsite::model::LlamaForCausalLM, seqs: &[Vec<i64>]) -> f64 {
+fn boundary_nmse(
+    emu: &offsite::model::LlamaForCausalLM,
+    full: &offsite::model::LlamaForCausalLM,
+    seqs: &[Vec<i64>],
+) -> f64 {
     let (mut err, mut norm) = (0.0f64, 0.0f64);
     for s in seqs {
         let ids = burn::tensor::Tensor::<2, burn::tensor::Int>::from_data(
             burn::tensor::TensorData::new(s.clone(), [1, s.len()]),
             &Device::flex(),
         );
-        let a: Vec<f32> = emu.hidden_after(ids.clone(), None, emu.model.layers.len() - 1).unwrap().into_data().try_into_vec().unwrap();
-        let b: Vec<f32> = full.hidden_after(ids, None, 5).unwrap().into_data().try_into_vec().unwrap();
+        let a: Vec<f32> = emu
+            .hidden_after(ids.clone(), None, emu.model.layers.len() - 1)
+            .unwrap()
+            .into_data()
+            .try_into_vec()
+            .unwrap();
+        let b: Vec<f32> = full
+            .hidden_after(ids, None, 5)
+            .unwrap()
+            .into_data()
+            .try_into_vec()
+            .unwrap();
         err += a.iter().zip(&b).map(|(x, y)| ((x - y) as f64).powi(2)).sum::<f64>();
         norm += b.iter().map(|y| (*y as f64).powi(2)).sum::<f64>();
     }
@@ -251,21 +291,44 @@ fn distillation_pulls_the_middle_towards_the_full_model_and_touches_nothing_else
     let examples: Vec<Example> = (0..24)
         .map(|i| {
             let ids = seq(i, 16);
-            Example { labels: ids.iter().map(|&x| x as i64).collect(), ids, category: None }
+            Example {
+                labels: ids.iter().map(|&x| x as i64).collect(),
+                ids,
+                category: None,
+            }
         })
         .collect();
-    let held: Vec<Vec<i64>> = (100..106).map(|i| seq(i, 16).iter().map(|&x| x as i64).collect()).collect();
-    let config = EmulatorConfig { bottom_layers: 1, top_layers: 1, drop_ratio: 0.5, quant: QuantFormat::F32, scale_dtype: ScaleDType::F32, quantize_embeddings: false };
+    let held: Vec<Vec<i64>> = (100..106)
+        .map(|i| seq(i, 16).iter().map(|&x| x as i64).collect())
+        .collect();
+    let config = EmulatorConfig {
+        bottom_layers: 1,
+        top_layers: 1,
+        drop_ratio: 0.5,
+        quant: QuantFormat::F32,
+        scale_dtype: ScaleDType::F32,
+        quantize_embeddings: false,
+    };
     let full = ckpt.load_model(&Device::flex()).unwrap();
     let plain = Emulator::open(&plain_path).unwrap();
     let before = boundary_nmse(&plain.load_model(&Device::flex()).unwrap(), &full, &held);
 
     for lm_weight in [0.0, 0.5] {
         let settings = DistillConfig {
-            steps: 30, batch_size: 8, max_len: 16, lr: 3e-3, warmup_steps: 2, lm_weight, max_grad_norm: 1.0, seed: 1,
+            steps: 30,
+            batch_size: 8,
+            max_len: 16,
+            lr: 3e-3,
+            warmup_steps: 2,
+            lm_weight,
+            max_grad_norm: 1.0,
+            seed: 1,
         };
         let mut steps = Vec::new();
-        let layers = emulator::distill(&ckpt, &config, &settings, &examples, &Device::flex(), &mut |s| steps.push(s.clone())).unwrap();
+        let layers = emulator::distill(&ckpt, &config, &settings, &examples, &Device::flex(), &mut |s| {
+            steps.push(s.clone())
+        })
+        .unwrap();
         assert_eq!(steps.len(), 30);
         assert_eq!(steps[0].lm.is_some(), lm_weight > 0.0);
         let out = dir.path().join(format!("distilled-{lm_weight}.emu"));
@@ -275,24 +338,40 @@ fn distillation_pulls_the_middle_towards_the_full_model_and_touches_nothing_else
         let after = boundary_nmse(&distilled.load_model(&Device::flex()).unwrap(), &full, &held);
         eprintln!(
             "lm_weight {lm_weight}: training nmse {:.4} → {:.4}; held-out boundary nmse {before:.4} → {after:.4}",
+            steps[0].mse, steps[29].mse
+        );
+        assert!(
+            steps[29].mse < steps[0].mse * 0.8,
+            "training nmse {} → {}",
             steps[0].mse,
             steps[29].mse
         );
-        assert!(steps[29].mse < steps[0].mse * 0.8, "training nmse {} → {}", steps[0].mse, steps[29].mse);
         // The LM term pulls elsewhere too, so only the pure-MSE run must close a fifth of the gap on held-out data.
         let bound = if lm_weight == 0.0 { 0.8 } else { 1.0 };
         assert!(after < before * bound, "held-out boundary nmse {before} → {after}");
 
         // Only the kept middle layers changed; embeddings, adapter layers, norm and head are the full model's.
-        let (a, b) = (plain.load_model(&Device::flex()).unwrap(), distilled.load_model(&Device::flex()).unwrap());
+        let (a, b) = (
+            plain.load_model(&Device::flex()).unwrap(),
+            distilled.load_model(&Device::flex()).unwrap(),
+        );
         let values = |m: &offsite::model::LlamaForCausalLM| -> std::collections::HashMap<String, Vec<f32>> {
-            m.named_params().into_iter().map(|p| (p.name, p.value.into_data().convert::<f32>().try_into_vec().unwrap())).collect()
+            m.named_params()
+                .into_iter()
+                .map(|p| (p.name, p.value.into_data().convert::<f32>().try_into_vec().unwrap()))
+                .collect()
         };
         let (va, vb) = (values(&a), values(&b));
         for (name, v) in &va {
-            let middle = name.starts_with("model.layers.") && !name.starts_with("model.layers.0.") && !name.starts_with("model.layers.5.");
+            let middle = name.starts_with("model.layers.")
+                && !name.starts_with("model.layers.0.")
+                && !name.starts_with("model.layers.5.");
             let changed = max_abs_diff(v, &vb[name]) > 0.0;
-            assert_eq!(changed, middle && name.ends_with("weight"), "`{name}` changed: {changed}");
+            assert_eq!(
+                changed,
+                middle && name.ends_with("weight"),
+                "`{name}` changed: {changed}"
+            );
         }
     }
 }

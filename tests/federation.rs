@@ -8,15 +8,15 @@ use std::time::Duration;
 use offsite::adapters::{AdapterSpec, Method};
 use offsite::data::Example;
 use offsite::emulator::Emulator;
-use offsite::fed::params::{hash, read_safetensors};
-use offsite::fed::{
-    adapter_state, FederationConfig, LocalConfig, Params, ServerState, StrategyConfig, TokenStore,
-};
-use offsite::net::{
-    join, quic_client, EmulatorSource, Identity, JoinSettings, JoinSummary, LocalData, ServeSettings, Server, Trust,
+use offsite::federated::{adapter_state, train_round, EmulatorTrainer, LocalData};
+use offsite::train::TrainConfig;
+use offsite_fed::params::{hash, l2_norm};
+use offsite_fed::{read_safetensors, FederationConfig, Params, RoundReport, ServerState, StrategyConfig, TokenStore};
+use offsite_net::{
+    join, quic_client, EmulatorSource, Identity, JoinSettings, JoinSummary, NetError, ServeSettings, Server, Trust,
     SERVER_NAME,
 };
-use offsite::protocol::{encode_frame, ClientConn, ClientEvent, Hello, Limits, Message};
+use offsite_protocol::{encode_frame, ClientConn, ClientEvent, Hello, Limits, Message};
 use offsite_tests::tiny_emulator;
 
 struct Fixture {
@@ -32,7 +32,13 @@ fn fixture() -> Fixture {
     let (_, emulator) = tiny_emulator(&dir);
     let emu = Emulator::open(&emulator).unwrap();
     let device = burn::tensor::Device::flex();
-    let (m, _) = spec().prepare(emu.load_model(&device.autodiff()).unwrap(), &emu.manifest().adapter_layers, None).unwrap();
+    let (m, _) = spec()
+        .prepare(
+            emu.load_model(&device.autodiff()).unwrap(),
+            &emu.manifest().adapter_layers,
+            None,
+        )
+        .unwrap();
     let initial = adapter_state(&m).unwrap();
     Fixture {
         _tmp: tmp,
@@ -56,7 +62,11 @@ fn examples(c: u32, n: u32) -> Vec<Example> {
         .map(|i| {
             let ids: Vec<u32> = (0..10).map(|t| (c * 31 + i * 7 + t * 13) % 250 + 3).collect();
             let labels = ids.iter().map(|&x| x as i64).collect();
-            Example { ids, labels, category: None }
+            Example {
+                ids,
+                labels,
+                category: None,
+            }
         })
         .collect()
 }
@@ -76,13 +86,14 @@ fn settings(f: &Fixture, state: &Path, rounds: u64, min_clients: usize) -> Serve
             seed: 3,
             ..Default::default()
         },
-        local: LocalConfig {
+        local: TrainConfig {
             steps: 2,
             batch_size: 2,
             lr: 1e-2,
+            min_lr: 1e-5,
             ..Default::default()
         },
-        strategy: StrategyConfig::FedAvg { norm_bound: None },
+        strategy: StrategyConfig::FedAvg { norm_bound: None }.build().unwrap(),
         hello_timeout_s: 5.0,
         client_ca: None,
     }
@@ -96,7 +107,7 @@ fn issue(state: &Path, ids: &[&str]) -> Vec<String> {
     tokens
 }
 
-fn client(server: &Server, dir: &Path, name: &str, token: &str, data: Vec<Example>) -> JoinSettings {
+fn client(server: &Server, dir: &Path, name: &str, token: &str) -> JoinSettings {
     JoinSettings {
         server: server.local_addr().unwrap(),
         server_name: SERVER_NAME.into(),
@@ -104,16 +115,31 @@ fn client(server: &Server, dir: &Path, name: &str, token: &str, data: Vec<Exampl
         token: token.into(),
         name: name.into(),
         cache_dir: dir.join(format!("{name}-cache")),
-        device: burn::tensor::Device::flex(),
-        data: LocalData::Examples(data),
         max_reconnects: 3,
         save_updates: Some(dir.join(format!("{name}-updates"))),
         client_cert: None,
     }
 }
 
+/// A client training on `data` on the CPU.
+fn trainer(data: Vec<Example>) -> Box<EmulatorTrainer> {
+    Box::new(EmulatorTrainer::new(
+        burn::tensor::Device::flex(),
+        LocalData::Examples(data),
+    ))
+}
+
+/// Joins with `settings`, training on `data`.
+async fn join_with(settings: JoinSettings, data: Vec<Example>) -> Result<JoinSummary, NetError> {
+    join(settings, trainer(data)).await
+}
+
 fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(4).enable_all().build().unwrap()
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .unwrap()
 }
 
 /// global + Σ nᵢΔᵢ / Σ nᵢ, computed here from the deltas the clients saved (as the server decoded them).
@@ -122,7 +148,11 @@ fn fedavg(global: &Params, updates: &[(u64, Params)]) -> Params {
     let mut out = global.clone();
     for (name, t) in out.iter_mut() {
         for (i, v) in t.values.iter_mut().enumerate() {
-            let mean: f64 = updates.iter().map(|(n, d)| d[name].values[i] as f64 * *n as f64).sum::<f64>() / total as f64;
+            let mean: f64 = updates
+                .iter()
+                .map(|(n, d)| d[name].values[i] as f64 * *n as f64)
+                .sum::<f64>()
+                / total as f64;
             *v = (*v as f64 + mean) as f32;
         }
     }
@@ -163,7 +193,10 @@ fn three_clients_two_rounds_give_the_fedavg_of_their_updates() {
             .enumerate()
             .map(|(i, (name, token))| {
                 // Different amounts of data, so the weights matter.
-                tokio::spawn(join(client(&server, &f.dir, name, token, examples(i as u32, 4 + 2 * i as u32))))
+                tokio::spawn(join_with(
+                    client(&server, &f.dir, name, token),
+                    examples(i as u32, 4 + 2 * i as u32),
+                ))
             })
             .collect();
         let st = server.run(f.initial.clone(), None, &mut |_| {}).await.unwrap();
@@ -173,21 +206,32 @@ fn three_clients_two_rounds_give_the_fedavg_of_their_updates() {
         }
         (st, sums)
     });
-    assert!(summaries.iter().all(|s| s.rounds == 2 && s.accepted == 2), "{summaries:?}");
+    assert!(
+        summaries.iter().all(|s| s.rounds == 2 && s.accepted == 2),
+        "{summaries:?}"
+    );
     let mut global = f.initial.clone();
     for round in 1..=2 {
         let ups: Vec<_> = ["a", "b", "c"].iter().map(|n| saved_update(&f.dir, n, round)).collect();
         assert_eq!(ups.iter().map(|u| u.0).collect::<Vec<_>>(), vec![4, 6, 8]);
-        assert!(ups.iter().all(|u| offsite::fed::params::l2_norm(&u.1) > 0.0), "clients trained");
+        assert!(ups.iter().all(|u| l2_norm(&u.1) > 0.0), "clients trained");
         global = fedavg(&global, &ups);
     }
     let diff = max_diff(&global, &final_state.global);
-    assert!(diff < 1e-6, "global adapter differs from the independent FedAvg by {diff}");
+    assert!(
+        diff < 1e-6,
+        "global adapter differs from the independent FedAvg by {diff}"
+    );
     assert_ne!(hash(&final_state.global), hash(&f.initial));
     let m = metrics(&state);
     assert_eq!(m.len(), 2);
-    assert!(m.iter().all(|r| r["participants"] == 3 && r["rejected"] == 0 && r["bytes_in"].as_u64().unwrap() > 0));
-    assert_eq!(m[1]["global_sha256"], serde_json::Value::String(hash(&final_state.global)));
+    assert!(m
+        .iter()
+        .all(|r| r["participants"] == 3 && r["rejected"] == 0 && r["bytes_in"].as_u64().unwrap() > 0));
+    assert_eq!(
+        m[1]["global_sha256"],
+        serde_json::Value::String(hash(&final_state.global))
+    );
     assert_eq!(ServerState::load(&state).unwrap().unwrap().global, final_state.global);
 }
 
@@ -206,7 +250,13 @@ async fn raw(server_addr: std::net::SocketAddr, fingerprint: &str, bytes: Vec<u8
 }
 
 fn events(bytes: &[u8]) -> Vec<ClientEvent> {
-    let (mut c, _) = ClientConn::new(Limits::default(), Hello { client_name: String::new(), token: String::new() });
+    let (mut c, _) = ClientConn::new(
+        Limits::default(),
+        Hello {
+            client_name: String::new(),
+            token: String::new(),
+        },
+    );
     c.receive(bytes).unwrap()
 }
 
@@ -223,20 +273,50 @@ fn bad_tokens_and_bad_frames_are_refused_and_the_server_keeps_serving() {
         let server = Server::bind(settings(&f, &state, 1, 1), Identity::self_signed_in(&state).unwrap()).unwrap();
         let (addr, fp) = (server.local_addr().unwrap(), server.fingerprint().to_string());
         for (token, what) in [("ofs_wrong", "wrong"), (tokens[1].as_str(), "revoked")] {
-            let (_, hello) = ClientConn::new(Limits::default(), Hello { client_name: what.into(), token: token.into() });
+            let (_, hello) = ClientConn::new(
+                Limits::default(),
+                Hello {
+                    client_name: what.into(),
+                    token: token.into(),
+                },
+            );
             let got = raw(addr, &fp, hello, false).await;
-            assert_eq!(events(&got), vec![ClientEvent::Rejected("unknown or revoked token".into())], "{what}");
+            assert_eq!(
+                events(&got),
+                vec![ClientEvent::Rejected("unknown or revoked token".into())],
+                "{what}"
+            );
             // Nothing else came: no welcome, no chunk.
-            assert_eq!(got, encode_frame(&Message::Reject { reason: "unknown or revoked token".into() }));
+            assert_eq!(
+                got,
+                encode_frame(&Message::Reject {
+                    reason: "unknown or revoked token".into()
+                })
+            );
         }
         let got = raw(addr, &fp, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(), false).await;
-        assert!(matches!(&events(&got)[..], [ClientEvent::Rejected(r)] if r.contains("not an Offsite frame")), "{got:?}");
-        let (_, hello) = ClientConn::new(Limits::default(), Hello { client_name: "t".into(), token: tokens[0].clone() });
+        assert!(
+            matches!(&events(&got)[..], [ClientEvent::Rejected(r)] if r.contains("not an Offsite frame")),
+            "{got:?}"
+        );
+        let (_, hello) = ClientConn::new(
+            Limits::default(),
+            Hello {
+                client_name: "t".into(),
+                token: tokens[0].clone(),
+            },
+        );
         let got = raw(addr, &fp, hello[..hello.len() - 3].to_vec(), true).await;
-        assert!(matches!(&events(&got)[..], [ClientEvent::Rejected(r)] if r.contains("truncated frame")), "{got:?}");
+        assert!(
+            matches!(&events(&got)[..], [ClientEvent::Rejected(r)] if r.contains("truncated frame")),
+            "{got:?}"
+        );
         // Asking for the emulator in the same breath as the hello, before the token is checked: refused, no chunk.
         let mut frames = hello.clone();
-        frames.extend(encode_frame(&Message::FetchEmulator { sha256: "00".repeat(32), from_chunk: 0 }));
+        frames.extend(encode_frame(&Message::FetchEmulator {
+            sha256: "00".repeat(32),
+            from_chunk: 0,
+        }));
         let got = raw(addr, &fp, frames, false).await;
         let ev = events(&got);
         assert!(
@@ -244,7 +324,7 @@ fn bad_tokens_and_bad_frames_are_refused_and_the_server_keeps_serving() {
             "{ev:?}"
         );
         // The server still serves a good client through a whole federation.
-        let h = tokio::spawn(join(client(&server, &f.dir, "good", &tokens[0], examples(0, 4))));
+        let h = tokio::spawn(join_with(client(&server, &f.dir, "good", &tokens[0]), examples(0, 4)));
         let st = server.run(f.initial.clone(), None, &mut |_| {}).await.unwrap();
         assert_eq!(st.round, 1);
         assert_eq!(h.await.unwrap().unwrap().accepted, 1);
@@ -270,7 +350,13 @@ fn a_client_lost_mid_round_does_not_stop_the_round_and_can_come_back() {
             ep.set_default_client_config(quic_client(&Trust::Pinned(fp2), None).unwrap());
             let conn = ep.connect(addr, SERVER_NAME).unwrap().await.unwrap();
             let (mut send, mut recv) = conn.open_bi().await.unwrap();
-            let (mut sm, hello) = ClientConn::new(Limits::default(), Hello { client_name: "flaky".into(), token: flaky_token });
+            let (mut sm, hello) = ClientConn::new(
+                Limits::default(),
+                Hello {
+                    client_name: "flaky".into(),
+                    token: flaky_token,
+                },
+            );
             send.write_all(&hello).await.unwrap();
             let mut buf = vec![0u8; 65536];
             let mut task_tx = Some(task_tx);
@@ -292,17 +378,17 @@ fn a_client_lost_mid_round_does_not_stop_the_round_and_can_come_back() {
         while server.ready_clients().len() < 1 {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let a = tokio::spawn(join(client(&server, &f.dir, "a", &tokens[0], examples(0, 4))));
-        let b = tokio::spawn(join(client(&server, &f.dir, "b", &tokens[1], examples(1, 4))));
+        let a = tokio::spawn(join_with(client(&server, &f.dir, "a", &tokens[0]), examples(0, 4)));
+        let b = tokio::spawn(join_with(client(&server, &f.dir, "b", &tokens[1]), examples(1, 4)));
         while server.ready_clients().len() < 3 {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let comeback = {
-            let s = client(&server, &f.dir, "flaky", &tokens[2], examples(2, 4));
+            let s = client(&server, &f.dir, "flaky", &tokens[2]);
             tokio::spawn(async move {
                 assert_eq!(task_rx.await.unwrap(), 1);
                 flaky.await.unwrap();
-                join(s).await
+                join_with(s, examples(2, 4)).await
             })
         };
         let st = server.run(f.initial.clone(), None, &mut |_| {}).await.unwrap();
@@ -312,7 +398,10 @@ fn a_client_lost_mid_round_does_not_stop_the_round_and_can_come_back() {
         assert_eq!(m[0]["participants"], 2, "round 1 completes with the two clients left");
         assert!(a.await.unwrap().unwrap().accepted == 3 && b.await.unwrap().unwrap().accepted == 3);
         let back = comeback.await.unwrap().unwrap();
-        assert!(back.accepted >= 1, "the client that came back took part in a later round: {back:?}");
+        assert!(
+            back.accepted >= 1,
+            "the client that came back took part in a later round: {back:?}"
+        );
         assert_eq!(st.clients["flaky"].accepted, back.accepted);
     });
 }
@@ -328,20 +417,23 @@ fn a_restarted_server_resumes_at_the_next_round_with_the_same_global_adapter() {
     let run = |rounds: u64, tag: &str, kill_after: Option<u64>| {
         let tag = tag.to_string();
         rt.block_on(async {
-            let server =
-                Server::bind(settings(&f, &state, rounds, 2), Identity::self_signed_in(&state).unwrap()).unwrap();
+            let server = Server::bind(
+                settings(&f, &state, rounds, 2),
+                Identity::self_signed_in(&state).unwrap(),
+            )
+            .unwrap();
             let hs: Vec<_> = ["a", "b"]
                 .iter()
                 .zip(&tokens)
                 .enumerate()
                 .map(|(i, (n, t))| {
-                    let mut s = client(&server, &f.dir, n, t, examples(i as u32, 4));
+                    let mut s = client(&server, &f.dir, n, t);
                     s.save_updates = Some(f.dir.join(format!("{n}-{tag}")));
-                    tokio::spawn(join(s))
+                    tokio::spawn(join_with(s, examples(i as u32, 4)))
                 })
                 .collect();
             let (done_tx, mut done_rx) = tokio::sync::watch::channel(0u64);
-            let mut on_round = move |r: &offsite::net::RoundReport| {
+            let mut on_round = move |r: &RoundReport| {
                 let _ = done_tx.send(r.round);
             };
             let killed = async {
@@ -374,7 +466,11 @@ fn a_restarted_server_resumes_at_the_next_round_with_the_same_global_adapter() {
     let second = run(2, "second", None).unwrap();
     assert_eq!(second.round, 2);
     let rounds: Vec<u64> = metrics(&state).iter().map(|r| r["round"].as_u64().unwrap()).collect();
-    assert_eq!(rounds, vec![1, 2], "round 2 was lost in the crash and run once by the restarted server");
+    assert_eq!(
+        rounds,
+        vec![1, 2],
+        "round 2 was lost in the crash and run once by the restarted server"
+    );
     // Round 2 started from the saved global adapter: the result is exactly its FedAvg with round 2's updates.
     let load = |n: &str| {
         let (p, meta) = read_safetensors(&f.dir.join(format!("{n}-second/round-2.safetensors"))).unwrap();
@@ -387,31 +483,32 @@ fn a_restarted_server_resumes_at_the_next_round_with_the_same_global_adapter() {
 
 #[test]
 fn fedprox_keeps_local_training_closer_to_the_global_adapter() {
-    use offsite::fed::params::l2_norm;
-    use offsite::protocol::LocalSettings;
     let f = fixture();
     let emu = Emulator::open(&f.emulator).unwrap();
     let device = burn::tensor::Device::flex();
     let layers = emu.manifest().adapter_layers.clone();
-    let settings = |mu: f64| LocalSettings {
+    let settings = TrainConfig {
         steps: 6,
         batch_size: 2,
         lr: 2e-2,
         min_lr: 2e-2,
-        warmup_steps: 0,
-        max_grad_norm: 0.0,
-        weight_decay: 0.0,
-        proximal_mu: mu,
+        max_grad_norm: None,
         seed: 1,
+        ..TrainConfig::default()
     };
     let norm = |mu: f64| {
-        let (model, _) = spec().prepare(emu.load_model(&device.clone().autodiff()).unwrap(), &layers, None).unwrap();
-        let (_, r) = offsite::fed::train_round(model, &f.initial, &settings(mu), &examples(0, 8), &mut |_| {}).unwrap();
+        let (model, _) = spec()
+            .prepare(emu.load_model(&device.clone().autodiff()).unwrap(), &layers, None)
+            .unwrap();
+        let (_, r) = train_round(model, &f.initial, &settings, mu, &examples(0, 8), &mut |_| {}).unwrap();
         l2_norm(&r.delta)
     };
     let (plain, same, prox) = (norm(0.0), norm(0.0), norm(50.0));
     assert_eq!(plain, same, "local training is deterministic");
-    assert!(prox < 0.9 * plain, "μ = 50 pulls towards the global adapter: ‖Δ‖ {prox} vs {plain}");
+    assert!(
+        prox < 0.9 * plain,
+        "μ = 50 pulls towards the global adapter: ‖Δ‖ {prox} vs {plain}"
+    );
 }
 
 #[test]
@@ -435,12 +532,16 @@ fn an_interrupted_download_resumes_and_a_corrupt_partial_file_is_discarded() {
     let rt = runtime();
     let (a, b) = rt.block_on(async {
         let server = Server::bind(settings(&f, &state, 1, 2), Identity::self_signed_in(&state).unwrap()).unwrap();
-        let a = tokio::spawn(join(client(&server, &f.dir, "a", &tokens[0], examples(0, 4))));
-        let b = tokio::spawn(join(client(&server, &f.dir, "b", &tokens[1], examples(1, 4))));
+        let a = tokio::spawn(join_with(client(&server, &f.dir, "a", &tokens[0]), examples(0, 4)));
+        let b = tokio::spawn(join_with(client(&server, &f.dir, "b", &tokens[1]), examples(1, 4)));
         server.run(f.initial.clone(), None, &mut |_| {}).await.unwrap();
         (a.await.unwrap().unwrap(), b.await.unwrap().unwrap())
     });
-    assert_eq!((a.connections, a.accepted), (1, 1), "a resumed and finished on its first connection");
+    assert_eq!(
+        (a.connections, a.accepted),
+        (1, 1),
+        "a resumed and finished on its first connection"
+    );
     // b resumed from chunk 2, the whole-file hash failed, the part was discarded and the next connection
     // downloaded it all.
     assert_eq!((b.connections, b.accepted), (2, 1));
@@ -460,7 +561,10 @@ fn mutual_tls_admits_only_clients_with_a_certificate_from_the_ca() {
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
     let ca = rcgen::CertifiedIssuer::self_signed(ca_params, rcgen::KeyPair::generate().unwrap()).unwrap();
     let key = rcgen::KeyPair::generate().unwrap();
-    let cert = rcgen::CertificateParams::new(vec!["client-a".to_string()]).unwrap().signed_by(&key, &ca).unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["client-a".to_string()])
+        .unwrap()
+        .signed_by(&key, &ca)
+        .unwrap();
     let pems = f.dir.join("pki");
     std::fs::create_dir_all(&pems).unwrap();
     std::fs::write(pems.join("ca.pem"), ca.pem()).unwrap();
@@ -472,14 +576,14 @@ fn mutual_tls_admits_only_clients_with_a_certificate_from_the_ca() {
         s.client_ca = Some(pems.join("ca.pem"));
         let server = Server::bind(s, Identity::self_signed_in(&state).unwrap()).unwrap();
         // Without a certificate the handshake fails, even with a valid token.
-        let mut no_cert = client(&server, &f.dir, "b", &tokens[1], examples(1, 4));
+        let mut no_cert = client(&server, &f.dir, "b", &tokens[1]);
         no_cert.max_reconnects = 0;
-        let e = join(no_cert).await.unwrap_err();
-        assert!(matches!(e, offsite::fed::FedError::Connection(_)), "{e}");
+        let e = join_with(no_cert, examples(1, 4)).await.unwrap_err();
+        assert!(matches!(e, NetError::Connection(_)), "{e}");
         assert!(!f.dir.join("b-cache").exists());
-        let mut with_cert = client(&server, &f.dir, "a", &tokens[0], examples(0, 4));
+        let mut with_cert = client(&server, &f.dir, "a", &tokens[0]);
         with_cert.client_cert = Some((pems.join("a.pem"), pems.join("a.key")));
-        let h = tokio::spawn(join(with_cert));
+        let h = tokio::spawn(join_with(with_cert, examples(0, 4)));
         server.run(f.initial.clone(), None, &mut |_| {}).await.unwrap();
         assert_eq!(h.await.unwrap().unwrap().accepted, 1);
     });

@@ -9,10 +9,7 @@ use offsite_tests::{fixture, llama_cpp_permute, logits, max_abs_diff, write_gguf
 
 /// GPT-2's byte → printable character map, as in its `bytes_to_unicode`.
 fn byte_chars() -> Vec<char> {
-    let mut printable: Vec<u32> = (0x21..=0x7e)
-        .chain(0xa1..=0xac)
-        .chain(0xae..=0xff)
-        .collect();
+    let mut printable: Vec<u32> = (0x21..=0x7e).chain(0xa1..=0xac).chain(0xae..=0xff).collect();
     let mut chars: Vec<u32> = printable.clone();
     let mut extra = 0;
     for b in 0..256u32 {
@@ -44,8 +41,7 @@ fn tiny_llama_gguf() -> Vec<u8> {
         } else if name == "lm_head.weight" {
             "output.weight".to_string()
         } else {
-            let rest = name.strip_prefix("model.layers.").unwrap();
-            let (layer, part) = rest.split_once('.').unwrap();
+            let (layer, part) = offsite::model::split_layer_name(&name).unwrap();
             let part = part.strip_suffix(".weight").unwrap();
             let short = match part {
                 "input_layernorm" => "attn_norm",
@@ -188,9 +184,6 @@ fn unsupported_architecture_is_named() {
     let at = bytes.windows(5).position(|w| w == b"llama").unwrap();
     bytes[at..at + 5].copy_from_slice(b"gpt2x");
     let dir = tempfile::tempdir().unwrap();
-    let err = Checkpoint::open(&write(dir.path(), &bytes))
-        .err()
-        .unwrap()
-        .to_string();
+    let err = Checkpoint::open(&write(dir.path(), &bytes)).err().unwrap().to_string();
     assert!(err.contains("gpt2x") && err.contains("tiny.gguf"), "{err}");
 }

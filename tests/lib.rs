@@ -21,9 +21,7 @@ pub fn smollm2_gguf() -> PathBuf {
     }
     let cache = std::env::var("XDG_CACHE_HOME")
         .map(PathBuf::from)
-        .unwrap_or_else(|_| {
-            PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache")
-        });
+        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache"));
     let path = cache.join("offsite-models/SmolLM2-135M-Instruct.Q4_1.gguf");
     assert!(
         path.exists(),
@@ -43,11 +41,8 @@ impl Tensors {
 
     fn view(&self, name: &str) -> safetensors::tensor::TensorView<'_> {
         let st = safetensors::SafeTensors::deserialize(&self.0).unwrap();
-        let view = st
-            .tensor(name)
-            .unwrap_or_else(|_| panic!("no tensor {name}"));
-        safetensors::tensor::TensorView::new(view.dtype(), view.shape().to_vec(), view.data())
-            .unwrap()
+        let view = st.tensor(name).unwrap_or_else(|_| panic!("no tensor {name}"));
+        safetensors::tensor::TensorView::new(view.dtype(), view.shape().to_vec(), view.data()).unwrap()
     }
 
     pub fn shape(&self, name: &str) -> Vec<usize> {
@@ -80,10 +75,7 @@ impl Tensors {
 
 /// Logits of one unpadded sequence, flattened `[len · vocab]`.
 pub fn logits(model: &LlamaForCausalLM, ids: &[i64]) -> Vec<f32> {
-    let input = Tensor::<2, Int>::from_data(
-        TensorData::new(ids.to_vec(), [1, ids.len()]),
-        &model.device(),
-    );
+    let input = Tensor::<2, Int>::from_data(TensorData::new(ids.to_vec(), [1, ids.len()]), &model.device());
     model
         .forward(input, None, None)
         .unwrap()
@@ -95,10 +87,7 @@ pub fn logits(model: &LlamaForCausalLM, ids: &[i64]) -> Vec<f32> {
 /// Largest absolute difference; panics on length mismatch.
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "lengths differ");
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }
 
 /// A metadata value for [`write_gguf`].
@@ -155,10 +144,7 @@ pub fn write_gguf(meta: &[(&str, Meta)], tensors: &[(String, Vec<usize>, Vec<f32
     for (name, shape, data) in tensors {
         string(&mut out, name);
         out.extend((shape.len() as u32).to_le_bytes());
-        shape
-            .iter()
-            .rev()
-            .for_each(|d| out.extend((*d as u64).to_le_bytes()));
+        shape.iter().rev().for_each(|d| out.extend((*d as u64).to_le_bytes()));
         out.extend(0u32.to_le_bytes());
         out.extend(offset.to_le_bytes());
         offset += padded(data.len()) as u64;
@@ -181,8 +167,7 @@ pub fn llama_cpp_permute(data: &[f32], rows: usize, cols: usize, heads: usize) -
             for i in 0..d / 2 {
                 let src = h * d + j * (d / 2) + i;
                 let dst = h * d + i * 2 + j;
-                out[dst * cols..(dst + 1) * cols]
-                    .copy_from_slice(&data[src * cols..(src + 1) * cols]);
+                out[dst * cols..(dst + 1) * cols].copy_from_slice(&data[src * cols..(src + 1) * cols]);
             }
         }
     }
@@ -198,11 +183,13 @@ pub fn tiny_llama_6_layers(dir: &Path) -> PathBuf {
     let mut out: Vec<(String, Vec<f32>, Vec<usize>)> = Vec::new();
     for name in t.names() {
         let (data, shape) = (t.f32(&name), t.shape(&name));
-        if let Some(rest) = name.strip_prefix("model.layers.") {
-            let (i, part) = rest.split_once('.').unwrap();
-            let i: usize = i.parse().unwrap();
+        if let Some((i, part)) = offsite::model::split_layer_name(&name) {
             for (copy, factor) in [(0, 1.0f32), (2, 0.9), (4, 0.8)] {
-                let f = if i == 1 && copy > 0 { factor + 0.2 + 0.1 * (copy as f32 - 2.0) } else { factor };
+                let f = if i == 1 && copy > 0 {
+                    factor + 0.2 + 0.1 * (copy as f32 - 2.0)
+                } else {
+                    factor
+                };
                 let scaled: Vec<f32> = data.iter().map(|v| v * f).collect();
                 out.push((format!("model.layers.{}.{part}", copy + i), scaled, shape.clone()));
             }
@@ -217,7 +204,10 @@ pub fn tiny_llama_6_layers(dir: &Path) -> PathBuf {
     let views: Vec<_> = bytes
         .iter()
         .map(|(n, b, s)| {
-            (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).unwrap())
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).unwrap(),
+            )
         })
         .collect();
     std::fs::create_dir_all(dir).unwrap();
@@ -232,8 +222,9 @@ pub fn tiny_llama_6_layers(dir: &Path) -> PathBuf {
 /// Writes a word-level `tokenizer.json` into a tiny-model directory: words `w0` … `w255` are ids 0–255, split on
 /// whitespace, so text files of such words can train and evaluate the tiny model end to end.
 pub fn word_tokenizer(dir: &Path) {
-    let vocab: serde_json::Map<String, serde_json::Value> =
-        (0..256).map(|i| (format!("w{i}"), serde_json::Value::from(i))).collect();
+    let vocab: serde_json::Map<String, serde_json::Value> = (0..256)
+        .map(|i| (format!("w{i}"), serde_json::Value::from(i)))
+        .collect();
     let json = serde_json::json!({
         "version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": null,
         "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null, "decoder": null,
@@ -244,7 +235,10 @@ pub fn word_tokenizer(dir: &Path) {
 
 /// A text of `words` tiny-tokenizer words following a pattern of its own (`seed`).
 pub fn word_text(seed: u32, words: u32) -> String {
-    (0..words).map(|t| format!("w{}", (seed * 31 + t * 13 + (t / 7) * seed) % 250 + 3)).collect::<Vec<_>>().join(" ")
+    (0..words)
+        .map(|t| format!("w{}", (seed * 31 + t * 13 + (t / 7) * seed) % 250 + 3))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// The 6-layer tiny model written to `dir/model` and its int8 emulator (1 + 1 adapter layers, half the middle

@@ -56,16 +56,11 @@ fn peft_adapter_logits_loss_and_gradients_match() {
             let [rows, cols] = g.dims();
             let g: Vec<f32> = g.into_data().try_into_vec().unwrap();
             // Ours is stored transposed ([in, r] / [r, out]); PEFT's is [r, in] / [out, r].
-            let ours: Vec<f32> = (0..rows * cols)
-                .map(|i| g[(i % rows) * cols + i / rows])
-                .collect();
+            let ours: Vec<f32> = (0..rows * cols).map(|i| g[(i % rows) * cols + i / rows]).collect();
             let reference = exp.f32(&format!("grad.{name}.{suffix}.default.weight"));
             let scale = reference.iter().fold(0.0f32, |m, x| m.max(x.abs()));
             let rel = max_abs_diff(&ours, &reference) / scale;
-            assert!(
-                rel < 1e-4,
-                "{name}.{suffix}: relative gradient error {rel:.2e}"
-            );
+            assert!(rel < 1e-4, "{name}.{suffix}: relative gradient error {rel:.2e}");
             eprintln!("{name}.{suffix}: relative gradient error {rel:.2e}");
             checked += 1;
         }
@@ -140,11 +135,7 @@ fn mismatched_adapters_are_refused_by_name() {
     // A truncated weights file.
     std::fs::write(dir.path().join("adapter_config.json"), &config).unwrap();
     let bytes = std::fs::read(fixture("tiny-llama-lora/adapter_model.safetensors")).unwrap();
-    std::fs::write(
-        dir.path().join("adapter_model.safetensors"),
-        &bytes[..bytes.len() / 2],
-    )
-    .unwrap();
+    std::fs::write(dir.path().join("adapter_model.safetensors"), &bytes[..bytes.len() / 2]).unwrap();
     let err = import_peft(&mut model, dir.path()).unwrap_err().to_string();
     assert!(err.contains("adapter_model.safetensors"), "{err}");
 }

@@ -17,17 +17,29 @@ use offsite_tests::{fixture, logits, max_abs_diff, tiny_emulator, word_tokenizer
 static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn prompt(n: usize, hidden: Option<usize>, projection: bool) -> PromptConfig {
-    PromptConfig { num_virtual_tokens: n, init_text: None, encoder_hidden_size: hidden, prefix_projection: projection }
+    PromptConfig {
+        num_virtual_tokens: n,
+        init_text: None,
+        encoder_hidden_size: hidden,
+        prefix_projection: projection,
+    }
 }
 
 /// Every prompt-learning variant: method and settings.
 fn variants() -> Vec<(&'static str, AdapterSpec)> {
-    let spec = |method, p| AdapterSpec { method, lora: None, prompt: Some(p) };
+    let spec = |method, p| AdapterSpec {
+        method,
+        lora: None,
+        prompt: Some(p),
+    };
     vec![
         ("prompt tuning", spec(Method::PromptTuning, prompt(4, None, false))),
         ("p-tuning", spec(Method::PTuning, prompt(4, Some(16), false))),
         ("prefix tuning", spec(Method::PrefixTuning, prompt(3, None, false))),
-        ("prefix tuning + projection", spec(Method::PrefixTuning, prompt(3, Some(16), true))),
+        (
+            "prefix tuning + projection",
+            spec(Method::PrefixTuning, prompt(3, Some(16), true)),
+        ),
     ]
 }
 
@@ -36,8 +48,16 @@ fn examples() -> Vec<Example> {
     (0..16u32)
         .map(|i| {
             let ids: Vec<u32> = (0..12).map(|t| (i * 7 + t * 13) % 250 + 3).collect();
-            let labels = ids.iter().enumerate().map(|(t, &id)| if t < 3 { -100 } else { id as i64 }).collect();
-            Example { ids, labels, category: None }
+            let labels = ids
+                .iter()
+                .enumerate()
+                .map(|(t, &id)| if t < 3 { -100 } else { id as i64 })
+                .collect();
+            Example {
+                ids,
+                labels,
+                category: None,
+            }
         })
         .collect()
 }
@@ -64,7 +84,10 @@ fn prompt_encoder_gradients_match_finite_differences() {
     for (label, spec) in variants() {
         let device = Device::flex().autodiff();
         device.seed(7);
-        let base = Checkpoint::open(&fixture("tiny-llama")).unwrap().load_model(&device).unwrap();
+        let base = Checkpoint::open(&fixture("tiny-llama"))
+            .unwrap()
+            .load_model(&device)
+            .unwrap();
         let (model, _) = spec.prepare(base, &all_layers, None).unwrap();
         let grads = loss(&model, &ids, &labels).backward();
         let grads: HashMap<String, Vec<f32>> = model
@@ -74,7 +97,10 @@ fn prompt_encoder_gradients_match_finite_differences() {
             .collect();
         let mut names: Vec<&String> = grads.keys().collect();
         names.sort();
-        assert!(!names.is_empty() && names.iter().all(|n| n.starts_with("prompt_encoder.")), "{label}: {names:?}");
+        assert!(
+            !names.is_empty() && names.iter().all(|n| n.starts_with("prompt_encoder.")),
+            "{label}: {names:?}"
+        );
         let plain = model.without_autodiff();
         let current = values(&plain);
         for name in names {
@@ -88,14 +114,21 @@ fn prompt_encoder_gradients_match_finite_differences() {
                     let mut v = current[name].clone();
                     v[i] += delta;
                     let n = v.len();
-                    let mut map = HashMap::from([(name.clone(), Tensor::<1>::from_data(TensorData::new(v, [n]), &plain.device()))]);
+                    let mut map = HashMap::from([(
+                        name.clone(),
+                        Tensor::<1>::from_data(TensorData::new(v, [n]), &plain.device()),
+                    )]);
                     let m = plain.clone().replace_params(&mut map);
                     assert!(map.is_empty());
                     loss(&m, &ids, &labels).into_scalar::<f32>() as f64
                 };
                 let numeric = (at(eps) - at(-eps)) / (2.0 * eps as f64);
                 let rel = (numeric - g[i] as f64).abs() / (g[i] as f64).abs().max(1e-3);
-                assert!(rel < 2e-2, "{label} {name}[{i}]: autodiff {} vs numeric {numeric:.6} (rel {rel:.2e})", g[i]);
+                assert!(
+                    rel < 2e-2,
+                    "{label} {name}[{i}]: autodiff {} vs numeric {numeric:.6} (rel {rel:.2e})",
+                    g[i]
+                );
             }
         }
     }
@@ -109,25 +142,51 @@ fn each_method_trains_on_the_int8_emulator_and_plugs_into_the_full_model() {
     let emu = Emulator::open(&emu_path).unwrap();
     let layers = emu.manifest().adapter_layers.clone();
     let data = examples();
-    let full = || Checkpoint::open(&model_dir).unwrap().load_model(&Device::flex()).unwrap();
+    let full = || {
+        Checkpoint::open(&model_dir)
+            .unwrap()
+            .load_model(&Device::flex())
+            .unwrap()
+    };
     let probe = [5i64, 9, 33, 100];
     let base_full = logits(&full(), &probe);
     for (label, spec) in variants() {
         let device = Device::flex().autodiff();
         device.seed(3);
         let (model, _) = spec.prepare(emu.load_model(&device).unwrap(), &layers, None).unwrap();
-        let trainable: Vec<String> = model.named_params().into_iter().filter(|p| p.trainable).map(|p| p.name).collect();
-        assert!(trainable.iter().all(|n| n.starts_with("prompt_encoder.")), "{label}: {trainable:?}");
+        let trainable: Vec<String> = model
+            .named_params()
+            .into_iter()
+            .filter(|p| p.trainable)
+            .map(|p| p.name)
+            .collect();
+        assert!(
+            trainable.iter().all(|n| n.starts_with("prompt_encoder.")),
+            "{label}: {trainable:?}"
+        );
         let before = values(&model);
         let loss_before = evaluate(&model.without_autodiff(), &data, 8).unwrap().loss;
-        let config = TrainConfig { steps: 12, batch_size: 8, lr: 3e-2, warmup_steps: 1, ..Default::default() };
+        let config = TrainConfig {
+            steps: 12,
+            batch_size: 8,
+            lr: 3e-2,
+            warmup_steps: 1,
+            ..Default::default()
+        };
         let trained = Trainer::new(config).unwrap().run(model, &data, &mut |_| {}).unwrap();
         let loss_after = evaluate(&trained.without_autodiff(), &data, 8).unwrap().loss;
         eprintln!("{label}: loss {loss_before:.4} → {loss_after:.4}");
-        assert!(loss_after < loss_before - 0.05, "{label}: loss {loss_before} → {loss_after}");
+        assert!(
+            loss_after < loss_before - 0.05,
+            "{label}: loss {loss_before} → {loss_after}"
+        );
         for (name, v) in values(&trained) {
             let changed = max_abs_diff(&v, &before[&name]) > 0.0;
-            assert_eq!(changed, name.starts_with("prompt_encoder."), "{label}: `{name}` changed: {changed}");
+            assert_eq!(
+                changed,
+                name.starts_with("prompt_encoder."),
+                "{label}: `{name}` changed: {changed}"
+            );
         }
 
         // Saved and applied by name to a fresh emulator: the same model.
@@ -144,7 +203,10 @@ fn each_method_trains_on_the_int8_emulator_and_plugs_into_the_full_model() {
         if spec.method == Method::PrefixTuning {
             assert_eq!(enc.layers(), layers.as_slice());
         }
-        assert!(max_abs_diff(&logits(&plugged, &probe), &base_full) > 1e-4, "{label}: plug-in changed nothing");
+        assert!(
+            max_abs_diff(&logits(&plugged, &probe), &base_full) > 1e-4,
+            "{label}: plug-in changed nothing"
+        );
     }
 }
 
@@ -156,7 +218,10 @@ fn peft_export_and_import_of_prompt_adapters_round_trip() {
     for (label, spec) in variants() {
         let device = Device::flex();
         device.seed(11);
-        let base = Checkpoint::open(&fixture("tiny-llama")).unwrap().load_model(&device).unwrap();
+        let base = Checkpoint::open(&fixture("tiny-llama"))
+            .unwrap()
+            .load_model(&device)
+            .unwrap();
         let (model, _) = spec.prepare(base, &[0, 1], None).unwrap();
         let out = dir.path().join(label.replace(' ', "-"));
         export_peft_prompt(&model, Some("tiny-llama"), &out).unwrap();
@@ -173,19 +238,31 @@ fn peft_export_and_import_of_prompt_adapters_round_trip() {
         let n = spec.prompt.as_ref().unwrap().num_virtual_tokens;
         let st = std::fs::read(out.join("adapter_model.safetensors")).unwrap();
         let st = safetensors::SafeTensors::deserialize(&st).unwrap();
-        let width = if spec.method == Method::PrefixTuning { 2 * 2 * 32 } else { 64 };
+        let width = if spec.method == Method::PrefixTuning {
+            2 * 2 * 32
+        } else {
+            64
+        };
         assert_eq!(st.tensor("prompt_embeddings").unwrap().shape(), &[n, width], "{label}");
-        let fresh = Checkpoint::open(&fixture("tiny-llama")).unwrap().load_model(&Device::flex()).unwrap();
+        let fresh = Checkpoint::open(&fixture("tiny-llama"))
+            .unwrap()
+            .load_model(&Device::flex())
+            .unwrap();
         let imported = adapters::apply(fresh, &out).unwrap();
         let d = max_abs_diff(&logits(&imported, &probe), &logits(&model, &probe));
         assert!(d < 1e-5, "{label}: PEFT round trip differs by {d}");
     }
     // PEFT prefixes every layer: a prefix on some layers is refused with the reason.
     let device = Device::flex();
-    let base = Checkpoint::open(&fixture("tiny-llama")).unwrap().load_model(&device).unwrap();
+    let base = Checkpoint::open(&fixture("tiny-llama"))
+        .unwrap()
+        .load_model(&device)
+        .unwrap();
     let spec = &variants()[2].1;
     let (model, _) = spec.prepare(base, &[1], None).unwrap();
-    let err = export_peft_prompt(&model, None, &dir.path().join("partial")).unwrap_err().to_string();
+    let err = export_peft_prompt(&model, None, &dir.path().join("partial"))
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("prefixes layers [1]"), "{err}");
 }
 
@@ -200,10 +277,17 @@ fn init_text_starts_the_virtual_tokens_at_its_embeddings() {
     let table = values(&model)["model.embed_tokens.weight"].clone();
     let mut config = prompt(5, None, false);
     config.init_text = Some("w5 w9".into());
-    let spec = AdapterSpec { method: Method::PromptTuning, lora: None, prompt: Some(config) };
+    let spec = AdapterSpec {
+        method: Method::PromptTuning,
+        lora: None,
+        prompt: Some(config),
+    };
     let (model, _) = spec.prepare(model, &[], Some(&tokenizer)).unwrap();
     let got = &values(&model)["prompt_encoder.embedding.weight"];
-    let expected: Vec<f32> = [5usize, 9, 5, 9, 5].iter().flat_map(|&i| table[i * 64..(i + 1) * 64].to_vec()).collect();
+    let expected: Vec<f32> = [5usize, 9, 5, 9, 5]
+        .iter()
+        .flat_map(|&i| table[i * 64..(i + 1) * 64].to_vec())
+        .collect();
     assert_eq!(got, &expected);
     // Without a tokenizer the text cannot be used: an error, not a silent random start.
     let model = checkpoint.load_model(&Device::flex()).unwrap();
@@ -214,27 +298,55 @@ fn init_text_starts_the_virtual_tokens_at_its_embeddings() {
 #[test]
 fn prompt_configs_are_checked() {
     let parse = |text: &str| TrainJob::from_toml(text).map_err(|e| e.to_string());
-    let job = parse("[adapter]\nmethod = \"p_tuning\"\n[adapter.prompt]\nnum_virtual_tokens = 8\nencoder_hidden_size = 32\n").unwrap();
+    let job =
+        parse("[adapter]\nmethod = \"p_tuning\"\n[adapter.prompt]\nnum_virtual_tokens = 8\nencoder_hidden_size = 32\n")
+            .unwrap();
     assert_eq!(job.adapter.method, Method::PTuning);
-    let err = parse("[adapter]\nmethod = \"prefix_tuning\"\n[adapter.prompt]\nnum_virtual_tokens = 8\nprefix_proj = true\n").unwrap_err();
+    let err =
+        parse("[adapter]\nmethod = \"prefix_tuning\"\n[adapter.prompt]\nnum_virtual_tokens = 8\nprefix_proj = true\n")
+            .unwrap_err();
     assert!(err.contains("prefix_proj"), "{err}");
     let err = parse("[adapter]\nmethod = \"prompt_tuning\"\n").unwrap_err();
     assert!(err.contains("[adapter.prompt]"), "{err}");
-    let err = parse("[adapter]\nmethod = \"prefix_tuning\"\n[adapter.prompt]\nnum_virtual_tokens = 8\ninit_text = \"Hi\"\n").unwrap_err();
+    let err =
+        parse("[adapter]\nmethod = \"prefix_tuning\"\n[adapter.prompt]\nnum_virtual_tokens = 8\ninit_text = \"Hi\"\n")
+            .unwrap_err();
     assert!(err.contains("init_text"), "{err}");
     let device = Device::flex();
-    let model = || Checkpoint::open(&fixture("tiny-llama")).unwrap().load_model(&device).unwrap();
-    let missing = AdapterSpec { method: Method::PromptTuning, lora: None, prompt: None };
+    let model = || {
+        Checkpoint::open(&fixture("tiny-llama"))
+            .unwrap()
+            .load_model(&device)
+            .unwrap()
+    };
+    let missing = AdapterSpec {
+        method: Method::PromptTuning,
+        lora: None,
+        prompt: None,
+    };
     let err = missing.prepare(model(), &[0], None).unwrap_err().to_string();
     assert!(err.contains("[adapter.prompt]"), "{err}");
     let mut bad = prompt(0, None, false);
-    let spec = |p: PromptConfig, m| AdapterSpec { method: m, lora: None, prompt: Some(p) };
-    let err = spec(bad.clone(), Method::PromptTuning).prepare(model(), &[0], None).unwrap_err().to_string();
+    let spec = |p: PromptConfig, m| AdapterSpec {
+        method: m,
+        lora: None,
+        prompt: Some(p),
+    };
+    let err = spec(bad.clone(), Method::PromptTuning)
+        .prepare(model(), &[0], None)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("num_virtual_tokens"), "{err}");
     bad.num_virtual_tokens = 4;
     bad.prefix_projection = true;
-    let err = spec(bad, Method::PTuning).prepare(model(), &[0], None).unwrap_err().to_string();
+    let err = spec(bad, Method::PTuning)
+        .prepare(model(), &[0], None)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("prefix_projection"), "{err}");
-    let err = spec(prompt(4, None, false), Method::PrefixTuning).prepare(model(), &[7], None).unwrap_err().to_string();
+    let err = spec(prompt(4, None, false), Method::PrefixTuning)
+        .prepare(model(), &[7], None)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("[7]"), "{err}");
 }

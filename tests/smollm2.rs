@@ -27,8 +27,7 @@ fn loaded() -> &'static Loaded {
 }
 
 fn expected_json() -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(fixture("smollm2/expected.json")).unwrap())
-        .unwrap()
+    serde_json::from_str(&std::fs::read_to_string(fixture("smollm2/expected.json")).unwrap()).unwrap()
 }
 
 fn ids(v: &serde_json::Value) -> Vec<u32> {
@@ -45,11 +44,7 @@ fn tokenizer_ids_are_exact() {
     let tok = &loaded().tokenizer;
     for case in exp["tokenizer"].as_array().unwrap() {
         let text = case["text"].as_str().unwrap();
-        assert_eq!(
-            tok.encode(text).unwrap(),
-            ids(&case["ids"]),
-            "text {text:?}"
-        );
+        assert_eq!(tok.encode(text).unwrap(), ids(&case["ids"]), "text {text:?}");
         assert_eq!(tok.decode(&ids(&case["ids"]), false).unwrap(), text);
     }
 }
@@ -60,17 +55,9 @@ fn exported_tokenizer_round_trips() {
     let exp = expected_json();
     let tok = &loaded().tokenizer;
     let config = Checkpoint::open(&smollm2_gguf()).unwrap().config().clone();
-    let back = Tokenizer::from_hf(
-        &tok.to_json().unwrap(),
-        Some(&tok.tokenizer_config_json()),
-        &config,
-    )
-    .unwrap();
+    let back = Tokenizer::from_hf(&tok.to_json().unwrap(), Some(&tok.tokenizer_config_json()), &config).unwrap();
     for case in exp["tokenizer"].as_array().unwrap() {
-        assert_eq!(
-            back.encode(case["text"].as_str().unwrap()).unwrap(),
-            ids(&case["ids"])
-        );
+        assert_eq!(back.encode(case["text"].as_str().unwrap()).unwrap(), ids(&case["ids"]));
     }
     let messages = [ChatMessage::user("What is the capital of France?")];
     assert_eq!(

@@ -25,11 +25,7 @@ fn logits_match_transformers_for_every_case() {
         let want = exp.f32(&format!("logits.{i}"));
         let got = logits(&model, &ids);
         let diff = max_abs_diff(&got, &want);
-        assert!(
-            diff < 1e-4,
-            "case {i} (len {}): max |diff| {diff}",
-            ids.len()
-        );
+        assert!(diff < 1e-4, "case {i} (len {}): max |diff| {diff}", ids.len());
     }
 }
 
@@ -54,8 +50,7 @@ fn padded_batches_match_unpadded_reference() {
         }
         let ids = [row0, long.clone()].concat();
         let mask = vec![mask0, vec![true; long.len()]];
-        let input =
-            Tensor::<2, Int>::from_data(TensorData::new(ids, [2, long.len()]), &Device::flex());
+        let input = Tensor::<2, Int>::from_data(TensorData::new(ids, [2, long.len()]), &Device::flex());
         let out: Vec<f32> = model
             .forward(input, Some(&mask), None)
             .unwrap()
@@ -83,10 +78,7 @@ fn kv_cache_decoding_matches_full_forward() {
     let mut cache = KvCache::new(2, 1);
     let mut got = Vec::new();
     let step = |chunk: &[i64], cache: &mut KvCache| -> Vec<f32> {
-        let input = Tensor::<2, Int>::from_data(
-            TensorData::new(chunk.to_vec(), [1, chunk.len()]),
-            &Device::flex(),
-        );
+        let input = Tensor::<2, Int>::from_data(TensorData::new(chunk.to_vec(), [1, chunk.len()]), &Device::flex());
         model
             .forward(input, None, Some(cache))
             .unwrap()
@@ -112,10 +104,7 @@ fn copy_fixture(dir: &std::path::Path) {
 /// Writes `config` into `dir` and returns the error loading the model gives.
 fn load_with_config(dir: &std::path::Path, config: &str) -> LoadError {
     std::fs::write(dir.join("config.json"), config).unwrap();
-    Checkpoint::open(dir)
-        .unwrap()
-        .load_model(&Device::flex())
-        .unwrap_err()
+    Checkpoint::open(dir).unwrap().load_model(&Device::flex()).unwrap_err()
 }
 
 #[test]
@@ -163,21 +152,14 @@ fn wrong_shapes_missing_tensors_and_truncation_are_named_errors() {
     )
     .unwrap();
     let err = Checkpoint::open(dir.path()).err().unwrap().to_string();
-    assert!(
-        err.contains("gpt_neox") && err.contains("config.json"),
-        "{err}"
-    );
+    assert!(err.contains("gpt_neox") && err.contains("config.json"), "{err}");
 }
 
 #[test]
 fn out_of_vocabulary_ids_are_rejected() {
     let model = model();
     assert!(model.check_ids(&[1, 2, 255]).is_ok());
-    assert!(model
-        .check_ids(&[256])
-        .unwrap_err()
-        .to_string()
-        .contains("256"));
+    assert!(model.check_ids(&[256]).unwrap_err().to_string().contains("256"));
 }
 
 /// A sharded checkpoint (`model.safetensors.index.json`) with f32, f16 and bf16 shards loads and runs.
@@ -186,19 +168,11 @@ fn sharded_half_precision_checkpoint_loads() {
     use safetensors::tensor::TensorView;
     use safetensors::Dtype;
     let dir = tempfile::tempdir().unwrap();
-    std::fs::copy(
-        fixture("tiny-llama/config.json"),
-        dir.path().join("config.json"),
-    )
-    .unwrap();
+    std::fs::copy(fixture("tiny-llama/config.json"), dir.path().join("config.json")).unwrap();
     let st = Tensors::read(&fixture("tiny-llama/model.safetensors"));
     let names = st.names();
     let mut weight_map = serde_json::Map::new();
-    let encodings: [(&str, Dtype); 3] = [
-        ("f32", Dtype::F32),
-        ("f16", Dtype::F16),
-        ("bf16", Dtype::BF16),
-    ];
+    let encodings: [(&str, Dtype); 3] = [("f32", Dtype::F32), ("f16", Dtype::F16), ("bf16", Dtype::BF16)];
     for (shard, (label, dtype)) in encodings.iter().enumerate() {
         let file = format!("model-{label}.safetensors");
         let mine: Vec<&String> = names
@@ -228,34 +202,18 @@ fn sharded_half_precision_checkpoint_loads() {
             .collect();
         let views: Vec<(String, TensorView)> = bytes
             .iter()
-            .map(|(n, raw, shape)| {
-                (
-                    n.clone(),
-                    TensorView::new(*dtype, shape.clone(), raw).unwrap(),
-                )
-            })
+            .map(|(n, raw, shape)| (n.clone(), TensorView::new(*dtype, shape.clone(), raw).unwrap()))
             .collect();
         safetensors::serialize_to_file(views, None, &dir.path().join(&file)).unwrap();
     }
     let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
-    std::fs::write(
-        dir.path().join("model.safetensors.index.json"),
-        index.to_string(),
-    )
-    .unwrap();
+    std::fs::write(dir.path().join("model.safetensors.index.json"), index.to_string()).unwrap();
     let checkpoint = Checkpoint::open(dir.path()).unwrap();
-    let dtypes: std::collections::BTreeSet<String> =
-        checkpoint.tensors().into_iter().map(|t| t.dtype).collect();
-    assert_eq!(
-        dtypes.into_iter().collect::<Vec<_>>(),
-        vec!["BF16", "F16", "F32"]
-    );
+    let dtypes: std::collections::BTreeSet<String> = checkpoint.tensors().into_iter().map(|t| t.dtype).collect();
+    assert_eq!(dtypes.into_iter().collect::<Vec<_>>(), vec!["BF16", "F16", "F32"]);
     let model = checkpoint.load_model(&Device::flex()).unwrap();
     let exp = expected();
-    let diff = max_abs_diff(
-        &logits(&model, &exp.i64("input_ids.2")),
-        &exp.f32("logits.2"),
-    );
+    let diff = max_abs_diff(&logits(&model, &exp.i64("input_ids.2")), &exp.f32("logits.2"));
     // bf16 keeps 8 bits of mantissa: the logits move, but only by rounding of the weights.
     assert!(diff < 5e-2, "max |diff| {diff}");
     // A shard named in the index but absent is an error naming it.

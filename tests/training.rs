@@ -29,7 +29,11 @@ fn examples() -> Vec<Example> {
                 .enumerate()
                 .map(|(t, &id)| if t < 3 { -100 } else { id as i64 })
                 .collect();
-            Example { ids, labels, category: None }
+            Example {
+                ids,
+                labels,
+                category: None,
+            }
         })
         .collect()
 }
@@ -54,7 +58,11 @@ fn params(model: &LlamaForCausalLM) -> HashMap<String, Vec<f32>> {
 }
 
 fn layers_spec() -> AdapterSpec {
-    AdapterSpec { method: Method::Layers, lora: None, prompt: None }
+    AdapterSpec {
+        method: Method::Layers,
+        lora: None,
+        prompt: None,
+    }
 }
 
 fn prepared(emu: &Emulator, spec: &AdapterSpec) -> (LlamaForCausalLM, Option<LoraConfig>) {
@@ -82,7 +90,9 @@ fn gradients_through_the_int8_middle_match_a_dense_copy() {
         let flat: Vec<i64> = batch.ids.iter().flatten().map(|&x| x as i64).collect();
         let ids = Tensor::from_data(TensorData::new(flat, [4, 12]), &device);
         let logits = m.forward(ids, Some(&batch.mask), None).unwrap();
-        let g = offsite::train::causal_lm_loss(logits, &batch.labels).unwrap().backward();
+        let g = offsite::train::causal_lm_loss(logits, &batch.labels)
+            .unwrap()
+            .backward();
         m.named_grads(&g)
             .into_iter()
             .map(|(n, t)| (n, t.into_data().try_into_vec::<f32>().unwrap()))
@@ -91,7 +101,9 @@ fn gradients_through_the_int8_middle_match_a_dense_copy() {
     let (gq, gd) = (grads(&quantized), grads(&dense));
     // Exactly the adapter layers (0 and 5) receive gradients: 9 tensors each.
     assert_eq!(gq.len(), 18, "{:?}", gq.keys().collect::<Vec<_>>());
-    assert!(gq.keys().all(|n| n.starts_with("model.layers.0.") || n.starts_with("model.layers.5.")));
+    assert!(gq
+        .keys()
+        .all(|n| n.starts_with("model.layers.0.") || n.starts_with("model.layers.5.")));
     for (name, q) in &gq {
         let d = &gd[name];
         let scale = d.iter().fold(0.0f32, |m, x| m.max(x.abs()));
@@ -201,7 +213,12 @@ fn plug_in_puts_trained_layers_and_lora_into_the_full_model_by_name() {
     let dir = tempfile::tempdir().unwrap();
     let (model_dir, emu) = emulator_file(dir.path());
     let data = examples();
-    let full = || Checkpoint::open(&model_dir).unwrap().load_model(&Device::flex()).unwrap();
+    let full = || {
+        Checkpoint::open(&model_dir)
+            .unwrap()
+            .load_model(&Device::flex())
+            .unwrap()
+    };
     let base_logits = logits(&full(), &[5, 9, 33, 100]);
     for spec in [
         layers_spec(),
@@ -235,7 +252,14 @@ fn plug_in_puts_trained_layers_and_lora_into_the_full_model_by_name() {
             }
         }
         if spec.method == Method::Lora {
-            assert_eq!(plugged.linear_names().iter().filter(|n| plugged.linear(n).unwrap().lora.is_some()).count(), 14);
+            assert_eq!(
+                plugged
+                    .linear_names()
+                    .iter()
+                    .filter(|n| plugged.linear(n).unwrap().lora.is_some())
+                    .count(),
+                14
+            );
         }
         assert!(max_abs_diff(&logits(&plugged, &[5, 9, 33, 100]), &base_logits) > 1e-4);
     }
@@ -261,14 +285,22 @@ fn mixed_precision_runs_products_in_f16_and_tracks_f32_training() {
         let (model, _) = prepared(&emu, &layers_spec());
         let mut losses = Vec::new();
         let mut trainer = Trainer::new(TrainConfig { precision, ..config(6) }).unwrap();
-        trainer.run(model, &data, &mut |r| losses.push((r.loss, r.skipped))).unwrap();
+        trainer
+            .run(model, &data, &mut |r| losses.push((r.loss, r.skipped)))
+            .unwrap();
         losses
     };
     let (mixed, f32_run) = (run(Precision::MixedF16), run(Precision::F32));
     eprintln!("mixed: {mixed:?}\nf32:   {f32_run:?}");
-    assert!(mixed.iter().all(|(_, skipped)| !skipped), "no step overflowed at the initial scale");
+    assert!(
+        mixed.iter().all(|(_, skipped)| !skipped),
+        "no step overflowed at the initial scale"
+    );
     for ((m, _), (f, _)) in mixed.iter().zip(&f32_run) {
         assert!((m - f).abs() / f < 2e-2, "mixed loss {m} vs f32 {f}");
     }
-    assert!(mixed[5].0 < mixed[0].0, "mixed-precision training lowers the loss: {mixed:?}");
+    assert!(
+        mixed[5].0 < mixed[0].0,
+        "mixed-precision training lowers the loss: {mixed:?}"
+    );
 }

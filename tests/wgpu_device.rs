@@ -62,7 +62,10 @@ fn mixed_precision_training_on_wgpu_tracks_the_cpu_in_f32() {
     use offsite::emulator::Emulator;
     use offsite::train::{Precision, TrainConfig, Trainer};
     let adapters = gpu_adapters();
-    assert!(adapters.first().is_some_and(|a| a.shader_f16), "the first adapter lacks shader-f16: {adapters:?}");
+    assert!(
+        adapters.first().is_some_and(|a| a.shader_f16),
+        "the first adapter lacks shader-f16: {adapters:?}"
+    );
     let (device, _) = resolve(DeviceChoice::Gpu(0)).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let (_, emu_path) = offsite_tests::tiny_emulator(dir.path());
@@ -70,16 +73,33 @@ fn mixed_precision_training_on_wgpu_tracks_the_cpu_in_f32() {
     let data: Vec<Example> = (0..8u32)
         .map(|i| {
             let ids: Vec<u32> = (0..12).map(|t| (i * 7 + t * 13) % 250 + 3).collect();
-            Example { labels: ids.iter().map(|&x| x as i64).collect(), ids, category: None }
+            Example {
+                labels: ids.iter().map(|&x| x as i64).collect(),
+                ids,
+                category: None,
+            }
         })
         .collect();
-    let spec = AdapterSpec { method: Method::Layers, lora: None, prompt: None };
+    let spec = AdapterSpec {
+        method: Method::Layers,
+        lora: None,
+        prompt: None,
+    };
     let run = |device: burn::tensor::Device, precision| {
         let model = emu.load_model(&device.autodiff()).unwrap();
         let (model, _) = spec.prepare(model, &emu.manifest().adapter_layers, None).unwrap();
-        let config = TrainConfig { steps: 3, batch_size: 4, lr: 5e-3, precision, ..Default::default() };
+        let config = TrainConfig {
+            steps: 3,
+            batch_size: 4,
+            lr: 5e-3,
+            precision,
+            ..Default::default()
+        };
         let mut losses = Vec::new();
-        Trainer::new(config).unwrap().run(model, &data, &mut |r| losses.push(r.loss)).unwrap();
+        Trainer::new(config)
+            .unwrap()
+            .run(model, &data, &mut |r| losses.push(r.loss))
+            .unwrap();
         losses
     };
     let gpu = run(device, Precision::MixedF16);

@@ -10,8 +10,8 @@ use burn::tensor::{DType, Device, Distribution, FloatDType, Tensor, TensorCreati
 use clap::Args;
 use offsite::device::{self, DeviceChoice};
 use offsite::quant::{
-    f16_matmul, f16_matmul_by, int8_dequantize, int8_matmul, int8_matmul_by, max_buffer_bytes, quantize_int8, QuantFormat,
-    Route, ScaleDType,
+    f16_matmul, f16_matmul_by, int8_dequantize, int8_matmul, int8_matmul_by, max_buffer_bytes, quantize_int8,
+    QuantFormat, Route, ScaleDType,
 };
 use tracing::info;
 
@@ -90,8 +90,13 @@ pub(crate) fn run(args: BenchArgs) -> Result<()> {
         let options = |dtype| TensorCreationOptions::new(device.clone()).with_dtype(dtype);
         let half = Tensor::<2>::from_data(TensorData::new(wt.clone(), [inp, out]), options(DType::F16));
         let dense = fits.then(|| Tensor::<2>::from_data(TensorData::new(wt, [inp, out]), &device));
-        let scheme = QuantScheme::default().with_value(QuantValue::Q8S).with_store(QuantStore::PackedU32(0));
-        let burn_q8 = dense.as_ref().filter(|_| args.burn_q8s).map(|d| d.clone().quantize_dynamic(&scheme));
+        let scheme = QuantScheme::default()
+            .with_value(QuantValue::Q8S)
+            .with_store(QuantStore::PackedU32(0));
+        let burn_q8 = dense
+            .as_ref()
+            .filter(|_| args.burn_q8s)
+            .map(|d| d.clone().quantize_dynamic(&scheme));
         let unfit = format!(
             "n/a: needs a {:.0} MB f32 matrix, over the device's {:.0} MB buffer limit",
             f32_matrix as f64 / 1e6,
@@ -127,9 +132,27 @@ pub(crate) fn run(args: BenchArgs) -> Result<()> {
                     true,
                     Box::new(|| x.clone().matmul(int8_dequantize(q.clone(), scale.clone(), inp))),
                 ),
-                ("ours: int8, tuned (what training runs)", int8_bytes, Some(0), false, int8(None)),
-                ("ours: int8, kernel route", int8_bytes, Some(0), false, int8(Some(Route::Kernel))),
-                ("ours: int8, dense route", int8_bytes, Some(0), false, int8(Some(Route::Dense))),
+                (
+                    "ours: int8, tuned (what training runs)",
+                    int8_bytes,
+                    Some(0),
+                    false,
+                    int8(None),
+                ),
+                (
+                    "ours: int8, kernel route",
+                    int8_bytes,
+                    Some(0),
+                    false,
+                    int8(Some(Route::Kernel)),
+                ),
+                (
+                    "ours: int8, dense route",
+                    int8_bytes,
+                    Some(0),
+                    false,
+                    int8(Some(Route::Dense)),
+                ),
                 (
                     "burn: cast f16 to f32, then matmul",
                     f16_bytes,
@@ -137,9 +160,27 @@ pub(crate) fn run(args: BenchArgs) -> Result<()> {
                     true,
                     Box::new(|| x.clone().matmul(half.clone().cast(FloatDType::F32))),
                 ),
-                ("ours: f16, tuned (what training runs)", f16_bytes, Some(4), false, f16(None)),
-                ("ours: f16, kernel route", f16_bytes, Some(4), false, f16(Some(Route::Kernel))),
-                ("ours: f16, dense route", f16_bytes, Some(4), false, f16(Some(Route::Dense))),
+                (
+                    "ours: f16, tuned (what training runs)",
+                    f16_bytes,
+                    Some(4),
+                    false,
+                    f16(None),
+                ),
+                (
+                    "ours: f16, kernel route",
+                    f16_bytes,
+                    Some(4),
+                    false,
+                    f16(Some(Route::Kernel)),
+                ),
+                (
+                    "ours: f16, dense route",
+                    f16_bytes,
+                    Some(4),
+                    false,
+                    f16(Some(Route::Dense)),
+                ),
                 ("burn: f32 matmul", f32_bytes, None, true, f32_matmul),
             ];
             match &burn_q8 {
@@ -168,7 +209,12 @@ pub(crate) fn run(args: BenchArgs) -> Result<()> {
                         let speedup = against
                             .and_then(|i| times[i])
                             .map_or(String::new(), |burn: f64| format!(" {:>9.2}×", burn / s));
-                        format!("{:>10.1} {:>9.2} {:>9.2}{speedup}", s * 1e6, bytes / s / 1e9, flops / s / 1e9)
+                        format!(
+                            "{:>10.1} {:>9.2} {:>9.2}{speedup}",
+                            s * 1e6,
+                            bytes / s / 1e9,
+                            flops / s / 1e9
+                        )
                     }
                     Err(e) => format!("failed: {e}"),
                 };
@@ -203,7 +249,9 @@ fn step_memory(device: &Device, rows: usize, large: bool) -> Result<()> {
             QuantFormat::F16 => "f16 weights, tuned product",
             QuantFormat::F32 => "f32 weights resident",
         };
-        if storage == QuantFormat::F32 && max_buffer_bytes(device).is_some_and(|limit| (4 * hidden * inter) as u64 > limit) {
+        if storage == QuantFormat::F32
+            && max_buffer_bytes(device).is_some_and(|limit| (4 * hidden * inter) as u64 > limit)
+        {
             println!("  {label:<28} n/a: an f32 {inter}×{hidden} matrix is over the device's buffer limit");
             continue;
         }
@@ -236,9 +284,15 @@ fn step_memory(device: &Device, rows: usize, large: bool) -> Result<()> {
         let grads = y.sum().backward();
         let dx = x.grad(&grads).map(|g| g.sum().into_scalar::<f32>());
         device.sync().map_err(|e| anyhow::anyhow!("{e:?}"))?;
-        let held = device.memory_pool_usage().map_or("n/a (backend reports no pools)".to_string(), |u| {
-            format!("{:.1} MiB reserved, {:.1} MiB in use", u.bytes_reserved as f64 / 1048576.0, u.bytes_in_use as f64 / 1048576.0)
-        });
+        let held = device
+            .memory_pool_usage()
+            .map_or("n/a (backend reports no pools)".to_string(), |u| {
+                format!(
+                    "{:.1} MiB reserved, {:.1} MiB in use",
+                    u.bytes_reserved as f64 / 1048576.0,
+                    u.bytes_in_use as f64 / 1048576.0
+                )
+            });
         println!("  {label:<28} {held}  (Σdx = {:.3})", dx.unwrap_or(f32::NAN));
     }
     Ok(())

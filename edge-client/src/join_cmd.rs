@@ -8,7 +8,8 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use offsite::data::DataConfig;
 use offsite::device::{self, DeviceChoice};
-use offsite::net::{join, JoinSettings, LocalData, Trust, SERVER_NAME};
+use offsite::federated::{EmulatorTrainer, LocalData};
+use offsite_net::{join, JoinSettings, Trust, SERVER_NAME};
 use tracing::info;
 
 #[derive(Args)]
@@ -92,17 +93,22 @@ pub(crate) fn run(args: JoinArgs) -> Result<()> {
         token: args.token,
         name: args.name,
         cache_dir: args.cache,
-        device,
-        data: LocalData::Files {
-            paths: args.data,
-            config: data_config(&args.data_config)?,
-        },
         max_reconnects: args.max_reconnects,
         save_updates: args.save_updates,
         client_cert: args.cert.zip(args.key),
     };
+    let data = LocalData::Files {
+        paths: args.data,
+        config: data_config(&args.data_config)?,
+    };
+    let trainer = Box::new(EmulatorTrainer::new(device, data));
     let runtime = tokio::runtime::Runtime::new()?;
-    let summary = runtime.block_on(join(settings))?;
-    info!(rounds = summary.rounds, accepted = summary.accepted, connections = summary.connections, "federation finished");
+    let summary = runtime.block_on(join(settings, trainer))?;
+    info!(
+        rounds = summary.rounds,
+        accepted = summary.accepted,
+        connections = summary.connections,
+        "federation finished"
+    );
     Ok(())
 }

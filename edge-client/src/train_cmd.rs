@@ -57,8 +57,8 @@ fn eval_loss(model: &LlamaForCausalLM, held: &[Example], job: &TrainJob, when: &
 }
 
 pub(crate) fn run(args: TrainArgs) -> Result<()> {
-    let emu = Emulator::open(&args.emulator)
-        .with_context(|| format!("opening emulator {}", args.emulator.display()))?;
+    let emu =
+        Emulator::open(&args.emulator).with_context(|| format!("opening emulator {}", args.emulator.display()))?;
     let mut job = match &args.config {
         Some(p) => TrainJob::from_file(p)?,
         None => TrainJob::default(),
@@ -70,7 +70,10 @@ pub(crate) fn run(args: TrainArgs) -> Result<()> {
     let examples = job.data.load_all(&args.data, &tokenizer)?;
     let (train, held) = split_holdout(examples, job.eval_fraction, job.train.seed);
     if train.is_empty() {
-        bail!("no training examples left after holding out {} of the data", job.eval_fraction);
+        bail!(
+            "no training examples left after holding out {} of the data",
+            job.eval_fraction
+        );
     }
     let (device, described) = device::resolve(args.device)?;
     if job.train.precision == Precision::MixedF16 && !device::fast_f16(args.device) {
@@ -103,8 +106,7 @@ pub(crate) fn run(args: TrainArgs) -> Result<()> {
         .with_context(|| format!("opening {}", log_path.display()))?;
     let bar = ProgressBar::new(job.train.steps as u64).with_position(trainer.step() as u64);
     bar.set_style(
-        ProgressStyle::with_template("{bar:30} {pos}/{len} steps {msg} [{elapsed} < {eta}]")
-            .expect("static template"),
+        ProgressStyle::with_template("{bar:30} {pos}/{len} steps {msg} [{elapsed} < {eta}]").expect("static template"),
     );
     let (start, first_step) = (Instant::now(), trainer.step());
     let (mut tokens, mut skipped) = (0usize, 0usize);
@@ -122,7 +124,11 @@ pub(crate) fn run(args: TrainArgs) -> Result<()> {
             log_err.get_or_insert(e);
         }
     };
-    let every = if job.save_every == 0 { job.train.steps } else { job.save_every };
+    let every = if job.save_every == 0 {
+        job.train.steps
+    } else {
+        job.save_every
+    };
     let mut model = model;
     while trainer.step() < job.train.steps {
         let until = (trainer.step() / every + 1) * every;

@@ -59,20 +59,22 @@ pub(crate) fn run(command: EmulatorCommand) -> Result<()> {
             distill_log,
             device,
         } => {
-            let text = std::fs::read_to_string(&config)
-                .with_context(|| format!("reading {}", config.display()))?;
-            let settings = EmulatorConfig::from_toml(&text)
-                .with_context(|| format!("in {}", config.display()))?;
+            let text = std::fs::read_to_string(&config).with_context(|| format!("reading {}", config.display()))?;
+            let settings = EmulatorConfig::from_toml(&text).with_context(|| format!("in {}", config.display()))?;
             let distill = DistillConfig::from_toml(&text).with_context(|| format!("in {}", config.display()))?;
-            let checkpoint = Checkpoint::open(&model)
-                .with_context(|| format!("opening model {}", model.display()))?;
+            let checkpoint = Checkpoint::open(&model).with_context(|| format!("opening model {}", model.display()))?;
             let name = name.unwrap_or_else(|| {
-                model.file_name().map_or("model".into(), |n| n.to_string_lossy().into_owned())
+                model
+                    .file_name()
+                    .map_or("model".into(), |n| n.to_string_lossy().into_owned())
             });
             match (distill, distill_data.is_empty()) {
                 (None, true) => build_with_progress(&checkpoint, &name, &settings, None, &out),
                 (None, false) => bail!("--distill-data given, but {} has no [distill] table", config.display()),
-                (Some(_), true) => bail!("{} asks for distillation: name its data with --distill-data", config.display()),
+                (Some(_), true) => bail!(
+                    "{} asks for distillation: name its data with --distill-data",
+                    config.display()
+                ),
                 (Some(d), false) => {
                     let log = distill_log.unwrap_or_else(|| out.with_extension("distill.jsonl"));
                     let layers = distill_middle(&checkpoint, &settings, &d, &distill_data, device, &log)?;
@@ -81,8 +83,7 @@ pub(crate) fn run(command: EmulatorCommand) -> Result<()> {
             }
         }
         EmulatorCommand::Info { emulator } => {
-            let emu = Emulator::open(&emulator)
-                .with_context(|| format!("opening {}", emulator.display()))?;
+            let emu = Emulator::open(&emulator).with_context(|| format!("opening {}", emulator.display()))?;
             let mut manifest = serde_json::to_value(emu.manifest())?;
             if let Some(m) = manifest.as_object_mut() {
                 // The tokenizer is large and not informative here.
@@ -108,8 +109,13 @@ fn distill_middle(
     device: DeviceChoice,
     log_path: &Path,
 ) -> Result<DistilledLayers> {
-    let tokenizer = checkpoint.tokenizer().context("distillation reads its data with the model's tokenizer")?;
-    let data_config = DataConfig { max_len: distill.max_len, ..DataConfig::default() };
+    let tokenizer = checkpoint
+        .tokenizer()
+        .context("distillation reads its data with the model's tokenizer")?;
+    let data_config = DataConfig {
+        max_len: distill.max_len,
+        ..DataConfig::default()
+    };
     let examples = data_config.load_all(data, &tokenizer)?;
     if examples.is_empty() {
         bail!("the distillation data holds no example");
@@ -124,18 +130,25 @@ fn distill_middle(
     );
     let mut log_err = None;
     let mut first = None;
-    let layers = emulator::distill(checkpoint, settings, distill, &examples, &device, &mut |s: &DistillStep| {
-        first.get_or_insert(s.mse);
-        bar.set_message(format!("nmse {:.4}", s.mse));
-        bar.inc(1);
-        let line = serde_json::to_string(s).unwrap_or_default();
-        if let Err(e) = writeln!(log, "{line}") {
-            log_err.get_or_insert(e);
-        }
-        if s.skipped {
-            warn!(step = s.step, "non-finite distillation step skipped");
-        }
-    })?;
+    let layers = emulator::distill(
+        checkpoint,
+        settings,
+        distill,
+        &examples,
+        &device,
+        &mut |s: &DistillStep| {
+            first.get_or_insert(s.mse);
+            bar.set_message(format!("nmse {:.4}", s.mse));
+            bar.inc(1);
+            let line = serde_json::to_string(s).unwrap_or_default();
+            if let Err(e) = writeln!(log, "{line}") {
+                log_err.get_or_insert(e);
+            }
+            if s.skipped {
+                warn!(step = s.step, "non-finite distillation step skipped");
+            }
+        },
+    )?;
     bar.finish_and_clear();
     if let Some(e) = log_err {
         return Err(e).with_context(|| format!("writing {}", log_path.display()));

@@ -60,8 +60,8 @@ pub(crate) fn run(args: EvalArgs) -> Result<()> {
     if args.batch_size == 0 {
         bail!("--batch-size must be positive");
     }
-    let checkpoint = Checkpoint::open(&args.model)
-        .with_context(|| format!("opening model {}", args.model.display()))?;
+    let checkpoint =
+        Checkpoint::open(&args.model).with_context(|| format!("opening model {}", args.model.display()))?;
     let job = match &args.config {
         Some(p) => TrainJob::from_file(p)?,
         None => TrainJob::default(),

@@ -37,8 +37,8 @@ pub(crate) struct ExportArgs {
 }
 
 pub(crate) fn run(args: ExportArgs) -> Result<()> {
-    let checkpoint = Checkpoint::open(&args.model)
-        .with_context(|| format!("opening model {}", args.model.display()))?;
+    let checkpoint =
+        Checkpoint::open(&args.model).with_context(|| format!("opening model {}", args.model.display()))?;
     // Exporting is exact arithmetic on the host; the CPU backend avoids GPU start-up for a one-off job.
     let model = checkpoint.load_model(&Device::flex())?;
     let manifest = adapters::read_manifest(&args.adapter)?;

@@ -131,15 +131,14 @@ pub(crate) fn run(command: ModelCommand) -> Result<()> {
             model.check_ids(&ids)?;
             let len = ids.len();
             let ids: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
-            let input =
-                Tensor::<2, Int>::from_data(TensorData::new(ids, [1, len]), &model.device());
+            let input = Tensor::<2, Int>::from_data(TensorData::new(ids, [1, len]), &model.device());
             let logits = model.forward(input, None, None)?;
             let vocab = logits.dims()[2];
             let values: Vec<f32> = logits
                 .into_data()
                 .try_into_vec()
                 .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-            write_logits(&out, &values, len, vocab)
+            write_logits(&out, values, len, vocab)
         }
         ModelCommand::Generate {
             model,
@@ -183,12 +182,9 @@ pub(crate) fn run(command: ModelCommand) -> Result<()> {
     }
 }
 
-fn write_logits(path: &Path, values: &[f32], len: usize, vocab: usize) -> Result<()> {
-    let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-    let view =
-        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![len, vocab], &bytes)?;
-    safetensors::serialize_to_file([("logits", view)], None, path)
-        .with_context(|| format!("writing {}", path.display()))?;
+fn write_logits(path: &Path, values: Vec<f32>, len: usize, vocab: usize) -> Result<()> {
+    offsite::load::write_f32_safetensors(path, vec![("logits".into(), values, vec![len, vocab])])
+        .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
     info!(path = %path.display(), shape = ?[len, vocab], "logits written");
     Ok(())
 }
@@ -233,10 +229,7 @@ fn info_cmd(checkpoint: &Checkpoint, list: bool) -> Result<()> {
     println!("rms norm eps:        {}", c.rms_norm_eps);
     println!("tied embeddings:     {}", c.tie_word_embeddings);
     println!("q/k/v bias:          {}", c.attention_bias);
-    println!(
-        "bos / eos ids:       {:?} / {:?}",
-        c.bos_token_id, c.eos_token_ids
-    );
+    println!("bos / eos ids:       {:?} / {:?}", c.bos_token_id, c.eos_token_ids);
     println!("tensors:             {}", tensors.len());
     for (ty, (n, bytes)) in types {
         println!(

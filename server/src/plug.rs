@@ -10,11 +10,7 @@ use tracing::info;
 
 /// Applies a PEFT directory (LoRA or prompt learning) or an Offsite adapter to `model` (loaded from `checkpoint`) by parameter name. An
 /// Offsite adapter names the model it was trained for by hash; another model is refused.
-pub(crate) fn plug_in(
-    checkpoint: &Checkpoint,
-    model: LlamaForCausalLM,
-    dir: &Path,
-) -> Result<LlamaForCausalLM> {
+pub(crate) fn plug_in(checkpoint: &Checkpoint, model: LlamaForCausalLM, dir: &Path) -> Result<LlamaForCausalLM> {
     let manifest = adapters::read_manifest(dir)?;
     if let Some(m) = &manifest {
         let sha = checkpoint.sha256()?;
@@ -26,8 +22,7 @@ pub(crate) fn plug_in(
             );
         }
     }
-    let model = adapters::apply(model, dir)
-        .with_context(|| format!("applying adapter {}", dir.display()))?;
+    let model = adapters::apply(model, dir).with_context(|| format!("applying adapter {}", dir.display()))?;
     info!(
         adapter = %dir.display(),
         kind = manifest.map_or("PEFT".to_string(), |m| format!("offsite {:?} on layers {:?}", m.method, m.layers)),

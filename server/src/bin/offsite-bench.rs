@@ -13,10 +13,7 @@ use offsite::load::{peak_rss_bytes, Checkpoint};
 use offsite::model::{KvCache, LlamaForCausalLM};
 
 #[derive(Parser)]
-#[command(
-    name = "offsite-bench",
-    about = "Forward tokens/s and loading memory of a model"
-)]
+#[command(name = "offsite-bench", about = "Forward tokens/s and loading memory of a model")]
 struct Args {
     /// Hugging Face directory or `.gguf` file.
     #[arg(long)]
@@ -37,9 +34,7 @@ struct Args {
 
 fn ids(model: &LlamaForCausalLM, batch: usize, seq: usize) -> Tensor<2, Int> {
     let vocab = model.config().vocab_size as i64;
-    let data: Vec<i64> = (0..batch * seq)
-        .map(|i| (i as i64 * 7919 + 13) % vocab)
-        .collect();
+    let data: Vec<i64> = (0..batch * seq).map(|i| (i as i64 * 7919 + 13) % vocab).collect();
     Tensor::from_data(TensorData::new(data, [batch, seq]), &model.device())
 }
 
@@ -95,26 +90,21 @@ fn main() -> Result<()> {
     let peak = peak_rss_bytes().unwrap_or(0);
     let f32_bytes = model.config().num_parameters() as f64 * 4.0;
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    println!("model {}  device {described}  threads {threads}", args.model.display());
     println!(
-        "model {}  device {described}  threads {threads}",
-        args.model.display()
+        "load {:.2} s; peak RSS {:.0} MiB (before load {:.0} MiB) = {:.2}x the f32 weights ({:.0} MiB)",
+        load_s,
+        peak as f64 / 1048576.0,
+        before as f64 / 1048576.0,
+        peak as f64 / f32_bytes,
+        f32_bytes / 1048576.0
     );
-    println!("load {:.2} s; peak RSS {:.0} MiB (before load {:.0} MiB) = {:.2}x the f32 weights ({:.0} MiB)",
-        load_s, peak as f64 / 1048576.0, before as f64 / 1048576.0, peak as f64 / f32_bytes, f32_bytes / 1048576.0);
     println!("{:<28} {:>12}", "measurement", "tokens/s");
     for batch in [1, 4] {
         let tps = prefill(&model, batch, args.seq, args.reps)?;
-        println!(
-            "{:<28} {:>12.1}",
-            format!("prefill batch {batch} x {}", args.seq),
-            tps
-        );
+        println!("{:<28} {:>12.1}", format!("prefill batch {batch} x {}", args.seq), tps);
     }
     let tps = decode(&model, args.seq, args.decode)?;
-    println!(
-        "{:<28} {:>12.1}",
-        format!("decode (kv cache, ctx {})", args.seq),
-        tps
-    );
+    println!("{:<28} {:>12.1}", format!("decode (kv cache, ctx {})", args.seq), tps);
     Ok(())
 }

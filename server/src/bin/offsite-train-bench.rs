@@ -27,7 +27,10 @@ const MODES: [(&str, &str); 6] = [
 ];
 
 #[derive(Parser)]
-#[command(name = "offsite-train-bench", about = "Training tokens/s and peak memory per configuration")]
+#[command(
+    name = "offsite-train-bench",
+    about = "Training tokens/s and peak memory per configuration"
+)]
 struct Args {
     /// Hugging Face directory or `.gguf` file.
     #[arg(long)]
@@ -78,8 +81,11 @@ fn emulator_config(quant: QuantFormat, quantize_embeddings: bool) -> EmulatorCon
 }
 
 /// The emulators measured: (file, storage of the frozen middle, quantized embeddings).
-const EMULATORS: [(&str, QuantFormat, bool); 3] =
-    [("int8.emu", QuantFormat::Int8, false), ("int8-emb.emu", QuantFormat::Int8, true), ("f32.emu", QuantFormat::F32, false)];
+const EMULATORS: [(&str, QuantFormat, bool); 3] = [
+    ("int8.emu", QuantFormat::Int8, false),
+    ("int8-emb.emu", QuantFormat::Int8, true),
+    ("f32.emu", QuantFormat::F32, false),
+];
 
 /// Runs one configuration: returns (tokens/s, seconds per step).
 fn child(args: &Args, mode: &str, workdir: &Path) -> Result<(f64, f64)> {
@@ -109,19 +115,32 @@ fn child(args: &Args, mode: &str, workdir: &Path) -> Result<(f64, f64)> {
             lora: Some(lora(TargetModules::Preset("all-linear".into()))),
             prompt: None,
         },
-        _ => AdapterSpec { method: Method::Layers, lora: None, prompt: None },
+        _ => AdapterSpec {
+            method: Method::Layers,
+            lora: None,
+            prompt: None,
+        },
     };
     let (model, _) = spec.prepare(model, &layers, None)?;
     let vocab = model.config().vocab_size as u32;
     let examples: Vec<Example> = (0..args.batch)
         .map(|b| {
-            let ids: Vec<u32> = (0..args.seq).map(|t| ((b * 7919 + t * 104729) as u32) % vocab).collect();
+            let ids: Vec<u32> = (0..args.seq)
+                .map(|t| ((b * 7919 + t * 104729) as u32) % vocab)
+                .collect();
             let labels = ids.iter().map(|&i| i as i64).collect();
-            Example { ids, labels, category: None }
+            Example {
+                ids,
+                labels,
+                category: None,
+            }
         })
         .collect();
     let batch = Batch::new(&examples.iter().collect::<Vec<_>>());
-    let mut trainer = Trainer::new(TrainConfig { steps: args.steps + 1, ..Default::default() })?;
+    let mut trainer = Trainer::new(TrainConfig {
+        steps: args.steps + 1,
+        ..Default::default()
+    })?;
     let (mut model, _) = trainer.train_step(model, std::slice::from_ref(&batch))?;
     let start = Instant::now();
     for _ in 0..args.steps {
@@ -161,7 +180,10 @@ fn main() -> Result<()> {
         args.batch,
         args.steps
     );
-    println!("{:<44} {:>10} {:>10} {:>14}", "configuration", "tokens/s", "s/step", "peak RSS MiB");
+    println!(
+        "{:<44} {:>10} {:>10} {:>14}",
+        "configuration", "tokens/s", "s/step", "peak RSS MiB"
+    );
     let exe = std::env::current_exe()?;
     for (mode, label) in MODES {
         if !args.only.is_empty() && !args.only.iter().any(|m| m == mode) {

@@ -7,7 +7,8 @@ use anyhow::{Context, Result};
 use offsite::adapters::AdapterSpec;
 use offsite::data::{DataConfig, Split};
 use offsite::emulator::EmulatorConfig;
-use offsite::fed::{FederationConfig, LocalConfig, StrategyConfig};
+use offsite::train::TrainConfig;
+use offsite_fed::{FederationConfig, StrategyConfig};
 use serde::Deserialize;
 
 /// The whole file.
@@ -28,9 +29,10 @@ pub(crate) struct FedFile {
     /// Rounds and sampling.
     #[serde(default)]
     pub federation: FederationConfig,
-    /// Clients' local training per round.
+    /// Clients' local training per round (the `[train]` settings of a local job; each round's seed comes from
+    /// `[federation] seed`).
     #[serde(default)]
-    pub local: LocalConfig,
+    pub local: TrainConfig,
     /// How data files are read (evaluation data, and the clients' data in a simulation).
     #[serde(default)]
     pub data: DataConfig,

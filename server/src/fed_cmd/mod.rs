@@ -14,11 +14,12 @@ use anyhow::{bail, Context, Result};
 use offsite::adapters::{self, AdapterManifest, AdapterSpec};
 use offsite::data::{DataConfig, Example};
 use offsite::emulator::Emulator;
-use offsite::fed::{adapter_state, load_state, Params};
+use offsite::federated::{adapter_state, load_state, plug_state};
 use offsite::load::Checkpoint;
 use offsite::model::LlamaForCausalLM;
-use offsite::net::{EmulatorSource, Identity, ServeSettings};
 use offsite::train::{evaluate, EvalReport};
+use offsite_fed::Params;
+use offsite_net::{EmulatorSource, Identity, ServeSettings};
 use tracing::info;
 
 use config::FedFile;
@@ -73,7 +74,7 @@ fn serve_settings(file: &FedFile, emulator: PathBuf) -> Result<(ServeSettings, I
         adapter_json: serde_json::to_string(&file.adapter)?,
         federation: file.federation.clone(),
         local: file.local.clone(),
-        strategy: file.strategy.clone(),
+        strategy: file.strategy.build()?,
         hello_timeout_s: file.server.hello_timeout_s,
         client_ca: file.server.client_ca.clone(),
     };
@@ -81,7 +82,11 @@ fn serve_settings(file: &FedFile, emulator: PathBuf) -> Result<(ServeSettings, I
 }
 
 /// The emulator's model with the adapter attached (on the CPU autodiff device, so trainable parameters are marked).
-fn prepared_emulator(emu: &Emulator, spec: &AdapterSpec, seed: u64) -> Result<(LlamaForCausalLM, Option<adapters::LoraConfig>)> {
+fn prepared_emulator(
+    emu: &Emulator,
+    spec: &AdapterSpec,
+    seed: u64,
+) -> Result<(LlamaForCausalLM, Option<adapters::LoraConfig>)> {
     let device = burn::tensor::Device::flex();
     device.seed(seed);
     let model = emu.load_model(&device.autodiff())?;
@@ -106,7 +111,12 @@ fn save_adapter(emu: &Emulator, spec: &AdapterSpec, global: &Params, dir: &Path)
 }
 
 /// Evaluation data, spread to at most `max` examples.
-fn eval_examples(data: &DataConfig, paths: &[PathBuf], tok: &offsite::tokenizer::Tokenizer, max: Option<usize>) -> Result<Vec<Example>> {
+fn eval_examples(
+    data: &DataConfig,
+    paths: &[PathBuf],
+    tok: &offsite::tokenizer::Tokenizer,
+    max: Option<usize>,
+) -> Result<Vec<Example>> {
     let examples = crate::eval_cmd::spread(data.load_all(paths, tok)?, max);
     if examples.is_empty() {
         bail!("the evaluation data holds no example");
@@ -127,12 +137,6 @@ fn measure(label: &str, model: &LlamaForCausalLM, examples: &[Example], batch: u
     Ok(r)
 }
 
-/// The full model with a global adapter plugged in by name (on `model`'s device).
-fn plug_in(full: LlamaForCausalLM, layers: &[usize], spec: &AdapterSpec, global: &Params) -> Result<LlamaForCausalLM> {
-    let (model, _) = spec.structure().prepare(full, layers, None)?;
-    Ok(load_state(model, global)?)
-}
-
 /// The round evaluator: perplexity of the plug-in model (full model + global adapter) on the validation data.
 fn evaluator(
     full: LlamaForCausalLM,
@@ -140,9 +144,9 @@ fn evaluator(
     spec: AdapterSpec,
     examples: Vec<Example>,
     batch: usize,
-) -> offsite::net::Evaluator {
+) -> offsite_net::Evaluator {
     Box::new(move |round, global| {
-        let model = plug_in(full.clone(), &layers, &spec, global).map_err(|e| e.to_string())?;
+        let model = plug_state(full.clone(), &layers, &spec, global).map_err(|e| e.to_string())?;
         measure(&format!("plug-in after round {round}"), &model, &examples, batch)
             .map(|r| r.perplexity)
             .map_err(|e| e.to_string())

@@ -7,7 +7,7 @@ use clap::Args;
 use offsite::device::{self, DeviceChoice};
 use offsite::emulator::Emulator;
 use offsite::load::Checkpoint;
-use offsite::net::Server;
+use offsite_net::Server;
 use tracing::info;
 
 use super::config::FedFile;
@@ -25,8 +25,8 @@ pub(crate) struct ServeArgs {
 
 pub(crate) fn run(args: ServeArgs) -> Result<()> {
     let file = FedFile::load(&args.config)?;
-    let checkpoint = Checkpoint::open(&file.model.path)
-        .with_context(|| format!("opening model {}", file.model.path.display()))?;
+    let checkpoint =
+        Checkpoint::open(&file.model.path).with_context(|| format!("opening model {}", file.model.path.display()))?;
     let emu_path = super::emulator_for(&file, &checkpoint)?;
     let emu = Emulator::open(&emu_path).with_context(|| format!("opening emulator {}", emu_path.display()))?;
     if emu.manifest().base_model_sha256 != checkpoint.sha256()? {
@@ -36,8 +36,7 @@ pub(crate) fn run(args: ServeArgs) -> Result<()> {
     let evaluator = match &file.eval {
         Some(eval) => {
             let (device, described) = device::resolve(args.device)?;
-            let examples =
-                super::eval_examples(&file.data, &eval.data, &checkpoint.tokenizer()?, eval.max_examples)?;
+            let examples = super::eval_examples(&file.data, &eval.data, &checkpoint.tokenizer()?, eval.max_examples)?;
             info!(device = %described, examples = examples.len(), "plug-in evaluation data ready");
             Some(super::evaluator(
                 checkpoint.load_model(&device)?,
@@ -55,8 +54,14 @@ pub(crate) fn run(args: ServeArgs) -> Result<()> {
     let state = runtime.block_on(async move {
         let server = Server::bind(settings, identity)?;
         println!("listening on {}", server.local_addr()?);
-        println!("certificate fingerprint (pin with --fingerprint) {}", server.fingerprint());
-        server.run(initial, evaluator, &mut |_| {}).await.map_err(anyhow::Error::from)
+        println!(
+            "certificate fingerprint (pin with --fingerprint) {}",
+            server.fingerprint()
+        );
+        server
+            .run(initial, evaluator, &mut |_| {})
+            .await
+            .map_err(anyhow::Error::from)
     })?;
     super::save_adapter(&emu, &file.adapter, &state.global, &state_dir.join("global-adapter"))?;
     super::plot::write(&state_dir)?;

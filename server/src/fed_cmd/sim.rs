@@ -8,9 +8,10 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use offsite::device::{self, DeviceChoice};
 use offsite::emulator::Emulator;
-use offsite::fed::{load_state, TokenStore};
+use offsite::federated::{plug_state, EmulatorTrainer, LocalData};
 use offsite::load::Checkpoint;
-use offsite::net::{join, JoinSettings, LocalData, RoundReport, Server, Trust, SERVER_NAME};
+use offsite_fed::{RoundReport, TokenStore};
+use offsite_net::{join, JoinSettings, Server, Trust, SERVER_NAME};
 use tracing::info;
 
 use super::config::FedFile;
@@ -61,20 +62,24 @@ pub(crate) fn run(args: SimArgs) -> Result<()> {
     file.server.listen = ([127, 0, 0, 1], 0).into();
     let dir = file.server.state_dir.clone();
     // A simulation starts from round 0 with fresh tokens (the emulator and certificate are reused).
-    for f in [offsite::fed::STATE_FILE, "metrics.jsonl", "tokens.json"] {
+    for f in [offsite_fed::STATE_FILE, "metrics.jsonl", "tokens.json"] {
         let _ = std::fs::remove_file(dir.join(f));
     }
     std::fs::create_dir_all(&dir)?;
 
-    let checkpoint = Checkpoint::open(&file.model.path)
-        .with_context(|| format!("opening model {}", file.model.path.display()))?;
+    let checkpoint =
+        Checkpoint::open(&file.model.path).with_context(|| format!("opening model {}", file.model.path.display()))?;
     let emu_path = super::emulator_for(&file, &checkpoint)?;
     let emu = Emulator::open(&emu_path)?;
     let tokenizer = emu.tokenizer()?;
     let per_file = sim
         .data
         .iter()
-        .map(|p| file.data.load(p, &tokenizer).with_context(|| format!("reading {}", p.display())))
+        .map(|p| {
+            file.data
+                .load(p, &tokenizer)
+                .with_context(|| format!("reading {}", p.display()))
+        })
         .collect::<Result<Vec<_>>>()?;
     let clients: Vec<_> = sim
         .split
@@ -83,7 +88,11 @@ pub(crate) fn run(args: SimArgs) -> Result<()> {
         .map(|c| crate::eval_cmd::spread(c, sim.max_examples_per_client))
         .collect();
     if clients.len() < file.federation.min_clients {
-        bail!("{} clients cannot meet min_clients = {}", clients.len(), file.federation.min_clients);
+        bail!(
+            "{} clients cannot meet min_clients = {}",
+            clients.len(),
+            file.federation.min_clients
+        );
     }
     let tokens_path = TokenStore::path(&dir);
     let mut store = TokenStore::load(&tokens_path)?;
@@ -94,14 +103,23 @@ pub(crate) fn run(args: SimArgs) -> Result<()> {
     info!(clients = clients.len(), examples = ?clients.iter().map(Vec::len).collect::<Vec<_>>(), "data split");
 
     let (device, described) = device::resolve(args.device)?;
-    let eval = file.eval.clone().context("a simulation reports perplexities: add an [eval] table")?;
+    let eval = file
+        .eval
+        .clone()
+        .context("a simulation reports perplexities: add an [eval] table")?;
     let examples = super::eval_examples(&file.data, &eval.data, &checkpoint.tokenizer()?, eval.max_examples)?;
     info!(device = %described, examples = examples.len(), "evaluating before federation");
     let full = checkpoint.load_model(&device)?;
     let zero_shot = super::measure("zero-shot full model", &full, &examples, eval.batch_size)?;
     let emu_before = super::measure("emulator", &emu.load_model(&device)?, &examples, eval.batch_size)?;
     let layers = emu.manifest().adapter_layers.clone();
-    let evaluator = super::evaluator(full.clone(), layers.clone(), file.adapter.clone(), examples.clone(), eval.batch_size);
+    let evaluator = super::evaluator(
+        full.clone(),
+        layers.clone(),
+        file.adapter.clone(),
+        examples.clone(),
+        eval.batch_size,
+    );
     let initial = super::initial_state(&emu, &file.adapter, file.federation.seed)?;
     let (settings, identity) = super::serve_settings(&file, emu_path)?;
 
@@ -120,13 +138,12 @@ pub(crate) fn run(args: SimArgs) -> Result<()> {
                 token: token.clone(),
                 name: format!("sim-{i}"),
                 cache_dir: dir.join(format!("client-{i}")),
-                device: device.clone(),
-                data: LocalData::Examples(data.clone()),
                 max_reconnects: 5,
                 save_updates: None,
                 client_cert: None,
             };
-            handles.push(tokio::spawn(join(s)));
+            let trainer = Box::new(EmulatorTrainer::new(device.clone(), LocalData::Examples(data.clone())));
+            handles.push(tokio::spawn(join(s, trainer)));
         }
         println!(
             "{:>5} {:>12} {:>8} {:>11} {:>11} {:>10} {:>10} {:>8}",
@@ -148,18 +165,25 @@ pub(crate) fn run(args: SimArgs) -> Result<()> {
         let state = server.run(initial, Some(evaluator), &mut print).await?;
         for (i, h) in handles.into_iter().enumerate() {
             let summary = h.await.context("client task")??;
-            info!(client = i, rounds = summary.rounds, accepted = summary.accepted, "client finished");
+            info!(
+                client = i,
+                rounds = summary.rounds,
+                accepted = summary.accepted,
+                "client finished"
+            );
         }
         anyhow::Ok(state)
     })?;
 
-    let emu_model = {
-        let (m, _) = file.adapter.structure().prepare(emu.load_model(&device)?, &layers, None)?;
-        load_state(m, &state.global)?
-    };
+    let emu_model = plug_state(emu.load_model(&device)?, &layers, &file.adapter, &state.global)?;
     let emu_after = super::measure("emulator + global adapter", &emu_model, &examples, eval.batch_size)?;
-    let plugged = super::plug_in(full, &layers, &file.adapter, &state.global)?;
-    let plug = super::measure("plug-in (full model + global adapter)", &plugged, &examples, eval.batch_size)?;
+    let plugged = plug_state(full, &layers, &file.adapter, &state.global)?;
+    let plug = super::measure(
+        "plug-in (full model + global adapter)",
+        &plugged,
+        &examples,
+        eval.batch_size,
+    )?;
     super::save_adapter(&emu, &file.adapter, &state.global, &dir.join("global-adapter"))?;
     super::plot::write(&dir)?;
     println!();
@@ -172,6 +196,11 @@ pub(crate) fn run(args: SimArgs) -> Result<()> {
     ] {
         println!("{label:<40} {:>12.3}", r.perplexity);
     }
-    println!("(on {} held-out examples, {} tokens; state in {})", examples.len(), zero_shot.tokens, dir.display());
+    println!(
+        "(on {} held-out examples, {} tokens; state in {})",
+        examples.len(),
+        zero_shot.tokens,
+        dir.display()
+    );
     Ok(())
 }

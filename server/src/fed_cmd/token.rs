@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::Subcommand;
-use offsite::fed::TokenStore;
+use offsite_fed::TokenStore;
 
 #[derive(Subcommand)]
 pub(crate) enum TokenCommand {

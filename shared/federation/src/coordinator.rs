@@ -1,0 +1,539 @@
+//! The round coordinator, sans-IO in quinn-proto's style: it takes events (a client ready, an update received, a
+//! connection lost, an evaluation done) and the time as an argument, and returns actions (send a task or an ack,
+//! save the state, evaluate, report a round) plus `poll_timeout()`. The network layer only moves bytes and timers,
+//! so whole federations — deadlines, stragglers, repeated rounds, resumption — are tested here without sockets.
+//!
+//! A round: wait until `min_clients` are ready (at most `wait_for_clients_s`), then — at the next timeout, so that
+//! every client whose readiness was already queued is counted — let the strategy pick the clients and
+//! their settings, send each a task on its current connection, collect and validate updates until every sampled
+//! client answered or left or the deadline passed, then aggregate — or repeat the round when fewer than
+//! `min_clients` updates were accepted. Invariant: the global adapter and the strategy state change only when a
+//! round completes, and [`Action::Save`] comes before anything else that follows from it.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use offsite_protocol::{Encoding, Task, TrainConfig, Update, UpdateAck};
+use tracing::{info, warn};
+
+use super::params::{check_like, hash, to_wire, Params};
+use super::round::validate;
+use super::state::ServerState;
+use super::strategy::{ClientUpdate, RoundContext, Strategy};
+use super::{FedError, FederationConfig};
+
+/// What happened, as the network layer saw it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// A client authenticated, holds the emulator and takes tasks on connection `conn` (a newer connection of the
+    /// same client replaces the older one).
+    Ready {
+        /// The client's id (from its token).
+        client: String,
+        /// The connection, unique for the server's lifetime.
+        conn: u64,
+    },
+    /// An update arrived on a connection.
+    Update {
+        /// The sender.
+        client: String,
+        /// The connection it came on.
+        conn: u64,
+        /// The update, decoded but not yet validated.
+        update: Update,
+    },
+    /// A connection ended, whatever ended it.
+    Disconnected {
+        /// Its client.
+        client: String,
+        /// The connection.
+        conn: u64,
+    },
+    /// The answer to [`Action::Evaluate`].
+    Evaluated {
+        /// The round evaluated.
+        round: u64,
+        /// The plug-in model's perplexity, `None` when the evaluation failed or there is no evaluator.
+        perplexity: Option<f64>,
+    },
+}
+
+/// A message for a client.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outgoing {
+    /// Train this round (shared: every sampled client gets the same task).
+    Task(Arc<Task>),
+    /// The verdict on an update.
+    Ack(UpdateAck),
+    /// The federation is over.
+    Goodbye(String),
+}
+
+/// What the network layer must do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Send `message` to `client`: on connection `conn` when given (a task goes only to the connection it was
+    /// planned for), else on the client's current connection, if any.
+    Send {
+        /// The client.
+        client: String,
+        /// The connection, when it matters.
+        conn: Option<u64>,
+        /// The message.
+        message: Outgoing,
+    },
+    /// A round began (its tasks follow): the moment to start counting its bytes.
+    RoundStarted {
+        /// The round.
+        round: u64,
+    },
+    /// Persist [`Coordinator::state`] now: a round has completed.
+    Save,
+    /// Evaluate the plug-in model with this global state, then answer with [`Event::Evaluated`].
+    Evaluate {
+        /// The round just completed.
+        round: u64,
+        /// Its global adapter.
+        global: Params,
+    },
+    /// A round is complete and evaluated (the byte counts are the network layer's to fill in).
+    RoundComplete(RoundReport),
+    /// Every round is done: say goodbye to every client.
+    Finished,
+}
+
+/// One completed round, as logged to `metrics.jsonl`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct RoundReport {
+    /// The round.
+    pub round: u64,
+    /// Clients sampled.
+    pub sampled: usize,
+    /// Updates aggregated.
+    pub participants: usize,
+    /// Updates refused (late, stale, wrong shape, non-finite, over the norm limit).
+    pub rejected: usize,
+    /// Bytes received during the round.
+    pub bytes_in: u64,
+    /// Bytes sent during the round.
+    pub bytes_out: u64,
+    /// Example-weighted mean of the clients' training loss.
+    pub train_loss: f64,
+    /// Perplexity of the plug-in model, when evaluated this round.
+    pub eval_perplexity: Option<f64>,
+    /// Seconds the round took (evaluation included).
+    pub wall_s: f64,
+    /// SHA-256 of the new global adapter.
+    pub global_sha256: String,
+}
+
+/// A round under way.
+#[derive(Debug)]
+struct Round {
+    number: u64,
+    started: Instant,
+    deadline: Instant,
+    sampled: usize,
+    /// Who owes an update, by client and the connection the task went to.
+    pending: BTreeMap<String, u64>,
+    accepted: Vec<ClientUpdate>,
+    rejected: usize,
+    /// (training loss, examples) of the accepted updates.
+    losses: Vec<(f64, u64)>,
+}
+
+#[derive(Debug)]
+enum Phase {
+    /// Waiting for enough ready clients since then.
+    Waiting { since: Instant },
+    /// Tasks are out.
+    Running(Round),
+    /// The round is aggregated and saved; the evaluation is out.
+    Evaluating { report: RoundReport, started: Instant },
+    /// Every round is done.
+    Done,
+}
+
+/// The server's round logic. Feed it with [`Coordinator::handle`] and [`Coordinator::handle_timeout`] (at
+/// [`Coordinator::poll_timeout`]); drain [`Coordinator::poll_action`] after each call.
+pub struct Coordinator {
+    config: FederationConfig,
+    local: TrainConfig,
+    strategy: Box<dyn Strategy>,
+    state: ServerState,
+    /// Clients ready for tasks, by id, with their current connection.
+    ready: BTreeMap<String, u64>,
+    phase: Phase,
+    /// Earlier tries of the current round.
+    attempt: u32,
+    actions: VecDeque<Action>,
+}
+
+impl Coordinator {
+    /// A coordinator at `now`, resuming from `saved` (a persisted [`ServerState`]) when given, else starting at
+    /// round 1 from `initial`. A saved state must have the initial adapter's names and shapes.
+    pub fn new(
+        config: FederationConfig,
+        local: TrainConfig,
+        mut strategy: Box<dyn Strategy>,
+        initial: Params,
+        saved: Option<ServerState>,
+        now: Instant,
+    ) -> Result<Self, FedError> {
+        if !(config.wait_for_clients_s >= 0.0 && config.deadline_s >= 0.0) {
+            return Err(FedError::Config(format!(
+                "wait_for_clients_s ({}) and deadline_s ({}) must be ≥ 0",
+                config.wait_for_clients_s, config.deadline_s
+            )));
+        }
+        let state = match saved {
+            Some(s) => {
+                check_like(&initial, &s.global)?;
+                strategy.restore(s.strategy.clone())?;
+                info!(round = s.round, global = %hash(&s.global), "resuming from the saved state");
+                s
+            }
+            None => ServerState {
+                round: 0,
+                global: initial,
+                strategy: Params::new(),
+                clients: Default::default(),
+            },
+        };
+        let mut c = Coordinator {
+            config,
+            local,
+            strategy,
+            state,
+            ready: BTreeMap::new(),
+            phase: Phase::Waiting { since: now },
+            attempt: 0,
+            actions: VecDeque::new(),
+        };
+        c.next_round(now)?;
+        Ok(c)
+    }
+
+    /// The state as of the last completed round (what [`Action::Save`] asks to persist).
+    pub fn state(&self) -> &ServerState {
+        &self.state
+    }
+
+    /// The ids of the clients ready for tasks.
+    pub fn ready_clients(&self) -> Vec<String> {
+        self.ready.keys().cloned().collect()
+    }
+
+    /// Whether every round is done.
+    pub fn is_finished(&self) -> bool {
+        matches!(self.phase, Phase::Done)
+    }
+
+    /// The next action to carry out, if any.
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// When [`Coordinator::handle_timeout`] must be called next: at once when enough clients are ready to start a
+    /// round (after the events already at hand, so they all count), else when the wait for clients or the round's
+    /// deadline runs out.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        match &self.phase {
+            Phase::Waiting { since } if self.ready.len() >= self.needed() => Some(*since),
+            Phase::Waiting { since } => Some(*since + secs(self.config.wait_for_clients_s)),
+            Phase::Running(r) => Some(r.deadline),
+            Phase::Evaluating { .. } | Phase::Done => None,
+        }
+    }
+
+    /// Handles an event. An error ends the federation (the strategy failed to aggregate, or it chose no client).
+    pub fn handle(&mut self, event: Event, now: Instant) -> Result<(), FedError> {
+        match event {
+            Event::Ready { client, conn } => {
+                info!(%client, conn, "client ready");
+                self.ready.insert(client, conn);
+            }
+            Event::Disconnected { client, conn } => {
+                if self.ready.get(&client) == Some(&conn) {
+                    self.ready.remove(&client);
+                }
+                if let Phase::Running(r) = &mut self.phase {
+                    if r.pending.get(&client) == Some(&conn) {
+                        warn!(round = r.number, %client, "client disconnected mid-round");
+                        r.pending.remove(&client);
+                        if r.pending.is_empty() {
+                            self.close_round(now)?;
+                        }
+                    }
+                }
+            }
+            Event::Update { client, conn, update } => self.on_update(client, conn, update, now)?,
+            Event::Evaluated { round, perplexity } => {
+                if let Phase::Evaluating { report, .. } = &mut self.phase {
+                    if report.round == round {
+                        report.eval_perplexity = perplexity;
+                        self.finish_round(now)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Handles the passing of time: starts a round once enough clients are ready, gives up waiting for them, or
+    /// closes a round at its deadline.
+    pub fn handle_timeout(&mut self, now: Instant) -> Result<(), FedError> {
+        match &self.phase {
+            Phase::Waiting { .. } if self.ready.len() >= self.needed() => self.start_round(now)?,
+            Phase::Waiting { since } if now >= *since + secs(self.config.wait_for_clients_s) => {
+                return Err(FedError::NotEnoughClients {
+                    round: self.state.round + 1,
+                    ready: self.ready.len(),
+                    needed: self.needed(),
+                    waited_s: self.config.wait_for_clients_s,
+                });
+            }
+            Phase::Running(r) if now >= r.deadline => {
+                warn!(round = r.number, late = ?r.pending.keys().collect::<Vec<_>>(), "deadline passed");
+                self.close_round(now)?;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn needed(&self) -> usize {
+        self.config.min_clients.max(1)
+    }
+
+    fn send(&mut self, client: &str, conn: Option<u64>, message: Outgoing) {
+        self.actions.push_back(Action::Send {
+            client: client.into(),
+            conn,
+            message,
+        });
+    }
+
+    fn reject(&mut self, client: &str, round: u64, reason: String) {
+        warn!(client, round, %reason, "update rejected");
+        let ack = UpdateAck {
+            round,
+            accepted: false,
+            reason: Some(reason),
+        };
+        self.send(client, None, Outgoing::Ack(ack));
+    }
+
+    /// After a completed round (or at the start): the next round, or the end.
+    fn next_round(&mut self, now: Instant) -> Result<(), FedError> {
+        self.attempt = 0;
+        if self.state.round >= self.config.rounds {
+            self.phase = Phase::Done;
+            self.actions.push_back(Action::Finished);
+            return Ok(());
+        }
+        self.wait(now);
+        Ok(())
+    }
+
+    /// Waits for clients from `now` (the round starts at the next timeout when enough are ready).
+    fn wait(&mut self, now: Instant) {
+        self.phase = Phase::Waiting { since: now };
+        if self.ready.len() < self.needed() {
+            info!(
+                round = self.state.round + 1,
+                ready = self.ready.len(),
+                needed = self.needed(),
+                "waiting for clients"
+            );
+        }
+    }
+
+    /// Starts the next round with the ready clients (at least `min_clients`).
+    fn start_round(&mut self, now: Instant) -> Result<(), FedError> {
+        let round = self.state.round + 1;
+        let ready: Vec<String> = self.ready.keys().cloned().collect();
+        let plan = self.strategy.configure_round(&RoundContext {
+            round,
+            attempt: self.attempt,
+            ready: &ready,
+            fraction: self.config.fraction,
+            min_clients: self.config.min_clients,
+            seed: self.config.seed,
+            local: &self.local,
+        });
+        let task = Arc::new(Task {
+            round,
+            global: to_wire(&self.state.global, Encoding::F32),
+            settings: plan.settings,
+            proximal_mu: plan.proximal_mu,
+            update_encoding: self.config.update_encoding,
+            deadline_ms: (self.config.deadline_s * 1000.0) as u64,
+        });
+        self.actions.push_back(Action::RoundStarted { round });
+        let mut pending = BTreeMap::new();
+        for client in &plan.clients {
+            match self.ready.get(client) {
+                Some(&conn) => {
+                    pending.insert(client.clone(), conn);
+                    self.send(client, Some(conn), Outgoing::Task(task.clone()));
+                }
+                None => warn!(round, %client, "the strategy chose a client that is not ready; skipped"),
+            }
+        }
+        if pending.is_empty() {
+            return Err(FedError::Config(format!(
+                "strategy {} chose no ready client for round {round}",
+                self.strategy.name()
+            )));
+        }
+        info!(
+            round,
+            sampled = pending.len(),
+            ready = ready.len(),
+            attempt = self.attempt,
+            "round started"
+        );
+        self.phase = Phase::Running(Round {
+            number: round,
+            started: now,
+            deadline: now + secs(self.config.deadline_s),
+            sampled: pending.len(),
+            pending,
+            accepted: Vec::new(),
+            rejected: 0,
+            losses: Vec::new(),
+        });
+        Ok(())
+    }
+
+    fn on_update(&mut self, client: String, conn: u64, update: Update, now: Instant) -> Result<(), FedError> {
+        let Phase::Running(r) = &mut self.phase else {
+            // Between rounds (waiting, evaluating) every update answers an old round.
+            let reason = format!("late update for round {}", update.round);
+            self.reject(&client, update.round, reason);
+            return Ok(());
+        };
+        let round = r.number;
+        // A stale update never takes the slot its sender may hold in this round.
+        if update.round != round || r.pending.get(&client) != Some(&conn) {
+            r.rejected += 1;
+            let reason = if update.round == round {
+                "not sampled this round, or already answered".to_string()
+            } else {
+                format!(
+                    "stale update: it answers round {}, the current round is {round}",
+                    update.round
+                )
+            };
+            self.reject(&client, update.round, reason);
+            return Ok(());
+        }
+        r.pending.remove(&client);
+        let record = self.state.clients.entry(client.clone()).or_default();
+        match validate(&client, &update, round, &self.state.global, self.config.max_update_norm) {
+            Ok(u) => {
+                record.accepted += 1;
+                record.last_round = round;
+                r.losses.push((update.train_loss, update.num_examples));
+                r.accepted.push(u);
+                let ack = UpdateAck {
+                    round,
+                    accepted: true,
+                    reason: None,
+                };
+                self.send(&client, None, Outgoing::Ack(ack));
+            }
+            Err(reason) => {
+                record.rejected += 1;
+                r.rejected += 1;
+                self.reject(&client, round, reason);
+            }
+        }
+        if matches!(&self.phase, Phase::Running(r) if r.pending.is_empty()) {
+            self.close_round(now)?;
+        }
+        Ok(())
+    }
+
+    /// Every sampled client answered or left, or the deadline passed: aggregate, or repeat the round.
+    fn close_round(&mut self, now: Instant) -> Result<(), FedError> {
+        let Phase::Running(r) = std::mem::replace(&mut self.phase, Phase::Waiting { since: now }) else {
+            return Ok(());
+        };
+        if r.accepted.len() < self.needed() {
+            warn!(
+                round = r.number,
+                accepted = r.accepted.len(),
+                min = self.config.min_clients,
+                "too few updates; repeating the round"
+            );
+            self.attempt += 1;
+            self.wait(now);
+            return Ok(());
+        }
+        self.state.global = self.strategy.aggregate(&self.state.global, &r.accepted)?;
+        self.state.strategy = self.strategy.state();
+        self.state.round = r.number;
+        self.actions.push_back(Action::Save);
+        let examples: f64 = r.losses.iter().map(|l| l.1 as f64).sum();
+        let report = RoundReport {
+            round: r.number,
+            sampled: r.sampled,
+            participants: r.accepted.len(),
+            rejected: r.rejected,
+            bytes_in: 0,
+            bytes_out: 0,
+            train_loss: r.losses.iter().map(|(l, n)| l * *n as f64).sum::<f64>() / examples.max(1.0),
+            eval_perplexity: None,
+            wall_s: 0.0,
+            global_sha256: hash(&self.state.global),
+        };
+        let every = self.config.eval_every;
+        if every > 0 && r.number % every == 0 {
+            self.actions.push_back(Action::Evaluate {
+                round: r.number,
+                global: self.state.global.clone(),
+            });
+            self.phase = Phase::Evaluating {
+                report,
+                started: r.started,
+            };
+            Ok(())
+        } else {
+            self.phase = Phase::Evaluating {
+                report,
+                started: r.started,
+            };
+            self.finish_round(now)
+        }
+    }
+
+    fn finish_round(&mut self, now: Instant) -> Result<(), FedError> {
+        let Phase::Evaluating { mut report, started } =
+            std::mem::replace(&mut self.phase, Phase::Waiting { since: now })
+        else {
+            return Ok(());
+        };
+        report.wall_s = now.saturating_duration_since(started).as_secs_f64();
+        info!(
+            round = report.round,
+            participants = report.participants,
+            rejected = report.rejected,
+            train_loss = format!("{:.4}", report.train_loss),
+            eval_ppl = ?report.eval_perplexity,
+            "round complete"
+        );
+        self.actions.push_back(Action::RoundComplete(report));
+        self.next_round(now)
+    }
+}
+
+/// Seconds as a duration (config values are checked finite and ≥ 0 where they are read; huge ones saturate).
+fn secs(s: f64) -> Duration {
+    Duration::try_from_secs_f64(s).unwrap_or(Duration::MAX / 4)
+}
+
+#[cfg(test)]
+mod tests;

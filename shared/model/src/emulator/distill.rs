@@ -1,0 +1,257 @@
+//! Emulator distillation (offsite-tuning's "emulator distillation"): the kept middle layers are trained so that the
+//! hidden state they hand to the top adapter layers matches the full model's at the same boundary, on public data
+//! the operator names. Loss: normalised MSE `Σ‖h_emu − h_full‖² / Σ‖h_full‖²` over real tokens, plus an optional
+//! weight times the language-modelling loss of the whole emulator. Only the kept middle layers train; the
+//! embeddings, adapter layers, norm and head stay as in the full model.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use burn::tensor::{Device, Tensor, TensorData};
+use serde::{Deserialize, Serialize};
+
+use super::{EmulatorConfig, EmulatorError};
+use crate::data::{Batch, Example};
+use crate::load::{Checkpoint, F32Tensor};
+use crate::model::layer_of;
+use crate::model::LlamaForCausalLM;
+use crate::train::{causal_lm_loss, Objective, StepReport, TrainConfig, TrainError, Trainer};
+
+/// The `[distill]` table of an emulator config; its presence turns distillation on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DistillConfig {
+    /// Optimizer steps.
+    pub steps: usize,
+    /// Sequences per step.
+    #[serde(default = "default_batch")]
+    pub batch_size: usize,
+    /// Tokens per block of the public text.
+    #[serde(default = "default_len")]
+    pub max_len: usize,
+    /// Peak learning rate (AdamW, linear warmup then cosine decay to a tenth).
+    #[serde(default = "default_lr")]
+    pub lr: f64,
+    /// Warmup steps.
+    #[serde(default)]
+    pub warmup_steps: usize,
+    /// Weight of the emulator's language-modelling loss added to the normalised MSE (0: MSE only).
+    #[serde(default)]
+    pub lm_weight: f64,
+    /// Global gradient-norm clipping.
+    #[serde(default = "default_clip")]
+    pub max_grad_norm: f64,
+    /// Seed of the batch order.
+    #[serde(default)]
+    pub seed: u64,
+}
+
+fn default_batch() -> usize {
+    4
+}
+fn default_len() -> usize {
+    128
+}
+fn default_lr() -> f64 {
+    1e-4
+}
+fn default_clip() -> f64 {
+    1.0
+}
+
+impl DistillConfig {
+    /// The `[distill]` table of an emulator config file, when present (unknown keys are named).
+    pub fn from_toml(text: &str) -> Result<Option<Self>, EmulatorError> {
+        #[derive(Deserialize)]
+        struct File {
+            distill: Option<DistillConfig>,
+        }
+        let file: File = toml::from_str(text).map_err(|e| EmulatorError::Config(e.message().to_string()))?;
+        if let Some(d) = &file.distill {
+            if d.lm_weight < 0.0 || !d.lm_weight.is_finite() {
+                return Err(EmulatorError::Config(format!(
+                    "distill.lm_weight {} must be ≥ 0",
+                    d.lm_weight
+                )));
+            }
+            if d.max_len < 2 {
+                return Err(EmulatorError::Config("distill.max_len must be at least 2".into()));
+            }
+        }
+        Ok(file.distill)
+    }
+}
+
+/// One distillation step, for progress and the loss log.
+#[derive(Debug, Clone, Serialize)]
+pub struct DistillStep {
+    /// 1-based step.
+    pub step: usize,
+    /// `mse + lm_weight · lm`.
+    pub loss: f64,
+    /// Normalised MSE at the boundary.
+    pub mse: f64,
+    /// The emulator's language-modelling loss (computed only when `lm_weight > 0`).
+    pub lm: Option<f64>,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Learning rate used.
+    pub lr: f64,
+    /// Whether the step was skipped (non-finite loss or gradient).
+    pub skipped: bool,
+}
+
+/// The distilled middle layers, by Hugging Face name and in Hugging Face layout, for [`super::build_distilled`].
+pub struct DistilledLayers(pub(super) HashMap<String, F32Tensor>);
+
+impl DistilledLayers {
+    /// Number of tensors.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether there is none.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// `Σ w‖a − b‖² / Σ w‖b‖²` over the positions `mask` keeps.
+///
+/// # Shapes
+/// - `a`, `b`: `[batch, seq, hidden]` → `[1]`
+fn normalised_mse(a: Tensor<3>, b: Tensor<3>, mask: &[Vec<bool>]) -> Tensor<1> {
+    let [batch, seq, _] = a.dims();
+    let w: Vec<f32> = mask.iter().flatten().map(|&m| if m { 1.0 } else { 0.0 }).collect();
+    let w = Tensor::<3>::from_data(TensorData::new(w, [batch, seq, 1]), &a.device());
+    let err = a.sub(b.clone()).square().mul(w.clone()).sum();
+    let norm = b.square().mul(w).sum().add_scalar(1e-12);
+    err.div(norm).reshape([1])
+}
+
+/// Trains the middle layers `config` keeps so the emulator matches the full model at the boundary below its top
+/// adapter layers. `device` is the inner device (the student trains on its autodiff twin).
+pub fn distill(
+    checkpoint: &Checkpoint,
+    config: &EmulatorConfig,
+    settings: &DistillConfig,
+    examples: &[Example],
+    device: &Device,
+    on_step: &mut dyn FnMut(&DistillStep),
+) -> Result<DistilledLayers, EmulatorError> {
+    let depth = checkpoint.config().num_hidden_layers;
+    let layers = config.choose_layers(depth)?;
+    let middle: Vec<usize> = layers
+        .iter()
+        .copied()
+        .filter(|&i| i >= config.bottom_layers && i < depth - config.top_layers)
+        .collect();
+    if middle.is_empty() {
+        return Err(EmulatorError::Config(
+            "the emulator keeps no middle layer: nothing to distil".into(),
+        ));
+    }
+    let teacher = checkpoint.load_model(device)?;
+    let mut student = checkpoint.load_model(&device.clone().autodiff())?;
+    let keep: Vec<bool> = student.model.layer_ids.iter().map(|i| layers.contains(i)).collect();
+    let mut flags = keep.iter();
+    student.model.layers.retain(|_| *flags.next().unwrap_or(&false));
+    student.model.layer_ids = layers.clone();
+    let student = student.with_trainable(&|n: &str| layer_of(n).is_some_and(|i| middle.contains(&i)));
+    // Both stop below the top adapter layers: the full model after `depth − top` layers, the emulator after its
+    // bottom and kept middle layers.
+    let (teacher_tap, student_tap) = (depth - config.top_layers, layers.len() - config.top_layers);
+    let lm_weight = settings.lm_weight;
+    let parts = Arc::new(Mutex::new((0.0f64, 0.0f64, 0usize)));
+    let record = parts.clone();
+    let objective = Objective(Arc::new(move |model: &LlamaForCausalLM, batch: &Batch| {
+        let target = teacher.hidden_after(batch.ids_tensor(&teacher.device()), Some(&batch.mask), teacher_tap)?;
+        let target = Tensor::<3>::from_inner(target);
+        let ids = batch.ids_tensor(&model.device());
+        let (mse, lm) = if lm_weight > 0.0 {
+            let (hidden, logits) = model.forward_tapped(ids, Some(&batch.mask), student_tap)?;
+            (
+                normalised_mse(hidden, target, &batch.mask),
+                Some(causal_lm_loss(logits, &batch.labels)?),
+            )
+        } else {
+            let hidden = model.hidden_after(ids, Some(&batch.mask), student_tap)?;
+            (normalised_mse(hidden, target, &batch.mask), None)
+        };
+        let mse_value = mse.clone().into_scalar::<f32>() as f64;
+        let lm_value = lm.as_ref().map_or(0.0, |l| l.clone().into_scalar::<f32>() as f64);
+        if let Ok(mut p) = record.lock() {
+            *p = (p.0 + mse_value, p.1 + lm_value, p.2 + 1);
+        }
+        Ok(match lm {
+            Some(lm) => mse.add(lm.mul_scalar(lm_weight)),
+            None => mse,
+        })
+    }));
+    let train = TrainConfig {
+        steps: settings.steps,
+        batch_size: settings.batch_size,
+        grad_accum: 1,
+        lr: settings.lr,
+        min_lr: settings.lr / 10.0,
+        warmup_steps: settings.warmup_steps,
+        max_grad_norm: Some(settings.max_grad_norm),
+        seed: settings.seed,
+        ..TrainConfig::default()
+    };
+    let train_err = |e: TrainError| EmulatorError::Config(format!("distillation: {e}"));
+    let mut trainer = Trainer::new(train).map_err(train_err)?.with_objective(objective);
+    let mut report = |r: &StepReport| {
+        let (mse, lm, n) = parts.lock().map(|mut p| std::mem::take(&mut *p)).unwrap_or_default();
+        let n = n.max(1) as f64;
+        on_step(&DistillStep {
+            step: r.step + 1,
+            loss: r.loss,
+            mse: mse / n,
+            lm: (lm_weight > 0.0).then_some(lm / n),
+            grad_norm: r.grad_norm,
+            lr: r.lr,
+            skipped: r.skipped,
+        });
+    };
+    let student = trainer.run(student, examples, &mut report).map_err(train_err)?;
+    let tensors = student
+        .hf_tensors(&|n: &str| layer_of(n).is_some_and(|i| middle.contains(&i)))
+        .map_err(|e| EmulatorError::Config(e.to_string()))?;
+    Ok(DistilledLayers(
+        tensors
+            .into_iter()
+            .map(|(name, data, shape)| (name, F32Tensor { data, shape }))
+            .collect(),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalised_mse_is_relative_and_skips_padding() {
+        let device = Device::flex();
+        let b = Tensor::<3>::from_floats([[[3.0, 4.0], [100.0, 0.0]]], &device);
+        let a = Tensor::<3>::from_floats([[[3.0, 5.0], [0.0, 0.0]]], &device);
+        // Only the first position counts: ‖(0, 1)‖² / ‖(3, 4)‖² = 1 / 25.
+        let v = normalised_mse(a, b, &[vec![true, false]]).into_scalar::<f32>();
+        assert!((v - 0.04).abs() < 1e-7, "{v}");
+    }
+
+    #[test]
+    fn the_table_is_optional_and_checked() {
+        assert_eq!(
+            DistillConfig::from_toml("[emulator]\nbottom_layers = 1\n").unwrap(),
+            None
+        );
+        let d = DistillConfig::from_toml("[distill]\nsteps = 5\nlm_weight = 0.5\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!((d.steps, d.batch_size, d.max_len, d.lm_weight), (5, 4, 128, 0.5));
+        let err = DistillConfig::from_toml("[distill]\nsteps = 5\nlr_max = 1\n").unwrap_err();
+        assert!(err.to_string().contains("lr_max"), "{err}");
+        assert!(DistillConfig::from_toml("[distill]\nsteps = 5\nlm_weight = -1\n").is_err());
+    }
+}

@@ -1,0 +1,116 @@
+//! [`EmulatorTrainer`]: the edge client's local trainer. It opens the emulator the network layer verified, attaches
+//! the server's adapter, loads the local data once, and trains each task on burn (on a GPU through wgpu, or the
+//! CPU); the model and data stay loaded between rounds while the emulator and adapter stay the same.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use burn::tensor::Device;
+use indicatif::{ProgressBar, ProgressStyle};
+use offsite_fed::{FedError, LocalOutcome, LocalTask, LocalTrainer};
+use tracing::info;
+
+use super::{train_round, LocalError};
+use crate::adapters::AdapterSpec;
+use crate::data::{DataConfig, Example};
+use crate::emulator::Emulator;
+use crate::model::LlamaForCausalLM;
+
+/// Where a client's training examples come from.
+#[derive(Debug, Clone)]
+pub enum LocalData {
+    /// Files tokenized with the emulator's tokenizer once it is here.
+    Files {
+        /// JSONL or text files.
+        paths: Vec<PathBuf>,
+        /// How to read them.
+        config: DataConfig,
+    },
+    /// Examples already tokenized (simulation).
+    Examples(Vec<Example>),
+}
+
+/// What stays loaded between rounds: for which emulator and adapter, the prepared model and the examples.
+struct Loaded {
+    key: (PathBuf, String),
+    model: LlamaForCausalLM,
+    examples: Arc<Vec<Example>>,
+}
+
+/// Trains federated tasks on an emulator with burn.
+pub struct EmulatorTrainer {
+    device: Device,
+    data: LocalData,
+    loaded: Option<Loaded>,
+}
+
+impl EmulatorTrainer {
+    /// A trainer on `device` (the autodiff wrapper is added here) over `data`, which never leaves this machine.
+    pub fn new(device: Device, data: LocalData) -> Self {
+        EmulatorTrainer {
+            device,
+            data,
+            loaded: None,
+        }
+    }
+
+    fn load(&self, task: &LocalTask<'_>) -> Result<Loaded, LocalError> {
+        let spec: AdapterSpec = serde_json::from_str(task.adapter)
+            .map_err(|e| LocalError::Config(format!("the server's adapter settings: {e}")))?;
+        let emu = Emulator::open(task.emulator)?;
+        let model = emu.load_model(&self.device.clone().autodiff())?;
+        // The global adapter's values replace the initial ones every round.
+        let (model, _) = spec.structure().prepare(model, &emu.manifest().adapter_layers, None)?;
+        let examples = match &self.data {
+            LocalData::Examples(e) => e.clone(),
+            LocalData::Files { paths, config } => config
+                .load_all(paths, &emu.tokenizer()?)
+                .map_err(|e| LocalError::Config(e.to_string()))?,
+        };
+        if examples.is_empty() {
+            return Err(LocalError::Config("no local training examples".into()));
+        }
+        info!(examples = examples.len(), "model and local data ready");
+        Ok(Loaded {
+            key: (task.emulator.to_path_buf(), task.adapter.to_string()),
+            model,
+            examples: Arc::new(examples),
+        })
+    }
+}
+
+impl LocalTrainer for EmulatorTrainer {
+    fn train(&mut self, task: &LocalTask<'_>) -> Result<LocalOutcome, FedError> {
+        let key = (task.emulator.to_path_buf(), task.adapter.to_string());
+        let loaded = match self.loaded.take() {
+            Some(l) if l.key == key => l,
+            _ => self.load(task)?,
+        };
+        let bar = ProgressBar::new(task.settings.steps as u64);
+        bar.set_style(
+            ProgressStyle::with_template("round {prefix} {bar:30} {pos}/{len} steps {msg} [{eta}]")
+                .expect("static template"),
+        );
+        bar.set_prefix(task.round.to_string());
+        let (model, outcome) = train_round(
+            loaded.model,
+            task.global,
+            task.settings,
+            task.proximal_mu,
+            &loaded.examples,
+            &mut |r| {
+                bar.set_message(format!("loss {:.4}", r.loss));
+                bar.inc(1);
+            },
+        )?;
+        bar.finish_and_clear();
+        self.loaded = Some(Loaded { model, ..loaded });
+        info!(
+            round = task.round,
+            loss = format!("{:.4}", outcome.train_loss),
+            steps = outcome.steps,
+            "round trained"
+        );
+        Ok(outcome)
+    }
+}

@@ -1,0 +1,214 @@
+//! Length-prefixed frames: `MAGIC` (4 bytes), protocol version (u16 LE), reserved (u16, zero), payload length
+//! (u32 LE), then the bincode payload. Every length is checked against a limit before anything is allocated.
+
+use super::{Message, ProtocolError, PROTOCOL_VERSION};
+
+/// The first four bytes of every frame.
+pub const MAGIC: [u8; 4] = *b"OFST";
+/// Bytes before the payload.
+pub const HEADER_LEN: usize = 12;
+
+/// Size limits for what one side accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest payload accepted, in bytes.
+    pub max_frame: u32,
+}
+
+impl Limits {
+    /// What a server accepts from clients: updates of up to `max_update` bytes.
+    pub fn server(max_update: u32) -> Self {
+        Limits { max_frame: max_update }
+    }
+}
+
+impl Default for Limits {
+    /// 512 MiB: a full-layer adapter of a 1B-class model in f32.
+    fn default() -> Self {
+        Limits { max_frame: 512 << 20 }
+    }
+}
+
+const fn config() -> bincode::config::Configuration<
+    bincode::config::LittleEndian,
+    bincode::config::Fixint,
+    bincode::config::Limit<{ 1 << 30 }>,
+> {
+    bincode::config::standard()
+        .with_fixed_int_encoding()
+        .with_limit::<{ 1 << 30 }>()
+}
+
+/// Encodes one message as a frame.
+pub fn encode_frame(msg: &Message) -> Vec<u8> {
+    let payload = bincode::encode_to_vec(msg, config()).unwrap_or_default();
+    let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+    out.extend_from_slice(&0u16.to_le_bytes());
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(&payload);
+    out
+}
+
+/// Reassembles frames from a byte stream delivered in arbitrary pieces.
+#[derive(Debug)]
+pub struct FrameDecoder {
+    buf: Vec<u8>,
+    limits: Limits,
+}
+
+impl FrameDecoder {
+    /// A decoder accepting frames within `limits`.
+    pub fn new(limits: Limits) -> Self {
+        FrameDecoder {
+            buf: Vec::new(),
+            limits,
+        }
+    }
+
+    /// Changes the largest payload accepted from now on.
+    pub fn set_limits(&mut self, limits: Limits) {
+        self.limits = limits;
+    }
+
+    /// Appends received bytes.
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// The next complete message, `None` when more bytes are needed. A bad header is reported as soon as its 12
+    /// bytes are in, before the payload arrives.
+    pub fn next_message(&mut self) -> Result<Option<Message>, ProtocolError> {
+        if self.buf.len() < HEADER_LEN {
+            if self.buf.len() >= 4 && self.buf[..4] != MAGIC {
+                return Err(ProtocolError::BadMagic(self.buf[..4].try_into().unwrap_or_default()));
+            }
+            return Ok(None);
+        }
+        let magic: [u8; 4] = [self.buf[0], self.buf[1], self.buf[2], self.buf[3]];
+        if magic != MAGIC {
+            return Err(ProtocolError::BadMagic(magic));
+        }
+        let version = u16::from_le_bytes([self.buf[4], self.buf[5]]);
+        if version != PROTOCOL_VERSION {
+            return Err(ProtocolError::Version { got: version });
+        }
+        let len = u32::from_le_bytes([self.buf[8], self.buf[9], self.buf[10], self.buf[11]]);
+        if len > self.limits.max_frame {
+            return Err(ProtocolError::Oversized {
+                len: len as u64,
+                limit: self.limits.max_frame as u64,
+            });
+        }
+        let end = HEADER_LEN + len as usize;
+        if self.buf.len() < end {
+            return Ok(None);
+        }
+        let decoded = bincode::decode_from_slice::<Message, _>(&self.buf[HEADER_LEN..end], config());
+        self.buf.drain(..end);
+        match decoded {
+            Ok((msg, used)) if used == len as usize => Ok(Some(msg)),
+            Ok((_, used)) => Err(ProtocolError::Malformed(format!(
+                "{} trailing bytes after the message",
+                len as usize - used
+            ))),
+            Err(e) => Err(ProtocolError::Malformed(e.to_string())),
+        }
+    }
+
+    /// Called when the stream ends: an error if it ended inside a frame.
+    pub fn finish(&self) -> Result<(), ProtocolError> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let expected = if self.buf.len() >= HEADER_LEN {
+            HEADER_LEN + u32::from_le_bytes([self.buf[8], self.buf[9], self.buf[10], self.buf[11]]) as usize
+        } else {
+            HEADER_LEN
+        };
+        Err(ProtocolError::Truncated {
+            got: self.buf.len(),
+            expected,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hello() -> Message {
+        Message::Goodbye { reason: "done".into() }
+    }
+
+    #[test]
+    fn frames_split_anywhere_decode_in_order() {
+        let mut bytes = encode_frame(&hello());
+        bytes.extend(encode_frame(&Message::Ready));
+        for cut in 0..bytes.len() {
+            let mut d = FrameDecoder::new(Limits::default());
+            let mut got = Vec::new();
+            for piece in [&bytes[..cut], &bytes[cut..]] {
+                d.push(piece);
+                while let Some(m) = d.next_message().unwrap() {
+                    got.push(m);
+                }
+            }
+            assert_eq!(got, vec![hello(), Message::Ready], "cut at {cut}");
+            d.finish().unwrap();
+        }
+    }
+
+    #[test]
+    fn truncated_oversized_garbage_and_wrong_version_are_errors() {
+        let bytes = encode_frame(&hello());
+        let mut d = FrameDecoder::new(Limits::default());
+        d.push(&bytes[..bytes.len() - 1]);
+        assert_eq!(d.next_message().unwrap(), None);
+        assert!(matches!(d.finish(), Err(ProtocolError::Truncated { .. })));
+
+        let mut d = FrameDecoder::new(Limits { max_frame: 4 });
+        d.push(&bytes);
+        assert!(matches!(
+            d.next_message(),
+            Err(ProtocolError::Oversized { limit: 4, .. })
+        ));
+
+        let mut d = FrameDecoder::new(Limits::default());
+        d.push(b"GET / HTTP/1.1\r\n");
+        assert!(matches!(d.next_message(), Err(ProtocolError::BadMagic(_))));
+
+        let mut wrong = bytes.clone();
+        wrong[4] = 9;
+        let mut d = FrameDecoder::new(Limits::default());
+        d.push(&wrong);
+        assert_eq!(d.next_message(), Err(ProtocolError::Version { got: 9 }));
+
+        // A valid header around a payload that is not a message.
+        let mut junk = bytes[..HEADER_LEN].to_vec();
+        junk[8..12].copy_from_slice(&5u32.to_le_bytes());
+        junk.extend_from_slice(&[0xff; 5]);
+        let mut d = FrameDecoder::new(Limits::default());
+        d.push(&junk);
+        assert!(matches!(d.next_message(), Err(ProtocolError::Malformed(_))));
+    }
+
+    #[test]
+    fn a_huge_declared_vector_length_is_refused_without_allocating() {
+        // Goodbye's string length claims 2^62 bytes inside a 16-byte payload.
+        let mut payload = Vec::new();
+        let tag = bincode::encode_to_vec(&hello(), config()).unwrap()[..4].to_vec();
+        payload.extend_from_slice(&tag);
+        payload.extend_from_slice(&(1u64 << 62).to_le_bytes());
+        payload.extend_from_slice(&[b'x'; 4]);
+        let mut frame = MAGIC.to_vec();
+        frame.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+        frame.extend_from_slice(&0u16.to_le_bytes());
+        frame.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        frame.extend_from_slice(&payload);
+        let mut d = FrameDecoder::new(Limits::default());
+        d.push(&frame);
+        assert!(matches!(d.next_message(), Err(ProtocolError::Malformed(_))));
+    }
+}

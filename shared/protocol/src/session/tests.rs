@@ -1,0 +1,197 @@
+use std::time::{Duration, Instant};
+
+use super::*;
+use crate::{Encoding, TrainConfig, WireTensor};
+
+fn offer(size: u64) -> EmulatorOffer {
+    EmulatorOffer {
+        sha256: "ab".repeat(32),
+        size,
+        chunk_size: 4,
+    }
+}
+
+fn welcome(id: &str, size: u64) -> Welcome {
+    Welcome {
+        client_id: id.into(),
+        emulator: offer(size),
+        adapter: "{}".into(),
+    }
+}
+
+fn hello() -> Hello {
+    Hello {
+        client_name: "alice".into(),
+        token: "secret".into(),
+    }
+}
+
+fn task(round: u64) -> Task {
+    Task {
+        round,
+        global: vec![WireTensor::encode("w", &[2], &[1.0, 2.0], Encoding::F32)],
+        settings: TrainConfig {
+            steps: 1,
+            batch_size: 1,
+            lr: 1e-3,
+            seed: 7,
+            ..TrainConfig::default()
+        },
+        proximal_mu: 0.0,
+        update_encoding: Encoding::F16,
+        deadline_ms: 1000,
+    }
+}
+
+#[test]
+fn a_whole_session_runs_through_both_machines() {
+    let t0 = Instant::now();
+    let file: Vec<u8> = (0..10u8).collect();
+    let mut server = ServerConn::new(Limits::default(), t0, Duration::from_secs(5));
+    let (mut client, bytes) = ClientConn::new(Limits::default(), hello());
+    assert_eq!(server.receive(&bytes, t0).unwrap(), vec![ServerInput::Hello(hello())]);
+    let welcome = server.accept(welcome("c1", 10)).unwrap();
+    let events = client.receive(&welcome).unwrap();
+    assert!(matches!(&events[..], [ClientEvent::Welcome(w)] if w.client_id == "c1"));
+    // Resume a download from chunk 1: the server sends chunks 1 and 2 (the last is 2 bytes).
+    let fetch = client.fetch(1).unwrap();
+    assert_eq!(
+        server.receive(&fetch, t0).unwrap(),
+        vec![ServerInput::FetchEmulator { from_chunk: 1 }]
+    );
+    for i in 1..3u32 {
+        let data = file[i as usize * 4..(i as usize * 4 + 4).min(10)].to_vec();
+        let ev = client.receive(&server.chunk(i, data.clone()).unwrap()).unwrap();
+        assert!(matches!(&ev[..], [ClientEvent::Chunk(c)] if c.index == i && c.data == data));
+    }
+    assert_eq!(
+        server.receive(&client.ready().unwrap(), t0).unwrap(),
+        vec![ServerInput::Ready]
+    );
+    let ev = client.receive(&server.task(&task(1)).unwrap()).unwrap();
+    assert_eq!(ev, vec![ClientEvent::Task(task(1))]);
+    let update = Update {
+        round: 1,
+        num_examples: 3,
+        train_loss: 2.5,
+        steps: 1,
+        delta: vec![WireTensor::encode("w", &[2], &[0.5, -0.5], Encoding::F16)],
+    };
+    let got = server.receive(&client.update(&update).unwrap(), t0).unwrap();
+    assert_eq!(got, vec![ServerInput::Update(update)]);
+    let ack = UpdateAck {
+        round: 1,
+        accepted: true,
+        reason: None,
+    };
+    assert_eq!(
+        client.receive(&server.ack(ack.clone())).unwrap(),
+        vec![ClientEvent::Ack(ack)]
+    );
+    let bye = client.goodbye("done");
+    assert_eq!(
+        server.receive(&bye, t0).unwrap(),
+        vec![ServerInput::Goodbye("done".into())]
+    );
+}
+
+#[test]
+fn an_unauthenticated_peer_gets_no_emulator_byte_and_no_task() {
+    let t0 = Instant::now();
+    let mut server = ServerConn::new(Limits::default(), t0, Duration::from_secs(5));
+    assert!(matches!(server.chunk(0, vec![1]), Err(ProtocolError::Forbidden { .. })));
+    let (_, bytes) = ClientConn::new(Limits::default(), hello());
+    server.receive(&bytes, t0).unwrap();
+    // Still verifying: nothing goes out.
+    assert!(server.chunk(0, vec![1]).is_err());
+    assert!(server.task(&task(1)).is_err());
+    let reject = server.reject("unknown token");
+    assert!(server.chunk(0, vec![1]).is_err());
+    let (mut client, _) = ClientConn::new(Limits::default(), hello());
+    assert_eq!(
+        client.receive(&reject).unwrap(),
+        vec![ClientEvent::Rejected("unknown token".into())]
+    );
+}
+
+#[test]
+fn out_of_order_messages_and_silence_end_the_connection() {
+    let t0 = Instant::now();
+    let mut server = ServerConn::new(Limits::default(), t0, Duration::from_secs(5));
+    // Asking for the emulator before saying hello.
+    let fetch = encode_frame(&Message::FetchEmulator {
+        sha256: "x".into(),
+        from_chunk: 0,
+    });
+    let e = server.receive(&fetch, t0).unwrap_err();
+    assert_eq!(e.to_string(), "unexpected fetch-emulator while awaiting hello");
+    // An update before ready.
+    let mut server = ServerConn::new(Limits::default(), t0, Duration::from_secs(5));
+    let (_, hello_bytes) = ClientConn::new(Limits::default(), hello());
+    server.receive(&hello_bytes, t0).unwrap();
+    server.accept(welcome("c", 8)).unwrap();
+    let upd = encode_frame(&Message::Update(Update {
+        round: 1,
+        num_examples: 1,
+        train_loss: 0.0,
+        steps: 0,
+        delta: vec![],
+    }));
+    assert!(matches!(
+        server.receive(&upd, t0),
+        Err(ProtocolError::Unexpected { got: "update", .. })
+    ));
+    // Silence past the hello deadline.
+    let server = ServerConn::new(Limits::default(), t0, Duration::from_secs(5));
+    assert_eq!(server.timeout(t0 + Duration::from_secs(4)), None);
+    assert!(matches!(
+        server.timeout(t0 + Duration::from_secs(5)),
+        Some(ProtocolError::HelloTimeout(_))
+    ));
+}
+
+#[test]
+fn a_corrupted_or_misplaced_chunk_is_refused() {
+    let t0 = Instant::now();
+    let mut server = ServerConn::new(Limits::default(), t0, Duration::from_secs(5));
+    let (mut client, bytes) = ClientConn::new(Limits::default(), hello());
+    server.receive(&bytes, t0).unwrap();
+    client.receive(&server.accept(welcome("c", 8)).unwrap()).unwrap();
+    client.fetch(0).unwrap();
+    let mut frame = server.chunk(0, vec![1, 2, 3, 4]).unwrap();
+    let last = frame.len() - 1;
+    frame[last] ^= 1;
+    assert_eq!(client.receive(&frame), Err(ProtocolError::ChunkHash { index: 0 }));
+
+    let (mut client, _) = ClientConn::new(Limits::default(), hello());
+    client
+        .receive(&encode_frame(&Message::Welcome(welcome("c", 8))))
+        .unwrap();
+    client.fetch(0).unwrap();
+    let skipped = server.chunk(1, vec![5, 6, 7, 8]).unwrap();
+    assert!(client
+        .receive(&skipped)
+        .unwrap_err()
+        .to_string()
+        .contains("expected chunk 0"));
+}
+
+#[test]
+fn an_unauthenticated_peer_cannot_declare_a_large_frame() {
+    let t0 = Instant::now();
+    let mut server = ServerConn::new(Limits::default(), t0, Duration::from_secs(5));
+    let mut header = crate::MAGIC.to_vec();
+    header.extend_from_slice(&crate::PROTOCOL_VERSION.to_le_bytes());
+    header.extend_from_slice(&0u16.to_le_bytes());
+    header.extend_from_slice(&(1u32 << 20).to_le_bytes());
+    assert!(matches!(
+        server.receive(&header, t0),
+        Err(ProtocolError::Oversized { limit: 65536, .. })
+    ));
+    // After authentication the configured limit applies.
+    let mut server = ServerConn::new(Limits::default(), t0, Duration::from_secs(5));
+    let (_, hello) = ClientConn::new(Limits::default(), hello());
+    server.receive(&hello, t0).unwrap();
+    server.accept(welcome("c", 8)).unwrap();
+    assert_eq!(server.receive(&header, t0).unwrap(), vec![]);
+}
