@@ -101,7 +101,7 @@ pub(crate) fn run(args: JoinArgs) -> Result<()> {
         paths: args.data,
         config: data_config(&args.data_config)?,
     };
-    let trainer = Box::new(EmulatorTrainer::new(device, data));
+    let trainer = Box::new(EmulatorTrainer::new(device, data).with_fast_f16(device::fast_f16(args.device)));
     let runtime = tokio::runtime::Runtime::new()?;
     let summary = runtime.block_on(join(settings, trainer))?;
     info!(

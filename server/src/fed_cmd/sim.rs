@@ -103,6 +103,7 @@ pub(crate) fn run(args: SimArgs) -> Result<()> {
     info!(clients = clients.len(), examples = ?clients.iter().map(Vec::len).collect::<Vec<_>>(), "data split");
 
     let (device, described) = device::resolve(args.device)?;
+    let fast_f16 = device::fast_f16(args.device);
     let eval = file
         .eval
         .clone()
@@ -142,7 +143,9 @@ pub(crate) fn run(args: SimArgs) -> Result<()> {
                 save_updates: None,
                 client_cert: None,
             };
-            let trainer = Box::new(EmulatorTrainer::new(device.clone(), LocalData::Examples(data.clone())));
+            let trainer =
+                EmulatorTrainer::new(device.clone(), LocalData::Examples(data.clone())).with_fast_f16(fast_f16);
+            let trainer = Box::new(trainer);
             handles.push(tokio::spawn(join(s, trainer)));
         }
         println!(

@@ -8,13 +8,14 @@ use std::sync::Arc;
 use burn::tensor::Device;
 use indicatif::{ProgressBar, ProgressStyle};
 use offsite_fed::{FedError, LocalOutcome, LocalTask, LocalTrainer};
-use tracing::info;
+use tracing::{info, warn};
 
 use super::{train_round, LocalError};
 use crate::adapters::AdapterSpec;
 use crate::data::{DataConfig, Example};
 use crate::emulator::Emulator;
 use crate::model::LlamaForCausalLM;
+use crate::train::Precision;
 
 /// Where a client's training examples come from.
 #[derive(Debug, Clone)]
@@ -42,6 +43,8 @@ pub struct EmulatorTrainer {
     device: Device,
     data: LocalData,
     loaded: Option<Loaded>,
+    /// Whether the device computes f16 fast (shader-f16); mixed precision falls back to f32 otherwise.
+    fast_f16: bool,
 }
 
 impl EmulatorTrainer {
@@ -51,7 +54,15 @@ impl EmulatorTrainer {
             device,
             data,
             loaded: None,
+            fast_f16: false,
         }
+    }
+
+    /// Says whether the device computes f16 fast (`offsite::device::fast_f16`); only then does a task asking for
+    /// `mixed_f16` train in mixed precision (otherwise f32, with a warning), as `offsite-edge train` does.
+    pub fn with_fast_f16(mut self, fast: bool) -> Self {
+        self.fast_f16 = fast;
+        self
     }
 
     fn load(&self, task: &LocalTask<'_>) -> Result<Loaded, LocalError> {
@@ -92,10 +103,18 @@ impl LocalTrainer for EmulatorTrainer {
                 .expect("static template"),
         );
         bar.set_prefix(task.round.to_string());
+        let mut settings = task.settings.clone();
+        if settings.precision == Precision::MixedF16 && !self.fast_f16 {
+            warn!(
+                round = task.round,
+                "the task asks for mixed precision, which this device has no fast f16 for; training in f32"
+            );
+            settings.precision = Precision::F32;
+        }
         let (model, outcome) = train_round(
             loaded.model,
             task.global,
-            task.settings,
+            &settings,
             task.proximal_mu,
             &loaded.examples,
             &mut |r| {
