@@ -375,7 +375,7 @@ fn a_client_lost_mid_round_does_not_stop_the_round_and_can_come_back() {
                 }
             }
         });
-        while server.ready_clients().len() < 1 {
+        while server.ready_clients().is_empty() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let a = tokio::spawn(join_with(client(&server, &f.dir, "a", &tokens[0]), examples(0, 4)));

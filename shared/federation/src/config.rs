@@ -19,8 +19,18 @@ pub struct FederationConfig {
     pub wait_for_clients_s: f64,
     /// Seconds a round waits for updates; later ones are rejected as late.
     pub deadline_s: f64,
-    /// Updates with a larger L2 norm are rejected (none when absent).
+    /// Updates with a larger L2 norm are rejected (default 1000, far above what an adapter round moves; `inf`
+    /// turns the check off).
     pub max_update_norm: Option<f64>,
+    /// The FedAvg weight a client may claim: larger `num_examples` are clipped to it, and logged (default: the
+    /// examples the round's task trains on, steps × batch_size × grad_accum).
+    pub max_examples_per_update: Option<u64>,
+    /// A round repeated this many times (too few good updates, or an aggregate that is not finite) ends the
+    /// federation with an error.
+    pub max_round_attempts: u32,
+    /// Generations of the server state kept on disk (`server_state.safetensors` and older `server_state.N.…`); a
+    /// damaged newest file is skipped for the next good one at restart.
+    pub keep_states: usize,
     /// Encoding clients use for their updates.
     pub update_encoding: Encoding,
     /// Largest update accepted, in MiB.
@@ -39,7 +49,10 @@ impl Default for FederationConfig {
             min_clients: 1,
             wait_for_clients_s: 600.0,
             deadline_s: 1800.0,
-            max_update_norm: None,
+            max_update_norm: Some(1000.0),
+            max_examples_per_update: None,
+            max_round_attempts: 10,
+            keep_states: 3,
             update_encoding: Encoding::F32,
             max_update_mib: 512,
             eval_every: 1,

@@ -135,6 +135,8 @@ struct Round {
     started: Instant,
     deadline: Instant,
     sampled: usize,
+    /// The largest FedAvg weight a client may claim this round.
+    max_examples: u64,
     /// Who owes an update, by client and the connection the task went to.
     pending: BTreeMap<String, u64>,
     accepted: Vec<ClientUpdate>,
@@ -363,6 +365,10 @@ impl Coordinator {
             seed: self.config.seed,
             local: &self.local,
         });
+        let trained = (plan.settings.steps as u64)
+            .saturating_mul(plan.settings.batch_size as u64)
+            .saturating_mul(plan.settings.grad_accum as u64);
+        let max_examples = self.config.max_examples_per_update.unwrap_or(trained).max(1);
         let task = Arc::new(Task {
             round,
             global: to_wire(&self.state.global, Encoding::F32),
@@ -400,6 +406,7 @@ impl Coordinator {
             started: now,
             deadline: now + secs(self.config.deadline_s),
             sampled: pending.len(),
+            max_examples,
             pending,
             accepted: Vec::new(),
             rejected: 0,
@@ -432,11 +439,22 @@ impl Coordinator {
         }
         r.pending.remove(&client);
         let record = self.state.clients.entry(client.clone()).or_default();
-        match validate(&client, &update, round, &self.state.global, self.config.max_update_norm) {
-            Ok(u) => {
+        // Decoding reads untrusted bytes: a bug there rejects this update instead of ending the server.
+        let global = &self.state.global;
+        let max_norm = self.config.max_update_norm;
+        let checked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            validate(&client, &update, round, global, max_norm)
+        }))
+        .unwrap_or_else(|_| Err("the update could not be decoded (internal error)".into()));
+        match checked {
+            Ok(mut u) => {
+                if u.num_examples > r.max_examples {
+                    warn!(round, %client, claimed = u.num_examples, weight = r.max_examples, "example count clipped");
+                    u.num_examples = r.max_examples;
+                }
                 record.accepted += 1;
                 record.last_round = round;
-                r.losses.push((update.train_loss, update.num_examples));
+                r.losses.push((update.train_loss, u.num_examples));
                 r.accepted.push(u);
                 let ack = UpdateAck {
                     round,
@@ -469,11 +487,18 @@ impl Coordinator {
                 min = self.config.min_clients,
                 "too few updates; repeating the round"
             );
-            self.attempt += 1;
-            self.wait(now);
-            return Ok(());
+            return self.repeat(r.number, now);
         }
-        self.state.global = self.strategy.aggregate(&self.state.global, &r.accepted)?;
+        // A poisoned aggregate (inf, NaN) is a rejected round: the global state and the strategy's own state stay
+        // as they were.
+        let before = self.strategy.state();
+        let global = self.strategy.aggregate(&self.state.global, &r.accepted)?;
+        if let Some((name, _)) = global.iter().find(|(_, t)| t.values.iter().any(|v| !v.is_finite())) {
+            warn!(round = r.number, tensor = %name, "the aggregate is not finite; round rejected and repeated");
+            self.strategy.restore(before)?;
+            return self.repeat(r.number, now);
+        }
+        self.state.global = global;
         self.state.strategy = self.strategy.state();
         self.state.round = r.number;
         self.actions.push_back(Action::Save);
@@ -508,6 +533,19 @@ impl Coordinator {
             };
             self.finish_round(now)
         }
+    }
+
+    /// Tries round `round` again, unless it has been tried `max_round_attempts` times.
+    fn repeat(&mut self, round: u64, now: Instant) -> Result<(), FedError> {
+        self.attempt += 1;
+        if self.attempt >= self.config.max_round_attempts.max(1) {
+            return Err(FedError::RoundFailed {
+                round,
+                attempts: self.attempt,
+            });
+        }
+        self.wait(now);
+        Ok(())
     }
 
     fn finish_round(&mut self, now: Instant) -> Result<(), FedError> {

@@ -63,6 +63,16 @@ pub enum FedError {
         /// Seconds waited.
         waited_s: f64,
     },
+    /// A round was tried too often without enough good updates or without a finite aggregate.
+    #[error(
+        "round {round} failed {attempts} times (too few good updates, or an aggregate that is not finite); stopping"
+    )]
+    RoundFailed {
+        /// The round.
+        round: u64,
+        /// Tries made.
+        attempts: u32,
+    },
     /// A client's local training failed (the trainer's own error is the source).
     #[error("local training: {0}")]
     Local(#[source] Box<dyn std::error::Error + Send + Sync>),

@@ -3,7 +3,7 @@
 //! restarted server resumes from the last completed round with identical state.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -13,6 +13,16 @@ use super::FedError;
 
 /// The state file's name in the state directory.
 pub const STATE_FILE: &str = "server_state.safetensors";
+/// Older generations looked at when loading.
+const MAX_GENERATIONS: usize = 16;
+
+/// Generation `g` of the state file (0: the newest, `STATE_FILE`).
+fn generation(dir: &Path, g: usize) -> PathBuf {
+    match g {
+        0 => dir.join(STATE_FILE),
+        g => dir.join(format!("server_state.{g}.safetensors")),
+    }
+}
 const META_KEY: &str = "offsite_server_state";
 
 /// What the server knows of a client.
@@ -50,8 +60,18 @@ struct Meta {
 }
 
 impl ServerState {
-    /// Writes the state to `dir/STATE_FILE` atomically.
-    pub fn save(&self, dir: &Path) -> Result<(), FedError> {
+    /// Writes the state to `dir/STATE_FILE` atomically, keeping the `keep - 1` generations before it as
+    /// `server_state.1.safetensors`, `server_state.2.…` (newest first).
+    pub fn save(&self, dir: &Path, keep: usize) -> Result<(), FedError> {
+        for g in (1..keep.max(1)).rev() {
+            let older = generation(dir, g - 1);
+            if older.exists() {
+                std::fs::rename(&older, generation(dir, g)).map_err(|e| FedError::File {
+                    path: older.clone(),
+                    reason: e.to_string(),
+                })?;
+            }
+        }
         let meta = Meta {
             format_version: 1,
             round: self.round,
@@ -64,12 +84,33 @@ impl ServerState {
         write_safetensors(&dir.join(STATE_FILE), &sets, metadata)
     }
 
-    /// Reads the state from `dir`, `None` when no round has completed there yet.
+    /// Reads the newest good state from `dir`, `None` when no round has completed there yet. A damaged or
+    /// missing newest generation is skipped, with a warning, for the next one that reads and hashes correctly;
+    /// when none does, the newest one's error.
     pub fn load(dir: &Path) -> Result<Option<Self>, FedError> {
-        let path = dir.join(STATE_FILE);
-        if !path.exists() {
-            return Ok(None);
+        let mut first_error = None;
+        for g in 0..MAX_GENERATIONS {
+            let path = generation(dir, g);
+            if !path.exists() {
+                continue;
+            }
+            match Self::load_file(&path) {
+                Ok(state) => {
+                    if let Some(e) = &first_error {
+                        tracing::warn!(error = %e, file = %path.display(), round = state.round, "the newest server state is damaged; resuming from an older generation");
+                    }
+                    return Ok(Some(state));
+                }
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
         }
+        first_error.map_or(Ok(None), Err)
+    }
+
+    fn load_file(path: &Path) -> Result<Self, FedError> {
+        let path = path.to_path_buf();
         let err = |reason: String| FedError::File {
             path: path.clone(),
             reason,
@@ -98,12 +139,12 @@ impl ServerState {
         if hash(&global) != meta.global_sha256 {
             return Err(err("the global adapter does not match its recorded SHA-256".into()));
         }
-        Ok(Some(ServerState {
+        Ok(ServerState {
             round: meta.round,
             global,
             strategy,
             clients: meta.clients,
-        }))
+        })
     }
 }
 
@@ -133,7 +174,7 @@ mod tests {
                 },
             )]),
         };
-        state.save(dir.path()).unwrap();
+        state.save(dir.path(), 1).unwrap();
         assert_eq!(ServerState::load(dir.path()).unwrap(), Some(state));
         let path = dir.path().join(STATE_FILE);
         let mut bytes = std::fs::read(&path).unwrap();
@@ -143,5 +184,36 @@ mod tests {
         std::fs::write(&path, &bytes).unwrap();
         let e = ServerState::load(dir.path()).unwrap_err().to_string();
         assert!(e.contains("SHA-256"), "{e}");
+    }
+
+    #[test]
+    fn a_damaged_newest_state_falls_back_to_the_generation_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = |round: u64| ServerState {
+            round,
+            global: Params::from([(
+                "w".to_string(),
+                Tensor {
+                    shape: vec![1],
+                    values: vec![round as f32],
+                },
+            )]),
+            strategy: Params::new(),
+            clients: BTreeMap::new(),
+        };
+        for round in 1..=4 {
+            state(round).save(dir.path(), 3).unwrap();
+        }
+        assert!(dir.path().join("server_state.2.safetensors").exists());
+        assert!(
+            !dir.path().join("server_state.3.safetensors").exists(),
+            "only 3 generations are kept"
+        );
+        assert_eq!(ServerState::load(dir.path()).unwrap().unwrap().round, 4);
+        std::fs::write(dir.path().join(STATE_FILE), b"torn").unwrap();
+        assert_eq!(ServerState::load(dir.path()).unwrap().unwrap(), state(3));
+        // A crash between the rotation and the write leaves no newest file: the one before is used.
+        std::fs::remove_file(dir.path().join(STATE_FILE)).unwrap();
+        assert_eq!(ServerState::load(dir.path()).unwrap().unwrap().round, 3);
     }
 }

@@ -227,11 +227,12 @@ fn apply_delta(global: &Params, delta: &Params) -> Params {
 
 /// Example-weighted mean of the deltas (f64 accumulation).
 pub(crate) fn weighted_mean(global: &Params, updates: &[ClientUpdate]) -> Result<Params, FedError> {
-    let total: u64 = updates.iter().map(|u| u.num_examples).sum();
-    if total == 0 {
+    // Summed in f64: a sum of u64 claims could overflow.
+    let total: f64 = updates.iter().map(|u| u.num_examples as f64).sum();
+    if total == 0.0 {
         return Err(FedError::Config("the updates hold no examples".into()));
     }
-    let weights: Vec<f64> = updates.iter().map(|u| u.num_examples as f64 / total as f64).collect();
+    let weights: Vec<f64> = updates.iter().map(|u| u.num_examples as f64 / total).collect();
     Ok(global
         .iter()
         .map(|(name, g)| {
@@ -366,18 +367,19 @@ impl Strategy for FedOpt {
                 )));
             }
             let mut values = Vec::with_capacity(d.len());
-            for i in 0..d.len() {
-                let di = d[i] as f64;
-                let mi = self.beta1 * m.values[i] as f64 + (1.0 - self.beta1) * di;
-                let vprev = v.values[i] as f64;
+            let moments = m.values.iter_mut().zip(v.values.iter_mut());
+            for ((&di, &gi), (mv, vv)) in d.iter().zip(&g.values).zip(moments) {
+                let di = di as f64;
+                let mi = self.beta1 * *mv as f64 + (1.0 - self.beta1) * di;
+                let vprev = *vv as f64;
                 let vi = match self.rule {
                     Adaptive::Adam => self.beta2 * vprev + (1.0 - self.beta2) * di * di,
                     Adaptive::Yogi => vprev - (1.0 - self.beta2) * di * di * (vprev - di * di).signum(),
                     Adaptive::Adagrad => vprev + di * di,
                 };
-                m.values[i] = mi as f32;
-                v.values[i] = vi as f32;
-                values.push((g.values[i] as f64 + self.lr * mi / (vi.sqrt() + self.tau)) as f32);
+                *mv = mi as f32;
+                *vv = vi as f32;
+                values.push((gi as f64 + self.lr * mi / (vi.sqrt() + self.tau)) as f32);
             }
             out.insert(
                 name.clone(),

@@ -230,7 +230,7 @@ impl Server {
                     Action::RoundStarted { .. } => {
                         round_start = (self.bytes(&self.shared.bytes_in), self.bytes(&self.shared.bytes_out));
                     }
-                    Action::Save => coordinator.state().save(&dir)?,
+                    Action::Save => coordinator.state().save(&dir, self.federation.keep_states)?,
                     Action::Evaluate { round, global } => {
                         let perplexity = evaluator.as_mut().and_then(|eval| {
                             tokio::task::block_in_place(|| eval(round, &global))

@@ -29,14 +29,21 @@ impl Default for Limits {
     }
 }
 
-const fn config() -> bincode::config::Configuration<
-    bincode::config::LittleEndian,
-    bincode::config::Fixint,
-    bincode::config::Limit<{ 1 << 30 }>,
-> {
-    bincode::config::standard()
-        .with_fixed_int_encoding()
-        .with_limit::<{ 1 << 30 }>()
+fn config() -> bincode::config::Configuration<bincode::config::LittleEndian, bincode::config::Fixint> {
+    bincode::config::standard().with_fixed_int_encoding()
+}
+
+/// Decodes a payload with an allocation limit sized to it: bincode may claim at most a few times the payload's own
+/// length (decoded types take more room than their bytes on the wire), so a 64 KiB hello declaring a 1 GiB string
+/// is refused before anything is allocated.
+fn decode_payload(payload: &[u8]) -> Result<(Message, usize), bincode::error::DecodeError> {
+    let c = config();
+    match payload.len() {
+        n if n <= 64 << 10 => bincode::decode_from_slice(payload, c.with_limit::<{ 256 << 10 }>()),
+        n if n <= 16 << 20 => bincode::decode_from_slice(payload, c.with_limit::<{ 64 << 20 }>()),
+        n if n <= 256 << 20 => bincode::decode_from_slice(payload, c.with_limit::<{ 1 << 30 }>()),
+        _ => bincode::decode_from_slice(payload, c.with_limit::<{ u32::MAX as usize * 4 }>()),
+    }
 }
 
 /// Encodes one message as a frame.
@@ -105,7 +112,7 @@ impl FrameDecoder {
         if self.buf.len() < end {
             return Ok(None);
         }
-        let decoded = bincode::decode_from_slice::<Message, _>(&self.buf[HEADER_LEN..end], config());
+        let decoded = decode_payload(&self.buf[HEADER_LEN..end]);
         self.buf.drain(..end);
         match decoded {
             Ok((msg, used)) if used == len as usize => Ok(Some(msg)),
@@ -140,6 +147,28 @@ mod tests {
 
     fn hello() -> Message {
         Message::Goodbye { reason: "done".into() }
+    }
+
+    /// A frame around a hand-made payload.
+    fn frame_of(payload: &[u8]) -> Vec<u8> {
+        let mut frame = MAGIC.to_vec();
+        frame.extend(PROTOCOL_VERSION.to_le_bytes());
+        frame.extend(0u16.to_le_bytes());
+        frame.extend((payload.len() as u32).to_le_bytes());
+        frame.extend(payload);
+        frame
+    }
+
+    #[test]
+    fn a_small_frame_declaring_a_huge_string_is_refused_without_allocating_it() {
+        // A hello (variant 0) whose client name claims 1 GiB, in a 20-byte payload.
+        let mut payload = 0u32.to_le_bytes().to_vec();
+        payload.extend((1u64 << 30).to_le_bytes());
+        payload.extend(b"aaaaaaaa");
+        let mut d = FrameDecoder::new(Limits::default());
+        d.push(&frame_of(&payload));
+        let e = d.next_message().unwrap_err().to_string();
+        assert!(e.contains("LimitExceeded"), "{e}");
     }
 
     #[test]
@@ -198,17 +227,12 @@ mod tests {
     fn a_huge_declared_vector_length_is_refused_without_allocating() {
         // Goodbye's string length claims 2^62 bytes inside a 16-byte payload.
         let mut payload = Vec::new();
-        let tag = bincode::encode_to_vec(&hello(), config()).unwrap()[..4].to_vec();
+        let tag = bincode::encode_to_vec(hello(), config()).unwrap()[..4].to_vec();
         payload.extend_from_slice(&tag);
         payload.extend_from_slice(&(1u64 << 62).to_le_bytes());
         payload.extend_from_slice(&[b'x'; 4]);
-        let mut frame = MAGIC.to_vec();
-        frame.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
-        frame.extend_from_slice(&0u16.to_le_bytes());
-        frame.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-        frame.extend_from_slice(&payload);
         let mut d = FrameDecoder::new(Limits::default());
-        d.push(&frame);
+        d.push(&frame_of(&payload));
         assert!(matches!(d.next_message(), Err(ProtocolError::Malformed(_))));
     }
 }

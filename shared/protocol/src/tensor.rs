@@ -121,16 +121,14 @@ impl WireTensor {
             .iter()
             .try_fold(1usize, |a, &d| a.checked_mul(d as usize))
             .ok_or_else(|| bad(format!("shape {:?} overflows", self.shape)))?;
-        let expect = |got: usize, per: usize| {
-            if got == n * per {
-                Ok(())
-            } else {
-                Err(bad(format!(
-                    "{got} bytes for shape {:?} ({} expected)",
-                    self.shape,
-                    n * per
-                )))
-            }
+        // Every size computed from the wire is checked: a shape of [2^31, 2^31] must be an error, not an overflow.
+        let expect = |got: usize, per: usize| match n.checked_mul(per) {
+            Some(want) if want == got => Ok(()),
+            Some(want) => Err(bad(format!("{got} bytes for shape {:?} ({want} expected)", self.shape))),
+            None => Err(bad(format!(
+                "shape {:?} needs more bytes than this machine can address",
+                self.shape
+            ))),
         };
         let values: Vec<f32> = match &self.data {
             WireData::F32(b) => {
@@ -214,5 +212,15 @@ mod tests {
             data: WireData::F32(vec![]),
         };
         assert!(huge.decode().unwrap_err().to_string().contains("overflows"));
+        // 2^62 elements fit a usize, their f32 bytes do not (the f16 ones just do): errors, never an overflow panic.
+        for (data, says) in [(WireData::F32(vec![]), "more bytes than"), (WireData::F16(vec![]), "0 bytes for shape")] {
+            let t = WireTensor {
+                name: "big".into(),
+                shape: vec![1 << 31, 1 << 31],
+                data,
+            };
+            let e = t.decode().unwrap_err().to_string();
+            assert!(e.contains("big") && e.contains(says), "{e}");
+        }
     }
 }

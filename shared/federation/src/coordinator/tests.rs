@@ -387,3 +387,90 @@ fn fedprox_sends_its_mu_in_the_task() {
     let t = tasks(&ready(&mut c, &[("a", 1)], now));
     assert_eq!(t[0].2.proximal_mu, 0.25);
 }
+
+#[test]
+fn a_huge_example_claim_is_clipped_to_what_the_round_trains() {
+    let now = t0();
+    let mut c = coordinator(config(1, 2), "kind = 'fedavg'", None, now);
+    let t = tasks(&ready(&mut c, &[("a", 1), ("b", 2)], now));
+    // The default cap: the task's steps × batch_size × grad_accum.
+    let cap = (t[0].2.settings.steps * t[0].2.settings.batch_size * t[0].2.settings.grad_accum) as f64;
+    send_update(&mut c, "a", 1, update(1, u64::MAX, [1.0, 0.0]), now);
+    let a = send_update(&mut c, "b", 2, update(1, 1, [-1.0, 4.0]), now);
+    assert_eq!(reports(&a)[0].participants, 2);
+    // Independently: weights cap/(cap+1) and 1/(cap+1), not ~1 and ~0.
+    let w = [cap / (cap + 1.0), 1.0 / (cap + 1.0)];
+    let want = [1.0 + w[0] * 1.0 - w[1], 2.0 + w[1] * 4.0];
+    let got = &c.state().global["w"].values;
+    assert!((got[0] as f64 - want[0]).abs() < 1e-6 && (got[1] as f64 - want[1]).abs() < 1e-6, "{got:?} {want:?}");
+}
+
+/// A strategy whose first aggregate is poisoned (inf), FedAvg after that; it counts its calls as its state.
+struct PoisonOnce {
+    calls: u32,
+}
+
+impl Strategy for PoisonOnce {
+    fn name(&self) -> String {
+        "poison-once".into()
+    }
+    fn aggregate(&mut self, global: &Params, updates: &[ClientUpdate]) -> Result<Params, FedError> {
+        self.calls += 1;
+        let mut out = crate::strategy::StrategyConfig::FedAvg { norm_bound: None }.build()?.aggregate(global, updates)?;
+        if self.calls == 1 {
+            out.get_mut("w").unwrap().values[1] = f32::INFINITY;
+        }
+        Ok(out)
+    }
+    fn state(&self) -> Params {
+        Params::from([("calls".to_string(), Tensor { shape: vec![1], values: vec![self.calls as f32] })])
+    }
+    fn restore(&mut self, state: Params) -> Result<(), FedError> {
+        self.calls = state.get("calls").map_or(0, |t| t.values[0] as u32);
+        Ok(())
+    }
+}
+
+#[test]
+fn a_poisoned_aggregate_is_a_rejected_round_not_a_dead_federation() {
+    let now = t0();
+    let strategy = Box::new(PoisonOnce { calls: 0 });
+    let mut c = Coordinator::new(config(1, 1), TrainConfig::default(), strategy, initial(), None, now).unwrap();
+    ready(&mut c, &[("a", 1)], now);
+    let a = send_update(&mut c, "a", 1, update(1, 1, [1.0, 1.0]), now);
+    assert!(!a.contains(&Action::Save), "nothing saved: {a:?}");
+    assert_eq!(c.state().global, initial(), "the global adapter is untouched");
+    let again = tasks(&a);
+    assert_eq!((again.len(), again[0].2.round), (1, 1), "the round is repeated");
+    // The strategy's own state was rolled back, so its next aggregate is its first again... and poisoned again.
+    let a = send_update(&mut c, "a", 1, update(1, 1, [1.0, 1.0]), now);
+    assert!(!a.contains(&Action::Save));
+    assert_eq!(c.state().global, initial());
+}
+
+#[test]
+fn updates_of_f32_max_are_refused_by_the_default_norm_bound() {
+    let now = t0();
+    let mut c = coordinator(FederationConfig { rounds: 1, ..FederationConfig::default() }, "kind = 'fedavg'", None, now);
+    ready(&mut c, &[("a", 1)], now);
+    let a = send_update(&mut c, "a", 1, update(1, 1, [f32::MAX, f32::MAX]), now);
+    assert!(acks(&a)[0].1.reason.as_deref().unwrap().contains("exceeds the limit 1000"), "{a:?}");
+}
+
+#[test]
+fn a_round_that_keeps_failing_ends_the_federation_with_an_error() {
+    let now = t0();
+    let mut cfg = config(1, 1);
+    cfg.max_round_attempts = 3;
+    let mut c = coordinator(cfg, "kind = 'fedavg'", None, now);
+    ready(&mut c, &[("a", 1)], now);
+    let nan = || {
+        let mut u = update(1, 1, [0.0, 0.0]);
+        u.delta = vec![WireTensor::encode("w", &[2], &[f32::NAN, 0.0], Encoding::F32)];
+        u
+    };
+    send_update(&mut c, "a", 1, nan(), now);
+    send_update(&mut c, "a", 1, nan(), now);
+    let e = c.handle(Event::Update { client: "a".into(), conn: 1, update: nan() }, now).unwrap_err();
+    assert!(matches!(e, FedError::RoundFailed { round: 1, attempts: 3 }), "{e}");
+}

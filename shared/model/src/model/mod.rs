@@ -17,7 +17,7 @@ pub use attention::{LlamaAttention, LlamaMlp};
 pub use cache::KvCache;
 pub use config::{LlamaConfig, RopeScaling};
 pub use layers::{Embedding, EmbeddingWeight, Int8Weight, Linear, LinearWeight, LoraBranch, RmsNorm};
-pub use params::NamedParam;
+pub use params::{FlatTensor, NamedParam};
 pub use prompt::{PromptEncoder, PromptKind};
 
 use attention::AttentionContext;

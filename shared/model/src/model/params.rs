@@ -11,6 +11,9 @@ use burn::tensor::Tensor;
 
 use super::LlamaForCausalLM;
 
+/// A tensor by Hugging Face name, flattened: `(name, values, shape)`.
+pub type FlatTensor = (String, Vec<f32>, Vec<usize>);
+
 /// One float parameter, flattened.
 #[derive(Debug, Clone)]
 pub struct NamedParam {
@@ -250,10 +253,7 @@ impl LlamaForCausalLM {
 
     /// The float parameters whose Hugging Face name passes `keep`, as f32 in Hugging Face's layout (linear and LoRA
     /// matrices back to `[out, in]`; embedding tables as stored): `(name, values, shape)` in module order.
-    pub fn hf_tensors(
-        &self,
-        keep: &dyn Fn(&str) -> bool,
-    ) -> Result<Vec<(String, Vec<f32>, Vec<usize>)>, super::ModelError> {
+    pub fn hf_tensors(&self, keep: &dyn Fn(&str) -> bool) -> Result<Vec<FlatTensor>, super::ModelError> {
         let mut out = Vec::new();
         for p in self.named_params() {
             if !keep(&p.name) {

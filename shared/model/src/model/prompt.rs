@@ -48,11 +48,10 @@ impl PromptEncoder {
         layers: Vec<usize>,
         out_width: usize,
     ) -> Result<Self, ModelError> {
-        let expected = match (kind, mlp_head.len()) {
-            (_, 0) => true,
-            (PromptKind::EncodedTokens, 3) | (PromptKind::Prefix, 2) => true,
-            _ => false,
-        };
+        let expected = matches!(
+            (kind, mlp_head.len()),
+            (_, 0) | (PromptKind::EncodedTokens, 3) | (PromptKind::Prefix, 2)
+        );
         if !expected {
             return Err(ModelError::Config(format!(
                 "a {kind:?} prompt encoder cannot have {} MLP projections",
@@ -125,6 +124,8 @@ impl PromptEncoder {
 }
 
 /// What one forward pass gets from the prompt encoder.
+// One value per forward pass, moved, never stored in bulk: boxing the larger variant would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Prompt {
     /// Embeddings to prepend, `[batch, virtual, hidden]`.
     Tokens(Tensor<3>),

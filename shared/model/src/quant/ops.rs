@@ -150,7 +150,7 @@ fn words_to_codes<B: Backend>(q: IntTensor<B>, inp: usize, out: usize, transpose
     // Byte j of each word, sign-extended: shift it to the top, then arithmetic-shift it back down.
     let bytes: Vec<FloatTensor<B>> = (0..4)
         .map(|j| {
-            let top = B::bitwise_left_shift_scalar(q.clone(), ((24 - 8 * j) as i32).into());
+            let top = B::bitwise_left_shift_scalar(q.clone(), (24 - 8 * j).into());
             let b = B::bitwise_right_shift_scalar(top, 24i32.into());
             B::float_reshape(B::int_into_float(b, FloatDType::F32), Shape::new([out, words, 1]))
         })

@@ -23,6 +23,8 @@ use burn_cubecl::CubeTuneId;
 use super::wgsl;
 
 /// A frozen weight as the kernels store it.
+// A handful exist per product, moved by value; boxing the larger variant would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub(crate) enum Weight {
     /// int8 codes packed four to an i32 word along each stored row, `[rows, ⌈cols/4⌉]`, one f32 scale per row.

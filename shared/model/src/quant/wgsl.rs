@@ -165,7 +165,7 @@ pub(crate) fn int8_widen(q: CubeTensor, scale: CubeTensor, k: usize) -> CubeTens
 
 /// Whether our f16 kernels can read `w` (`[in, out]` f16): they bind it as u32 words, so it must fill whole words.
 pub(crate) fn f16_readable(w: &CubeTensor) -> bool {
-    w.dtype == DType::F16 && w.meta.shape().num_elements() % 2 == 0
+    w.dtype == DType::F16 && w.meta.shape().num_elements().is_multiple_of(2)
 }
 
 /// `a · w` (`a` f32) with `w` f16 `[k, n]` (see [`f16_readable`]); the split GEMV for a few rows, the tiled kernel
