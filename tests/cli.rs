@@ -316,6 +316,38 @@ fn sim_runs_a_federation_and_reports_perplexities() {
         .arg("--out")
         .arg(dir.path().join("peft")));
     assert!(dir.path().join("peft/adapter_model.safetensors").exists());
+    // As peft requires: explicit module names beside layers_to_transform; the model's name, not a local path.
+    let peft: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("peft/adapter_config.json")).unwrap()).unwrap();
+    if peft["layers_to_transform"].is_array() {
+        assert!(peft["target_modules"].is_array(), "{peft}");
+    }
+    assert_eq!(peft["base_model_name_or_path"], "model", "{peft}");
+    // A second simulation into the same state directory is refused unless asked to start over, and then runs from
+    // round 1 (older state generations deleted too, so nothing resumes from the first run).
+    let again = server()
+        .args(["sim", "--device", "cpu", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert!(
+        !again.status.success() && err.contains("--fresh") && err.contains("metrics.jsonl"),
+        "{err}"
+    );
+    run(server()
+        .args(["sim", "--device", "cpu", "--fresh", "--config"])
+        .arg(&config));
+    let metrics = std::fs::read_to_string(state.join("metrics.jsonl")).unwrap();
+    let rounds: Vec<u64> = metrics
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["round"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(rounds, [1, 2]);
 }
 
 #[test]

@@ -186,7 +186,10 @@ fn three_clients_two_rounds_give_the_fedavg_of_their_updates() {
     let tokens = issue(&state, &["a", "b", "c"]);
     let rt = runtime();
     let (final_state, summaries) = rt.block_on(async {
-        let server = Server::bind(settings(&f, &state, 2, 3), Identity::self_signed_in(&state).unwrap()).unwrap();
+        // Claims above 6 examples are clipped to 6 (the default cap would be steps × batch = 4 for all three).
+        let mut s = settings(&f, &state, 2, 3);
+        s.federation.max_examples_per_update = Some(6);
+        let server = Server::bind(s, Identity::self_signed_in(&state).unwrap()).unwrap();
         let handles: Vec<_> = ["a", "b", "c"]
             .iter()
             .zip(&tokens)
@@ -215,7 +218,8 @@ fn three_clients_two_rounds_give_the_fedavg_of_their_updates() {
         let ups: Vec<_> = ["a", "b", "c"].iter().map(|n| saved_update(&f.dir, n, round)).collect();
         assert_eq!(ups.iter().map(|u| u.0).collect::<Vec<_>>(), vec![4, 6, 8]);
         assert!(ups.iter().all(|u| l2_norm(&u.1) > 0.0), "clients trained");
-        global = fedavg(&global, &ups);
+        let weighted: Vec<_> = ups.into_iter().map(|(n, d)| (n.min(6), d)).collect();
+        global = fedavg(&global, &weighted);
     }
     let diff = max_diff(&global, &final_state.global);
     assert!(

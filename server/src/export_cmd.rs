@@ -34,6 +34,10 @@ pub(crate) struct ExportArgs {
     /// Output directory.
     #[arg(long)]
     out: PathBuf,
+    /// `base_model_name_or_path` written into a PEFT adapter (a hub id, say); by default the model's own name (its
+    /// directory or file name, without `.gguf`), never the server's local path.
+    #[arg(long)]
+    base_model_name: Option<String>,
 }
 
 pub(crate) fn run(args: ExportArgs) -> Result<()> {
@@ -44,7 +48,7 @@ pub(crate) fn run(args: ExportArgs) -> Result<()> {
     let manifest = adapters::read_manifest(&args.adapter)?;
     let layers = manifest.as_ref().is_some_and(|m| m.method == Method::Layers);
     let prompt = manifest.as_ref().is_some_and(|m| m.method.prompt_kind().is_some());
-    let base = args.model.to_string_lossy();
+    let base = args.base_model_name.clone().unwrap_or_else(|| model_name(&args.model));
     match args.format {
         ExportFormat::Peft if layers => bail!(
             "{} trains whole adapter layers, which PEFT cannot express; export it with --format merged",
@@ -81,4 +85,13 @@ pub(crate) fn run(args: ExportArgs) -> Result<()> {
     }
     info!(out = %args.out.display(), "exported");
     Ok(())
+}
+
+/// A model's own name: its directory's or file's name, without a `.gguf` extension.
+fn model_name(path: &std::path::Path) -> String {
+    let name = path
+        .file_name()
+        .map_or_else(|| path.to_string_lossy(), |n| n.to_string_lossy())
+        .into_owned();
+    name.strip_suffix(".gguf").map(str::to_string).unwrap_or(name)
 }

@@ -10,8 +10,17 @@ pub(crate) fn write(dir: &Path) -> Result<()> {
     let path = dir.join("metrics.jsonl");
     let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     let (mut loss, mut ppl) = (Vec::new(), Vec::new());
-    for line in text.lines().filter(|l| !l.trim().is_empty()) {
-        let v: serde_json::Value = serde_json::from_str(line).with_context(|| format!("in {}", path.display()))?;
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    for (i, line) in lines.iter().enumerate() {
+        let v: serde_json::Value = match serde_json::from_str(line) {
+            Ok(v) => v,
+            // A last line torn by a crash mid-append is skipped; anything else is an error naming the line.
+            Err(e) if i + 1 == lines.len() => {
+                tracing::warn!(file = %path.display(), line = i + 1, error = %e, "skipping a torn last line");
+                continue;
+            }
+            Err(e) => return Err(e).with_context(|| format!("{} line {}", path.display(), i + 1)),
+        };
         let round = v["round"].as_f64().unwrap_or(0.0);
         if let Some(l) = v["train_loss"].as_f64().filter(|l| l.is_finite()) {
             loss.push((round, l));

@@ -36,6 +36,9 @@ pub(crate) struct SimArgs {
     /// Overrides [federation] rounds.
     #[arg(long)]
     rounds: Option<u64>,
+    /// Delete a previous run's state, metrics and tokens in the state directory (refused without it).
+    #[arg(long)]
+    fresh: bool,
     /// Where clients train and the server evaluates: auto, cpu, gpu or gpu:N.
     #[arg(long, default_value = "cpu")]
     device: DeviceChoice,
@@ -61,9 +64,26 @@ pub(crate) fn run(args: SimArgs) -> Result<()> {
     }
     file.server.listen = ([127, 0, 0, 1], 0).into();
     let dir = file.server.state_dir.clone();
-    // A simulation starts from round 0 with fresh tokens (the emulator and certificate are reused).
-    for f in [offsite_fed::STATE_FILE, "metrics.jsonl", "tokens.json"] {
-        let _ = std::fs::remove_file(dir.join(f));
+    // A simulation starts from round 0 with fresh tokens (the emulator and certificate are reused); a previous
+    // run's state, metrics and tokens are only deleted when asked.
+    let previous = previous_run(&dir)?;
+    if !previous.is_empty() {
+        if !args.fresh {
+            bail!(
+                "{} holds a previous run ({}); pass --fresh to delete its state, metrics and tokens and start over \
+                 (the emulator and certificate are kept), or choose another --state-dir",
+                dir.display(),
+                previous
+                    .iter()
+                    .map(|p| p.file_name().unwrap_or_default().to_string_lossy())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        for f in &previous {
+            std::fs::remove_file(f).with_context(|| format!("removing {}", f.display()))?;
+        }
+        info!(dir = %dir.display(), files = previous.len(), "previous run deleted (--fresh)");
     }
     std::fs::create_dir_all(&dir)?;
 
@@ -206,4 +226,22 @@ pub(crate) fn run(args: SimArgs) -> Result<()> {
         dir.display()
     );
     Ok(())
+}
+
+/// The files of a previous run in `dir`: every generation of the server state, the metrics, the tokens.
+fn previous_run(dir: &std::path::Path) -> Result<Vec<PathBuf>> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    for e in entries {
+        let path = e?.path();
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        let state = name.starts_with("server_state") && name.ends_with(".safetensors");
+        if state || name == "metrics.jsonl" || name == "tokens.json" {
+            out.push(path);
+        }
+    }
+    out.sort();
+    Ok(out)
 }

@@ -176,12 +176,25 @@ fn describe(a: &GpuAdapter) -> String {
     format!("gpu {} ({}, {:?})", a.name, a.backend, a.device_type)
 }
 
-/// The first wgpu adapter, for unit tests of the GPU path (in CI: Mesa's lavapipe).
-#[cfg(test)]
-pub(crate) fn test_gpu() -> Device {
-    resolve(DeviceChoice::Gpu(0))
-        .expect("a wgpu adapter (CI installs Mesa's lavapipe)")
-        .0
+/// The first wgpu adapter, for tests of the GPU path (in CI: Mesa's lavapipe). Without one, `None` and one line on
+/// stderr (past the test harness's capture) saying that `test` is skipped and why; with `OFFSITE_REQUIRE_GPU=1`
+/// (set by CI) a missing adapter fails the test instead.
+pub fn gpu_for_tests(test: &str) -> Option<Device> {
+    match resolve(DeviceChoice::Gpu(0)) {
+        Ok((device, _)) => Some(device),
+        Err(e) if std::env::var("OFFSITE_REQUIRE_GPU").is_ok_and(|v| v == "1") => {
+            panic!("{test}: OFFSITE_REQUIRE_GPU=1 but {e}")
+        }
+        Err(e) => {
+            use std::io::Write;
+            let line = format!(
+                "skipped {test}: {e} (install Mesa's software Vulkan, e.g. apt-get install mesa-vulkan-drivers; \
+                 OFFSITE_REQUIRE_GPU=1 makes this a failure)\n"
+            );
+            let _ = std::io::stderr().write_all(line.as_bytes());
+            None
+        }
+    }
 }
 
 #[cfg(test)]

@@ -124,6 +124,8 @@ pub struct Server {
 impl Server {
     /// Binds the QUIC endpoint (TLS 1.3 with `identity`) and starts accepting clients.
     pub fn bind(settings: ServeSettings, identity: Identity) -> Result<Self, NetError> {
+        let hello_timeout = Duration::try_from_secs_f64(settings.hello_timeout_s)
+            .map_err(|_| NetError::Config(format!("hello_timeout_s {} must be ≥ 0", settings.hello_timeout_s)))?;
         let fingerprint = identity.fingerprint();
         let endpoint = quinn::Endpoint::server(identity.quic_server(settings.client_ca.as_deref())?, settings.listen)
             .map_err(|e| NetError::Connection(format!("binding {}: {e}", settings.listen)))?;
@@ -134,7 +136,7 @@ impl Server {
             emulator: settings.emulator.clone(),
             adapter_json: settings.adapter_json.clone(),
             limits: Limits::server(max_update),
-            hello_timeout: Duration::from_secs_f64(settings.hello_timeout_s),
+            hello_timeout,
             ready: Mutex::new(HashMap::new()),
             events: tx,
             bytes_in: AtomicU64::new(0),

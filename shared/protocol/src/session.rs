@@ -271,6 +271,19 @@ impl ClientConn {
                     ClientEvent::Goodbye(reason)
                 }
                 (ClientState::AwaitWelcome, Message::Welcome(w)) => {
+                    // The client names its cache files after this hash: 64 hex digits, nothing else (no path).
+                    let sha = &w.emulator.sha256;
+                    if sha.len() != 64 || !sha.bytes().all(|b| b.is_ascii_hexdigit()) {
+                        return Err(ProtocolError::Malformed(format!(
+                            "the offered emulator's SHA-256 `{}` is not 64 hex digits",
+                            sha.escape_debug()
+                        )));
+                    }
+                    if w.emulator.chunk_size == 0 && w.emulator.size > 0 {
+                        return Err(ProtocolError::Malformed(
+                            "the emulator is offered in chunks of 0 bytes".into(),
+                        ));
+                    }
                     self.state = ClientState::Authenticated {
                         offer: w.emulator.clone(),
                         next: None,

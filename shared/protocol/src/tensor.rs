@@ -213,7 +213,10 @@ mod tests {
         };
         assert!(huge.decode().unwrap_err().to_string().contains("overflows"));
         // 2^62 elements fit a usize, their f32 bytes do not (the f16 ones just do): errors, never an overflow panic.
-        for (data, says) in [(WireData::F32(vec![]), "more bytes than"), (WireData::F16(vec![]), "0 bytes for shape")] {
+        for (data, says) in [
+            (WireData::F32(vec![]), "more bytes than"),
+            (WireData::F16(vec![]), "0 bytes for shape"),
+        ] {
             let t = WireTensor {
                 name: "big".into(),
                 shape: vec![1 << 31, 1 << 31],

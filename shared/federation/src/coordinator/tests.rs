@@ -402,7 +402,10 @@ fn a_huge_example_claim_is_clipped_to_what_the_round_trains() {
     let w = [cap / (cap + 1.0), 1.0 / (cap + 1.0)];
     let want = [1.0 + w[0] * 1.0 - w[1], 2.0 + w[1] * 4.0];
     let got = &c.state().global["w"].values;
-    assert!((got[0] as f64 - want[0]).abs() < 1e-6 && (got[1] as f64 - want[1]).abs() < 1e-6, "{got:?} {want:?}");
+    assert!(
+        (got[0] as f64 - want[0]).abs() < 1e-6 && (got[1] as f64 - want[1]).abs() < 1e-6,
+        "{got:?} {want:?}"
+    );
 }
 
 /// A strategy whose first aggregate is poisoned (inf), FedAvg after that; it counts its calls as its state.
@@ -416,14 +419,22 @@ impl Strategy for PoisonOnce {
     }
     fn aggregate(&mut self, global: &Params, updates: &[ClientUpdate]) -> Result<Params, FedError> {
         self.calls += 1;
-        let mut out = crate::strategy::StrategyConfig::FedAvg { norm_bound: None }.build()?.aggregate(global, updates)?;
+        let mut out = crate::strategy::StrategyConfig::FedAvg { norm_bound: None }
+            .build()?
+            .aggregate(global, updates)?;
         if self.calls == 1 {
             out.get_mut("w").unwrap().values[1] = f32::INFINITY;
         }
         Ok(out)
     }
     fn state(&self) -> Params {
-        Params::from([("calls".to_string(), Tensor { shape: vec![1], values: vec![self.calls as f32] })])
+        Params::from([(
+            "calls".to_string(),
+            Tensor {
+                shape: vec![1],
+                values: vec![self.calls as f32],
+            },
+        )])
     }
     fn restore(&mut self, state: Params) -> Result<(), FedError> {
         self.calls = state.get("calls").map_or(0, |t| t.values[0] as u32);
@@ -451,10 +462,26 @@ fn a_poisoned_aggregate_is_a_rejected_round_not_a_dead_federation() {
 #[test]
 fn updates_of_f32_max_are_refused_by_the_default_norm_bound() {
     let now = t0();
-    let mut c = coordinator(FederationConfig { rounds: 1, ..FederationConfig::default() }, "kind = 'fedavg'", None, now);
+    let mut c = coordinator(
+        FederationConfig {
+            rounds: 1,
+            ..FederationConfig::default()
+        },
+        "kind = 'fedavg'",
+        None,
+        now,
+    );
     ready(&mut c, &[("a", 1)], now);
     let a = send_update(&mut c, "a", 1, update(1, 1, [f32::MAX, f32::MAX]), now);
-    assert!(acks(&a)[0].1.reason.as_deref().unwrap().contains("exceeds the limit 1000"), "{a:?}");
+    assert!(
+        acks(&a)[0]
+            .1
+            .reason
+            .as_deref()
+            .unwrap()
+            .contains("exceeds the limit 1000"),
+        "{a:?}"
+    );
 }
 
 #[test]
@@ -471,6 +498,15 @@ fn a_round_that_keeps_failing_ends_the_federation_with_an_error() {
     };
     send_update(&mut c, "a", 1, nan(), now);
     send_update(&mut c, "a", 1, nan(), now);
-    let e = c.handle(Event::Update { client: "a".into(), conn: 1, update: nan() }, now).unwrap_err();
+    let e = c
+        .handle(
+            Event::Update {
+                client: "a".into(),
+                conn: 1,
+                update: nan(),
+            },
+            now,
+        )
+        .unwrap_err();
     assert!(matches!(e, FedError::RoundFailed { round: 1, attempts: 3 }), "{e}");
 }

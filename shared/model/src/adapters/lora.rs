@@ -141,12 +141,23 @@ impl LoraConfig {
         Ok(config)
     }
 
-    /// PEFT's `adapter_config.json` for this configuration.
+    /// PEFT's `adapter_config.json` for this configuration. PEFT refuses `layers_to_transform` beside a string
+    /// `target_modules`, so `all-linear` is written as the explicit projection names when layers are listed.
     pub fn to_peft_json(&self, base_model: Option<&str>) -> serde_json::Value {
+        let targets = match (&self.target_modules, &self.layers_to_transform) {
+            (TargetModules::Preset(_), Some(_)) => {
+                let names: Vec<&str> = crate::model::PROJECTIONS
+                    .iter()
+                    .map(|p| p.rsplit('.').next().unwrap_or(p))
+                    .collect();
+                json!(names)
+            }
+            (t, _) => json!(t),
+        };
         json!({
             "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
             "r": self.r, "lora_alpha": self.lora_alpha, "lora_dropout": self.lora_dropout,
-            "target_modules": self.target_modules, "use_rslora": self.use_rslora, "bias": "none",
+            "target_modules": targets, "use_rslora": self.use_rslora, "bias": "none",
             "fan_in_fan_out": false, "use_dora": false, "inference_mode": true, "init_lora_weights": true,
             "modules_to_save": null, "layers_to_transform": self.layers_to_transform, "rank_pattern": {}, "alpha_pattern": {},
         })
@@ -350,5 +361,39 @@ mod tests {
         let all = LoraConfig::from_peft_json(all).unwrap();
         assert!(all.targets("model.layers.1.mlp.down_proj"));
         assert_eq!(all.scale(), 4.0);
+    }
+
+    /// PEFT's own constraint (peft 0.21 `LoraConfig.__post_init__`: "`layers_to_transform` cannot be used when
+    /// `target_modules` is a str"): an all-linear adapter of some layers is written with explicit module names, and
+    /// those names adapt exactly the projections `all-linear` does in those layers.
+    #[test]
+    fn all_linear_on_listed_layers_is_written_as_names_peft_accepts() {
+        let c = LoraConfig {
+            r: 4,
+            lora_alpha: 8.0,
+            target_modules: TargetModules::Preset("all-linear".into()),
+            lora_dropout: 0.0,
+            use_rslora: false,
+            layers_to_transform: Some(vec![0, 3]),
+        };
+        let json = c.to_peft_json(None);
+        assert!(
+            json["target_modules"].is_array() && json["layers_to_transform"].is_array(),
+            "{json}"
+        );
+        let back = LoraConfig::from_peft_json(&json.to_string()).unwrap();
+        for layer in 0..5 {
+            for p in crate::model::PROJECTIONS {
+                let name = format!("model.layers.{layer}.{p}");
+                assert_eq!(back.targets(&name), c.targets(&name), "{name}");
+            }
+        }
+        assert!(!back.targets("lm_head"));
+        // Without listed layers the preset string stays (PEFT accepts it there).
+        let all = LoraConfig {
+            layers_to_transform: None,
+            ..c
+        };
+        assert_eq!(all.to_peft_json(None)["target_modules"], "all-linear");
     }
 }

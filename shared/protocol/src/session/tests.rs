@@ -195,3 +195,22 @@ fn an_unauthenticated_peer_cannot_declare_a_large_frame() {
     server.accept(welcome("c", 8)).unwrap();
     assert_eq!(server.receive(&header, t0).unwrap(), vec![]);
 }
+
+#[test]
+fn a_welcome_whose_hash_could_name_a_path_is_refused() {
+    for sha in [
+        "../../etc/passwd".to_string(),
+        "ab".repeat(31),
+        format!("{}/x", "ab".repeat(31)),
+        String::new(),
+    ] {
+        let t0 = Instant::now();
+        let mut server = ServerConn::new(Limits::default(), t0, Duration::from_secs(5));
+        let (mut client, bytes) = ClientConn::new(Limits::default(), hello());
+        server.receive(&bytes, t0).unwrap();
+        let mut w = welcome("c1", 10);
+        w.emulator.sha256 = sha.clone();
+        let e = client.receive(&server.accept(w).unwrap()).unwrap_err().to_string();
+        assert!(e.contains("not 64 hex digits"), "{sha}: {e}");
+    }
+}
