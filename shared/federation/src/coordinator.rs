@@ -449,7 +449,13 @@ impl Coordinator {
         match checked {
             Ok(mut u) => {
                 if u.num_examples > r.max_examples {
-                    warn!(round, %client, claimed = u.num_examples, weight = r.max_examples, "example count clipped");
+                    // Above what the round trains on is the usual case (a client holds more data than one round
+                    // sees); above a configured cap is worth a warning.
+                    if self.config.max_examples_per_update.is_some() {
+                        warn!(round, %client, claimed = u.num_examples, weight = r.max_examples, "example count clipped");
+                    } else {
+                        info!(round, %client, claimed = u.num_examples, weight = r.max_examples, "example count clipped to what the round trains on");
+                    }
                     u.num_examples = r.max_examples;
                 }
                 record.accepted += 1;
