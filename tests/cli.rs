@@ -217,66 +217,10 @@ fn emulator_build_info_and_eval_on_smollm2() {
 }
 
 /// A federation config for the 6-layer tiny model (with a word tokenizer) and three text files.
-fn tiny_federation(dir: &std::path::Path, rounds: u64, min_clients: usize) -> std::path::PathBuf {
-    let model = offsite_tests::tiny_llama_6_layers(&dir.join("model"));
-    offsite_tests::word_tokenizer(&model);
-    for (i, name) in ["a", "b", "c", "eval"].iter().enumerate() {
-        std::fs::write(
-            dir.join(format!("{name}.txt")),
-            offsite_tests::word_text(i as u32 + 1, 400),
-        )
-        .unwrap();
-    }
-    let d = dir.display();
-    let config = format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-state_dir = "{d}/state"
-[model]
-path = "{d}/model"
-[emulator]
-bottom_layers = 1
-top_layers = 1
-drop_ratio = 0.5
-[adapter]
-method = "lora"
-[adapter.lora]
-r = 4
-lora_alpha = 8.0
-target_modules = ["q_proj", "v_proj"]
-[strategy]
-kind = "fedadam"
-server_lr = 0.01
-[federation]
-rounds = {rounds}
-min_clients = {min_clients}
-deadline_s = 120
-update_encoding = "int8"
-[local]
-steps = 2
-batch_size = 2
-lr = 0.01
-[data]
-format = "text"
-max_len = 32
-[eval]
-data = ["{d}/eval.txt"]
-max_examples = 4
-[sim]
-data = ["{d}/a.txt", "{d}/b.txt", "{d}/c.txt"]
-split = {{ kind = "files" }}
-"#
-    );
-    let path = dir.join("fed.toml");
-    std::fs::write(&path, config).unwrap();
-    path
-}
-
 #[test]
 fn sim_runs_a_federation_and_reports_perplexities() {
     let dir = tempfile::tempdir().unwrap();
-    let config = tiny_federation(dir.path(), 2, 3);
+    let config = offsite_tests::tiny_federation(dir.path(), 2, 3);
     let out = run(server().args(["sim", "--device", "cpu", "--config"]).arg(&config));
     let state = dir.path().join("state");
     let metrics = std::fs::read_to_string(state.join("metrics.jsonl")).unwrap();
@@ -354,7 +298,7 @@ fn sim_runs_a_federation_and_reports_perplexities() {
 fn serve_and_join_through_the_binaries_with_issued_and_revoked_tokens() {
     use std::io::{BufRead, BufReader};
     let dir = tempfile::tempdir().unwrap();
-    let config = tiny_federation(dir.path(), 1, 2);
+    let config = offsite_tests::tiny_federation(dir.path(), 1, 2);
     let state = dir.path().join("state");
     let issue = |client: &str| {
         run(server()
@@ -447,7 +391,7 @@ fn serve_and_join_through_the_binaries_with_issued_and_revoked_tokens() {
 #[test]
 fn sim_federates_a_prefix_tuning_adapter() {
     let dir = tempfile::tempdir().unwrap();
-    let config = tiny_federation(dir.path(), 1, 3);
+    let config = offsite_tests::tiny_federation(dir.path(), 1, 3);
     let text = std::fs::read_to_string(&config).unwrap().replace(
         "method = \"lora\"\n[adapter.lora]\nr = 4\nlora_alpha = 8.0\ntarget_modules = [\"q_proj\", \"v_proj\"]\n",
         "method = \"prefix_tuning\"\n[adapter.prompt]\nnum_virtual_tokens = 4\n",

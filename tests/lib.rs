@@ -260,3 +260,57 @@ pub fn tiny_emulator(dir: &Path) -> (PathBuf, PathBuf) {
     emulator::build(&checkpoint, "tiny-6", &config, &out, &mut |_, _| {}).unwrap();
     (model, out)
 }
+
+/// A federation config over the 6-layer tiny model in `dir` (model, client texts a/b/c, eval text): LoRA on q/v,
+/// FedAdam, int8 updates, `[sim]` with one client per file.
+pub fn tiny_federation(dir: &std::path::Path, rounds: u64, min_clients: usize) -> std::path::PathBuf {
+    let model = tiny_llama_6_layers(&dir.join("model"));
+    word_tokenizer(&model);
+    for (i, name) in ["a", "b", "c", "eval"].iter().enumerate() {
+        std::fs::write(dir.join(format!("{name}.txt")), word_text(i as u32 + 1, 400)).unwrap();
+    }
+    let d = dir.display();
+    let config = format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+state_dir = "{d}/state"
+[model]
+path = "{d}/model"
+[emulator]
+bottom_layers = 1
+top_layers = 1
+drop_ratio = 0.5
+[adapter]
+method = "lora"
+[adapter.lora]
+r = 4
+lora_alpha = 8.0
+target_modules = ["q_proj", "v_proj"]
+[strategy]
+kind = "fedadam"
+server_lr = 0.01
+[federation]
+rounds = {rounds}
+min_clients = {min_clients}
+deadline_s = 120
+update_encoding = "int8"
+[local]
+steps = 2
+batch_size = 2
+lr = 0.01
+[data]
+format = "text"
+max_len = 32
+[eval]
+data = ["{d}/eval.txt"]
+max_examples = 4
+[sim]
+data = ["{d}/a.txt", "{d}/b.txt", "{d}/c.txt"]
+split = {{ kind = "files" }}
+"#
+    );
+    let path = dir.join("fed.toml");
+    std::fs::write(&path, config).unwrap();
+    path
+}

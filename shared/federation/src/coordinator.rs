@@ -498,7 +498,10 @@ impl Coordinator {
         // A poisoned aggregate (inf, NaN) is a rejected round: the global state and the strategy's own state stay
         // as they were.
         let before = self.strategy.state();
-        let global = self.strategy.aggregate(&self.state.global, &r.accepted)?;
+        // In client order, not arrival order: the same updates give the same bits however the network raced.
+        let mut accepted = r.accepted;
+        accepted.sort_by(|a, b| a.client.cmp(&b.client));
+        let global = self.strategy.aggregate(&self.state.global, &accepted)?;
         if let Some((name, _)) = global.iter().find(|(_, t)| t.values.iter().any(|v| !v.is_finite())) {
             warn!(round = r.number, tensor = %name, "the aggregate is not finite; round rejected and repeated");
             self.strategy.restore(before)?;
@@ -512,7 +515,7 @@ impl Coordinator {
         let report = RoundReport {
             round: r.number,
             sampled: r.sampled,
-            participants: r.accepted.len(),
+            participants: accepted.len(),
             rejected: r.rejected,
             bytes_in: 0,
             bytes_out: 0,

@@ -510,3 +510,23 @@ fn a_round_that_keeps_failing_ends_the_federation_with_an_error() {
         .unwrap_err();
     assert!(matches!(e, FedError::RoundFailed { round: 1, attempts: 3 }), "{e}");
 }
+
+#[test]
+fn the_aggregate_does_not_depend_on_the_order_updates_arrive_in() {
+    // Values whose f64 sum depends on its order: (1e30 + 1) − 1e30 = 0, (1e30 − 1e30) + 1 = 1.
+    let deltas = [("a", [1e30f32, 0.0]), ("b", [1.0, 0.0]), ("c", [-1e30, 0.0])];
+    let run = |order: [usize; 3]| {
+        let now = t0();
+        let mut cfg = config(1, 3);
+        cfg.max_update_norm = Some(f64::INFINITY);
+        let mut c = coordinator(cfg, "kind = 'fedavg'", None, now);
+        ready(&mut c, &[("a", 1), ("b", 2), ("c", 3)], now);
+        for i in order {
+            let (id, d) = deltas[i];
+            send_update(&mut c, id, i as u64 + 1, update(1, 1, d), now);
+        }
+        c.state().global["w"].values.clone()
+    };
+    assert_eq!(run([0, 1, 2]), run([0, 2, 1]));
+    assert_eq!(run([0, 1, 2]), run([2, 1, 0]));
+}
