@@ -342,6 +342,14 @@ fn serve_and_join_through_the_binaries_with_issued_and_revoked_tokens() {
         .last()
         .unwrap()
         .to_string();
+    // Once the server has its certificate, `token issue` also prints the whole join command, fingerprint included.
+    let out = server()
+        .args(["token", "issue", "--client", "four", "--state-dir"])
+        .arg(&state)
+        .output()
+        .unwrap();
+    let hint = String::from_utf8_lossy(&out.stderr);
+    assert!(hint.contains(&fp) && hint.contains("OFFSITE_TOKEN=ofs_"), "{hint}");
     let edge_bin = std::path::Path::new(env!("CARGO_BIN_EXE_offsite-server")).with_file_name("offsite-edge");
     assert!(
         edge_bin.exists(),

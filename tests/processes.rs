@@ -69,7 +69,7 @@ fn join(dir: &Path, config: &Path, addr: &str, fp: &str, token: &str, name: &str
         .arg(dir.join(format!("{name}.txt")))
         .arg("--cache")
         .arg(dir.join(format!("cache-{name}")))
-        .arg("--data-config")
+        .arg("--config")
         .arg(config)
         .stdout(Stdio::null())
         .stderr(Stdio::null())

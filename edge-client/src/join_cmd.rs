@@ -35,8 +35,9 @@ pub(crate) struct JoinArgs {
     /// Emulators are cached here by hash.
     #[arg(long, default_value = "offsite-cache")]
     cache: PathBuf,
-    /// A TOML file with a [data] table saying how the data is read (defaults otherwise).
-    #[arg(long)]
+    /// A TOML file with a [data] table saying how the data is read (defaults otherwise); the same flag as `train
+    /// --config` (a job file or the federation config both work).
+    #[arg(long = "config", visible_alias = "data-config")]
     data_config: Option<PathBuf>,
     /// auto, cpu, gpu or gpu:N.
     #[arg(long, default_value = "auto")]

@@ -19,7 +19,7 @@ pub(crate) struct ServeArgs {
     #[arg(long)]
     config: PathBuf,
     /// Where the server evaluates the plug-in model: auto, cpu, gpu or gpu:N.
-    #[arg(long, default_value = "cpu")]
+    #[arg(long, default_value = "auto")]
     device: DeviceChoice,
 }
 

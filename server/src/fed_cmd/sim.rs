@@ -40,7 +40,7 @@ pub(crate) struct SimArgs {
     #[arg(long)]
     fresh: bool,
     /// Where clients train and the server evaluates: auto, cpu, gpu or gpu:N.
-    #[arg(long, default_value = "cpu")]
+    #[arg(long, default_value = "auto")]
     device: DeviceChoice,
 }
 

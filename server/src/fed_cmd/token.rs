@@ -41,7 +41,18 @@ pub(crate) fn run(command: TokenCommand) -> Result<()> {
             let mut store = TokenStore::load(&path)?;
             let token = store.issue(&client)?;
             store.save(&path)?;
+            // The token alone on stdout (for scripts); the whole join command for a person on stderr. The token
+            // goes in the environment there, not on the command line, where the process list would show it.
             println!("{token}");
+            let fingerprint =
+                match offsite_net::Identity::from_pem(&state_dir.join("cert.pem"), &state_dir.join("key.pem")) {
+                    Ok(id) => id.fingerprint(),
+                    Err(_) => "FINGERPRINT (printed by `offsite-server serve` once it has made its certificate)".into(),
+                };
+            eprintln!(
+                "token for `{client}` (shown once). On the client:\n  OFFSITE_TOKEN={token} offsite-edge join --server \
+                 HOST:PORT --fingerprint {fingerprint} --data FILE"
+            );
         }
         TokenCommand::Revoke { state_dir, client } => {
             let path = TokenStore::path(&state_dir);
