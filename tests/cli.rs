@@ -118,6 +118,50 @@ fn info_tokenize_and_generate_on_smollm2() {
 }
 
 #[test]
+fn exit_statuses_tell_bad_input_from_an_unreachable_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = server()
+        .args(["serve", "--config"])
+        .arg(dir.path().join("none.toml"))
+        .output()
+        .unwrap();
+    assert_eq!(
+        missing.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&missing.stderr)
+    );
+    let help = run(server().arg("--help"));
+    assert!(help.contains("3 refused by the server"), "{help}");
+    // Nothing listens on this port: the client gives up with the status that says retrying may help.
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let edge = std::path::Path::new(env!("CARGO_BIN_EXE_offsite-server")).with_file_name("offsite-edge");
+    let text = dir.path().join("a.txt");
+    std::fs::write(&text, "some words").unwrap();
+    let out = Command::new(edge)
+        .args([
+            "join",
+            "--device",
+            "cpu",
+            "--server",
+            &format!("127.0.0.1:{port}"),
+            "--max-reconnects",
+            "0",
+        ])
+        .args(["--fingerprint", &"ab".repeat(32), "--token", "ofs_x", "--data"])
+        .arg(&text)
+        .arg("--cache")
+        .arg(dir.path().join("cache"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(4), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
 fn bad_inputs_fail_with_a_clear_message() {
     let out = server()
         .args(["model", "info", "--model", "/nonexistent/model.gguf"])
@@ -381,7 +425,7 @@ fn serve_and_join_through_the_binaries_with_issued_and_revoked_tokens() {
     };
     // The revoked token is refused with the reason, and the client gives up (no retry on a refusal).
     let refused = join(&t3, "c").output().unwrap();
-    assert!(!refused.status.success());
+    assert_eq!(refused.status.code(), Some(3), "a refusal has its own exit status");
     assert!(String::from_utf8_lossy(&refused.stderr).contains("unknown or revoked token"));
     assert!(
         !dir.path().join("cache-c").exists(),

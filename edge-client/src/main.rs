@@ -7,11 +7,10 @@ mod train_cmd;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use offsite::device::{self, gpu_adapters, DeviceChoice};
-use tracing_subscriber::EnvFilter;
 
 /// Offsite edge client: trains adapters on local data on this machine's GPU or CPU.
 #[derive(Parser)]
-#[command(name = "offsite-edge", version, about)]
+#[command(name = "offsite-edge", version, about, after_help = offsite_cli::EXIT_CODES_HELP)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -40,14 +39,13 @@ enum BenchCommand {
 #[global_allocator]
 static ALLOC: offsite::alloc::MiMalloc = offsite::alloc::MiMalloc;
 
-fn main() -> Result<()> {
+fn main() -> std::process::ExitCode {
     offsite::alloc::keep_freed_pages();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,cubecl_runtime=warn")),
-        )
-        .init();
+    offsite_cli::init_logging();
+    offsite_cli::run(run)
+}
+
+fn run() -> Result<()> {
     match Cli::parse().command {
         Command::Train(args) => train_cmd::run(args),
         Command::Join(args) => join_cmd::run(args),

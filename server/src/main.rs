@@ -7,13 +7,11 @@ mod fed_cmd;
 mod model_cmd;
 mod plug;
 
-use anyhow::Result;
 use clap::{Parser, Subcommand};
-use tracing_subscriber::EnvFilter;
 
 /// Offsite operator tools: inspect and run models, build emulators, evaluate and export adapters.
 #[derive(Parser)]
-#[command(name = "offsite-server", version, about)]
+#[command(name = "offsite-server", version, about, after_help = offsite_cli::EXIT_CODES_HELP)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -50,16 +48,10 @@ enum Command {
 #[global_allocator]
 static ALLOC: offsite::alloc::MiMalloc = offsite::alloc::MiMalloc;
 
-fn main() -> Result<()> {
+fn main() -> std::process::ExitCode {
     offsite::alloc::keep_freed_pages();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,cubecl_runtime=warn")),
-        )
-        .init();
-    let cli = Cli::parse();
-    match cli.command {
+    offsite_cli::init_logging();
+    offsite_cli::run(|| match Cli::parse().command {
         Command::Model { command } => model_cmd::run(command),
         Command::Export(args) => export_cmd::run(args),
         Command::Emulator { command } => emulator_cmd::run(command),
@@ -67,5 +59,5 @@ fn main() -> Result<()> {
         Command::Serve(args) => fed_cmd::serve::run(args),
         Command::Sim(args) => fed_cmd::sim::run(args),
         Command::Token { command } => fed_cmd::token::run(command),
-    }
+    })
 }
