@@ -339,6 +339,42 @@ fn sim_runs_a_federation_and_reports_perplexities() {
 }
 
 #[test]
+fn sim_distils_the_emulator_once_and_rebuilds_it_when_its_data_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = offsite_tests::tiny_federation(dir.path(), 1, 3);
+    let d = dir.path().display();
+    std::fs::write(dir.path().join("public.txt"), offsite_tests::word_text(9, 300)).unwrap();
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        &format!("[model]\npath = \"{d}/model\"\n"),
+        &format!("[model]\npath = \"{d}/model\"\ndistill_data = [\"{d}/public.txt\"]\n[distill]\nsteps = 2\nbatch_size = 2\nmax_len = 16\n"),
+    );
+    assert!(text.contains("[distill]"));
+    std::fs::write(&config, text).unwrap();
+    let sim = |fresh: bool| {
+        let mut c = server();
+        c.args(["sim", "--device", "cpu", "--config"]).arg(&config);
+        if fresh {
+            c.arg("--fresh");
+        }
+        let out = c.output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let first = sim(false);
+    assert!(first.contains("distilling the middle layers"), "{first}");
+    let emu = offsite::emulator::Emulator::open(&dir.path().join("state/emulator.emu")).unwrap();
+    assert!(emu.manifest().distilled);
+    let second = sim(true);
+    assert!(
+        second.contains("reusing the emulator built earlier") && !second.contains("distilling"),
+        "{second}"
+    );
+    // Other public data: another emulator.
+    std::fs::write(dir.path().join("public.txt"), offsite_tests::word_text(10, 300)).unwrap();
+    assert!(sim(true).contains("distilling the middle layers"));
+}
+
+#[test]
 fn serve_and_join_through_the_binaries_with_issued_and_revoked_tokens() {
     use std::io::{BufRead, BufReader};
     let dir = tempfile::tempdir().unwrap();

@@ -101,7 +101,7 @@ pub(crate) fn run(command: EmulatorCommand) -> Result<()> {
 }
 
 /// Distils the middle layers the emulator keeps on `data`, with a progress bar and a JSON-lines loss log.
-fn distill_middle(
+pub(crate) fn distill_middle(
     checkpoint: &Checkpoint,
     settings: &EmulatorConfig,
     distill: &DistillConfig,
@@ -166,6 +166,9 @@ pub(crate) fn build_with_progress(
     distilled: Option<DistilledLayers>,
     out: &std::path::Path,
 ) -> Result<()> {
+    if settings.drop_ratio == 0.0 && settings.quant == offsite::quant::QuantFormat::F32 {
+        warn!("this emulator drops no layer and keeps f32 weights: it is the full model, no protection for its owner");
+    }
     let bar = ProgressBar::new(0);
     bar.set_style(
         ProgressStyle::with_template("emulator {bar:30} {pos}/{len} tensors [{elapsed}]").expect("static template"),

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use offsite::adapters::AdapterSpec;
 use offsite::data::{DataConfig, Split};
-use offsite::emulator::EmulatorConfig;
+use offsite::emulator::{DistillConfig, EmulatorConfig};
 use offsite::train::TrainConfig;
 use offsite_fed::{FederationConfig, StrategyConfig};
 use serde::Deserialize;
@@ -21,6 +21,8 @@ pub(crate) struct FedFile {
     pub model: ModelSection,
     /// How the emulator is built (when `model.emulator` is not given).
     pub emulator: Option<EmulatorConfig>,
+    /// Distillation of the emulator's kept middle layers on `[model] distill_data` before they are quantized.
+    pub distill: Option<DistillConfig>,
     /// What clients train.
     pub adapter: AdapterSpec,
     /// Aggregation.
@@ -83,6 +85,9 @@ pub(crate) struct ModelSection {
     pub path: PathBuf,
     /// A prebuilt emulator; otherwise one is built from `[emulator]` into the state directory.
     pub emulator: Option<PathBuf>,
+    /// Public text (or JSONL) the operator distils the emulator on (`[distill]`); never the clients' data.
+    #[serde(default)]
+    pub distill_data: Vec<PathBuf>,
 }
 
 /// `[eval]`.

@@ -13,6 +13,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use offsite::adapters::{self, AdapterManifest, AdapterSpec};
 use offsite::data::{DataConfig, Example};
+use offsite::device::DeviceChoice;
 use offsite::emulator::Emulator;
 use offsite::federated::{adapter_state, load_state, plug_state};
 use offsite::load::Checkpoint;
@@ -24,9 +25,10 @@ use tracing::info;
 
 use config::FedFile;
 
-/// The emulator named in the config, or one built from `[emulator]` into the state directory (reused when it
-/// exists and was built from this model).
-fn emulator_for(file: &FedFile, checkpoint: &Checkpoint) -> Result<PathBuf> {
+/// The emulator named in the config, or one built from `[emulator]` (distilled first when there is a `[distill]`
+/// table) into the state directory. A built emulator is reused while the key beside it — a hash of the model, the
+/// `[emulator]` and `[distill]` settings and the distillation data — is the same, so distillation runs once.
+fn emulator_for(file: &FedFile, checkpoint: &Checkpoint, device: DeviceChoice) -> Result<PathBuf> {
     if let Some(p) = &file.model.emulator {
         return Ok(p.clone());
     }
@@ -35,19 +37,11 @@ fn emulator_for(file: &FedFile, checkpoint: &Checkpoint) -> Result<PathBuf> {
         .as_ref()
         .context("the config needs [model] emulator = PATH or an [emulator] table")?;
     let out = file.server.state_dir.join("emulator.emu");
-    if out.exists() {
-        let emu = Emulator::open(&out).with_context(|| format!("opening {}", out.display()))?;
-        let m = emu.manifest();
-        let n = checkpoint.config().num_hidden_layers;
-        let same = m.base_model_sha256 == checkpoint.sha256()?
-            && m.layers == settings.choose_layers(n)?
-            && m.adapter_layers.len() == settings.bottom_layers + settings.top_layers
-            && m.quant == settings.quant
-            && m.scale_dtype == settings.scale_dtype;
-        if same {
-            info!(path = %out.display(), "reusing the emulator built earlier");
-            return Ok(out);
-        }
+    let key_path = file.server.state_dir.join("emulator.key");
+    let key = emulator_key(checkpoint, settings, file.distill.as_ref(), &file.model.distill_data)?;
+    if out.exists() && std::fs::read_to_string(&key_path).ok().as_deref() == Some(key.as_str()) {
+        info!(path = %out.display(), "reusing the emulator built earlier (same model, settings and distillation data)");
+        return Ok(out);
     }
     std::fs::create_dir_all(&file.server.state_dir)?;
     let name = file
@@ -55,8 +49,42 @@ fn emulator_for(file: &FedFile, checkpoint: &Checkpoint) -> Result<PathBuf> {
         .path
         .file_name()
         .map_or("model".into(), |n| n.to_string_lossy().into_owned());
-    crate::emulator_cmd::build_with_progress(checkpoint, &name, settings, None, &out)?;
+    let distilled = match (&file.distill, file.model.distill_data.is_empty()) {
+        (None, true) => None,
+        (None, false) => bail!("[model] distill_data is given, but the config has no [distill] table"),
+        (Some(_), true) => bail!("[distill] needs public data: [model] distill_data = [...] (or --distill-data)"),
+        (Some(d), false) => {
+            let log = file.server.state_dir.join("emulator.distill.jsonl");
+            let data = &file.model.distill_data;
+            Some(crate::emulator_cmd::distill_middle(
+                checkpoint, settings, d, data, device, &log,
+            )?)
+        }
+    };
+    crate::emulator_cmd::build_with_progress(checkpoint, &name, settings, distilled, &out)?;
+    offsite_fed::write_atomic(&key_path, key.as_bytes())?;
     Ok(out)
+}
+
+/// What an emulator is built from, as a SHA-256: the model, the settings, and the content of the distillation data.
+fn emulator_key(
+    checkpoint: &Checkpoint,
+    settings: &offsite::emulator::EmulatorConfig,
+    distill: Option<&offsite::emulator::DistillConfig>,
+    data: &[PathBuf],
+) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(checkpoint.sha256()?.as_bytes());
+    h.update(serde_json::to_string(settings)?.as_bytes());
+    h.update(serde_json::to_string(&distill)?.as_bytes());
+    for path in data {
+        let mut f = std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
+        let mut file_hash = Sha256::new();
+        std::io::copy(&mut f, &mut file_hash)?;
+        h.update(file_hash.finalize());
+    }
+    Ok(hex::encode(h.finalize()))
 }
 
 /// The settings `Server::bind` needs, and the TLS identity.

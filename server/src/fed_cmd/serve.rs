@@ -18,16 +18,22 @@ pub(crate) struct ServeArgs {
     /// [data], [eval].
     #[arg(long)]
     config: PathBuf,
-    /// Where the server evaluates the plug-in model: auto, cpu, gpu or gpu:N.
+    /// Overrides [model] distill_data: public text the emulator is distilled on (repeatable).
+    #[arg(long)]
+    distill_data: Vec<PathBuf>,
+    /// Where the server evaluates the plug-in model (and distils the emulator): auto, cpu, gpu or gpu:N.
     #[arg(long, default_value = "auto")]
     device: DeviceChoice,
 }
 
 pub(crate) fn run(args: ServeArgs) -> Result<()> {
-    let file = FedFile::load(&args.config)?;
+    let mut file = FedFile::load(&args.config)?;
     let checkpoint =
         Checkpoint::open(&file.model.path).with_context(|| format!("opening model {}", file.model.path.display()))?;
-    let emu_path = super::emulator_for(&file, &checkpoint)?;
+    if !args.distill_data.is_empty() {
+        file.model.distill_data = args.distill_data.clone();
+    }
+    let emu_path = super::emulator_for(&file, &checkpoint, args.device)?;
     let emu = Emulator::open(&emu_path).with_context(|| format!("opening emulator {}", emu_path.display()))?;
     if emu.manifest().base_model_sha256 != checkpoint.sha256()? {
         bail!("emulator {} was built from another model", emu_path.display());

@@ -36,6 +36,9 @@ pub(crate) struct SimArgs {
     /// Overrides [federation] rounds.
     #[arg(long)]
     rounds: Option<u64>,
+    /// Overrides [model] distill_data: public text the emulator is distilled on (repeatable).
+    #[arg(long)]
+    distill_data: Vec<PathBuf>,
     /// Delete a previous run's state, metrics and tokens in the state directory (refused without it).
     #[arg(long)]
     fresh: bool,
@@ -89,7 +92,10 @@ pub(crate) fn run(args: SimArgs) -> Result<()> {
 
     let checkpoint =
         Checkpoint::open(&file.model.path).with_context(|| format!("opening model {}", file.model.path.display()))?;
-    let emu_path = super::emulator_for(&file, &checkpoint)?;
+    if !args.distill_data.is_empty() {
+        file.model.distill_data = args.distill_data.clone();
+    }
+    let emu_path = super::emulator_for(&file, &checkpoint, args.device)?;
     let emu = Emulator::open(&emu_path)?;
     let tokenizer = emu.tokenizer()?;
     let per_file = sim
@@ -210,6 +216,7 @@ pub(crate) fn run(args: SimArgs) -> Result<()> {
     super::save_adapter(&emu, &file.adapter, &state.global, &dir.join("global-adapter"))?;
     super::plot::write(&dir)?;
     println!();
+    let (zero, plugged) = (zero_shot.perplexity, plug.perplexity);
     println!("held-out perplexity");
     for (label, r) in [
         ("zero-shot full model", zero_shot),
@@ -219,6 +226,11 @@ pub(crate) fn run(args: SimArgs) -> Result<()> {
     ] {
         println!("{label:<40} {:>12.3}", r.perplexity);
     }
+    println!(
+        "plug-in vs zero-shot: {:+.3} perplexity ({:+.1}%)",
+        plugged - zero,
+        100.0 * (plugged - zero) / zero
+    );
     println!(
         "(on {} held-out examples, {} tokens; state in {})",
         examples.len(),
