@@ -556,6 +556,30 @@ fn an_interrupted_download_resumes_and_a_corrupt_partial_file_is_discarded() {
 }
 
 #[test]
+fn a_wrong_pinned_fingerprint_is_refused_before_anything_is_sent() {
+    let f = fixture();
+    let state = f.dir.join("state");
+    let tokens = issue(&state, &["a"]);
+    let rt = runtime();
+    rt.block_on(async {
+        let server = Server::bind(settings(&f, &state, 1, 1), Identity::self_signed_in(&state).unwrap()).unwrap();
+        let mut s = client(&server, &f.dir, "a", &tokens[0]);
+        // The real fingerprint with its last hex digit changed.
+        let real = server.fingerprint().to_string();
+        let last = if real.ends_with('0') { '1' } else { '0' };
+        s.trust = Trust::Pinned(format!("{}{last}", &real[..real.len() - 1]));
+        s.max_reconnects = 0;
+        let e = join_with(s, examples(0, 4)).await.unwrap_err();
+        assert!(matches!(e, NetError::Connection(_)), "{e}");
+        assert!(
+            !f.dir.join("a-cache").exists(),
+            "no emulator byte reached a client that does not trust the server"
+        );
+        assert!(server.ready_clients().is_empty());
+    });
+}
+
+#[test]
 fn mutual_tls_admits_only_clients_with_a_certificate_from_the_ca() {
     let f = fixture();
     let state = f.dir.join("state");
