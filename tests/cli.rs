@@ -376,7 +376,6 @@ fn sim_distils_the_emulator_once_and_rebuilds_it_when_its_data_changes() {
 
 #[test]
 fn serve_and_join_through_the_binaries_with_issued_and_revoked_tokens() {
-    use std::io::{BufRead, BufReader};
     let dir = tempfile::tempdir().unwrap();
     let config = offsite_tests::tiny_federation(dir.path(), 1, 2);
     let state = dir.path().join("state");
@@ -400,28 +399,8 @@ fn serve_and_join_through_the_binaries_with_issued_and_revoked_tokens() {
         .unwrap()
         .contains(&t1));
 
-    let mut srv = server()
-        .args(["serve", "--device", "cpu", "--config"])
-        .arg(&config)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(srv.stdout.take().unwrap()).lines();
-    let addr = lines
-        .next()
-        .unwrap()
-        .unwrap()
-        .trim_start_matches("listening on ")
-        .to_string();
-    let fp = lines
-        .next()
-        .unwrap()
-        .unwrap()
-        .split_whitespace()
-        .last()
-        .unwrap()
-        .to_string();
+    let (mut srv, addr, fp) =
+        offsite_tests::spawn_serve(server().args(["serve", "--device", "cpu", "--config"]).arg(&config));
     // Once the server has its certificate, `token issue` also prints the whole join command, fingerprint included.
     let out = server()
         .args(["token", "issue", "--client", "four", "--state-dir"])
@@ -436,29 +415,8 @@ fn serve_and_join_through_the_binaries_with_issued_and_revoked_tokens() {
         "build the workspace first: {} is missing",
         edge_bin.display()
     );
-    let join = |token: &str, name: &str| {
-        let mut c = Command::new(&edge_bin);
-        c.args([
-            "join",
-            "--device",
-            "cpu",
-            "--server",
-            &addr,
-            "--fingerprint",
-            &fp,
-            "--token",
-            token,
-            "--name",
-            name,
-        ])
-        .arg("--data")
-        .arg(dir.path().join(format!("{name}.txt")))
-        .arg("--cache")
-        .arg(dir.path().join(format!("cache-{name}")))
-        .arg("--data-config")
-        .arg(&config);
-        c
-    };
+    let join =
+        |token: &str, name: &str| offsite_tests::edge_join(&edge_bin, dir.path(), &config, (&addr, &fp), token, name);
     // The revoked token is refused with the reason, and the client gives up (no retry on a refusal).
     let refused = join(&t3, "c").output().unwrap();
     assert_eq!(refused.status.code(), Some(3), "a refusal has its own exit status");

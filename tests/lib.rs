@@ -314,3 +314,63 @@ split = {{ kind = "files" }}
     std::fs::write(&path, config).unwrap();
     path
 }
+
+/// Starts `serve` (an `offsite-server serve …` command) with its stdout piped; returns the process, the address and
+/// the certificate fingerprint from the two lines it prints first.
+pub fn spawn_serve(serve: &mut std::process::Command) -> (std::process::Child, String, String) {
+    use std::io::{BufRead, BufReader};
+    let mut srv = serve
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(srv.stdout.take().unwrap()).lines();
+    let addr = lines
+        .next()
+        .unwrap()
+        .unwrap()
+        .trim_start_matches("listening on ")
+        .to_string();
+    let fp = lines
+        .next()
+        .unwrap()
+        .unwrap()
+        .split_whitespace()
+        .last()
+        .unwrap()
+        .to_string();
+    (srv, addr, fp)
+}
+
+/// `offsite-edge join` on the CPU for client `name` of a federation in `dir` (data `dir/NAME.txt`, cache
+/// `dir/cache-NAME`, the data settings from `config`); `edge` is the binary.
+pub fn edge_join(
+    edge: &Path,
+    dir: &Path,
+    config: &Path,
+    (addr, fp): (&str, &str),
+    token: &str,
+    name: &str,
+) -> std::process::Command {
+    let mut c = std::process::Command::new(edge);
+    c.args([
+        "join",
+        "--device",
+        "cpu",
+        "--server",
+        addr,
+        "--fingerprint",
+        fp,
+        "--token",
+        token,
+        "--name",
+        name,
+    ])
+    .arg("--data")
+    .arg(dir.join(format!("{name}.txt")))
+    .arg("--cache")
+    .arg(dir.join(format!("cache-{name}")))
+    .arg("--config")
+    .arg(config);
+    c
+}

@@ -2,7 +2,6 @@
 //! of a round and started again finishes the federation, and its final global adapter is bit for bit the one an
 //! uninterrupted run ends with (no accepted update lost, none counted twice).
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -29,48 +28,13 @@ fn token(state: &Path, client: &str) -> String {
 
 /// Starts `serve`; returns the process and the certificate fingerprint it prints.
 fn serve(config: &Path) -> (Child, String) {
-    let mut srv = server()
-        .args(["serve", "--device", "cpu", "--config"])
-        .arg(config)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(srv.stdout.take().unwrap()).lines();
-    let _listening = lines.next().unwrap().unwrap();
-    let fp = lines
-        .next()
-        .unwrap()
-        .unwrap()
-        .split_whitespace()
-        .last()
-        .unwrap()
-        .to_string();
+    let (srv, _, fp) = offsite_tests::spawn_serve(server().args(["serve", "--device", "cpu", "--config"]).arg(config));
     (srv, fp)
 }
 
 fn join(dir: &Path, config: &Path, addr: &str, fp: &str, token: &str, name: &str) -> Child {
-    Command::new(edge())
-        .args([
-            "join",
-            "--device",
-            "cpu",
-            "--server",
-            addr,
-            "--fingerprint",
-            fp,
-            "--token",
-            token,
-            "--name",
-            name,
-        ])
+    offsite_tests::edge_join(&edge(), dir, config, (addr, fp), token, name)
         .args(["--max-reconnects", "12"])
-        .arg("--data")
-        .arg(dir.join(format!("{name}.txt")))
-        .arg("--cache")
-        .arg(dir.join(format!("cache-{name}")))
-        .arg("--config")
-        .arg(config)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()

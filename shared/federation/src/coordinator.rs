@@ -222,11 +222,6 @@ impl Coordinator {
         &self.state
     }
 
-    /// The ids of the clients ready for tasks.
-    pub fn ready_clients(&self) -> Vec<String> {
-        self.ready.keys().cloned().collect()
-    }
-
     /// Whether every round is done.
     pub fn is_finished(&self) -> bool {
         matches!(self.phase, Phase::Done)
@@ -524,22 +519,18 @@ impl Coordinator {
             wall_s: 0.0,
             global_sha256: hash(&self.state.global),
         };
+        self.phase = Phase::Evaluating {
+            report,
+            started: r.started,
+        };
         let every = self.config.eval_every;
         if every > 0 && r.number % every == 0 {
             self.actions.push_back(Action::Evaluate {
                 round: r.number,
                 global: self.state.global.clone(),
             });
-            self.phase = Phase::Evaluating {
-                report,
-                started: r.started,
-            };
             Ok(())
         } else {
-            self.phase = Phase::Evaluating {
-                report,
-                started: r.started,
-            };
             self.finish_round(now)
         }
     }

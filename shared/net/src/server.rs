@@ -230,7 +230,7 @@ impl Server {
                         }
                     }
                     Action::RoundStarted { .. } => {
-                        round_start = (self.bytes(&self.shared.bytes_in), self.bytes(&self.shared.bytes_out));
+                        round_start = self.bytes();
                     }
                     Action::Save => coordinator.state().save(&dir, self.federation.keep_states)?,
                     Action::Evaluate { round, global } => {
@@ -242,8 +242,9 @@ impl Server {
                         coordinator.handle(Event::Evaluated { round, perplexity }, Instant::now())?;
                     }
                     Action::RoundComplete(mut report) => {
-                        report.bytes_in = self.bytes(&self.shared.bytes_in) - round_start.0;
-                        report.bytes_out = self.bytes(&self.shared.bytes_out) - round_start.1;
+                        let (bytes_in, bytes_out) = self.bytes();
+                        report.bytes_in = bytes_in - round_start.0;
+                        report.bytes_out = bytes_out - round_start.1;
                         append_line(&metrics, &report)?;
                         on_round(&report);
                     }
@@ -284,8 +285,10 @@ impl Server {
         Ok(state)
     }
 
-    fn bytes(&self, counter: &AtomicU64) -> u64 {
-        counter.load(Ordering::Relaxed)
+    /// Bytes received and sent so far, over every connection.
+    fn bytes(&self) -> (u64, u64) {
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        (load(&self.shared.bytes_in), load(&self.shared.bytes_out))
     }
 }
 
