@@ -1,5 +1,6 @@
 //! `offsite-server`: the operator's side of Offsite.
 
+mod bench_cmd;
 mod emulator_cmd;
 mod eval_cmd;
 mod export_cmd;
@@ -37,6 +38,9 @@ enum Command {
     Serve(fed_cmd::serve::ServeArgs),
     /// Simulate a federation on this machine: the server and N clients over the real protocol on loopback.
     Sim(fed_cmd::sim::SimArgs),
+    /// Run the arms of a benchmark task (zero-shot, central baselines, local-only, federated offsite-tuning over the
+    /// real protocol) on the same training budget and write a report with plots.
+    Bench(bench_cmd::BenchArgs),
     /// Issue, revoke or list client tokens.
     Token {
         #[command(subcommand)]
@@ -58,6 +62,7 @@ fn main() -> std::process::ExitCode {
         Command::Eval(args) => eval_cmd::run(args),
         Command::Serve(args) => fed_cmd::serve::run(args),
         Command::Sim(args) => fed_cmd::sim::run(args),
+        Command::Bench(args) => bench_cmd::run(args),
         Command::Token { command } => fed_cmd::token::run(command),
     })
 }

@@ -1,8 +1,9 @@
 //! `offsite-server serve`, `sim` and `token`: the federation server, a loopback simulation of a whole federation,
 //! and client token management.
 
-mod config;
-mod plot;
+pub(crate) mod config;
+pub(crate) mod loopback;
+pub(crate) mod plot;
 pub(crate) mod serve;
 pub(crate) mod sim;
 pub(crate) mod token;
@@ -26,24 +27,39 @@ use tracing::info;
 use config::FedFile;
 
 /// The emulator named in the config, or one built from `[emulator]` (distilled first when there is a `[distill]`
-/// table) into the state directory. A built emulator is reused while the key beside it — a hash of the model, the
-/// `[emulator]` and `[distill]` settings and the distillation data — is the same, so distillation runs once.
+/// table) into the state directory, once (see [`build_emulator_once`]).
 fn emulator_for(file: &FedFile, checkpoint: &Checkpoint, device: DeviceChoice) -> Result<PathBuf> {
     if let Some(p) = &file.model.emulator {
         return Ok(p.clone());
     }
+    let out = file.server.state_dir.join("emulator.emu");
+    build_emulator_once(file, checkpoint, device, &out)?;
+    Ok(out)
+}
+
+/// Builds the emulator `[emulator]` describes into `out`, distilled first when there is a `[distill]` table (its
+/// loss log beside it, `.distill.jsonl`). A built emulator is reused while the key beside it (`.key`) — a hash of
+/// the model, the `[emulator]` and `[distill]` settings and the distillation data — is the same, so distillation
+/// runs once.
+pub(crate) fn build_emulator_once(
+    file: &FedFile,
+    checkpoint: &Checkpoint,
+    device: DeviceChoice,
+    out: &Path,
+) -> Result<()> {
     let settings = file
         .emulator
         .as_ref()
         .context("the config needs [model] emulator = PATH or an [emulator] table")?;
-    let out = file.server.state_dir.join("emulator.emu");
-    let key_path = file.server.state_dir.join("emulator.key");
+    let key_path = out.with_extension("key");
     let key = emulator_key(checkpoint, settings, file.distill.as_ref(), &file.model.distill_data)?;
     if out.exists() && std::fs::read_to_string(&key_path).ok().as_deref() == Some(key.as_str()) {
         info!(path = %out.display(), "reusing the emulator built earlier (same model, settings and distillation data)");
-        return Ok(out);
+        return Ok(());
     }
-    std::fs::create_dir_all(&file.server.state_dir)?;
+    if let Some(parent) = out.parent() {
+        std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    }
     let name = file
         .model
         .path
@@ -54,20 +70,20 @@ fn emulator_for(file: &FedFile, checkpoint: &Checkpoint, device: DeviceChoice) -
         (None, false) => bail!("[model] distill_data is given, but the config has no [distill] table"),
         (Some(_), true) => bail!("[distill] needs public data: [model] distill_data = [...] (or --distill-data)"),
         (Some(d), false) => {
-            let log = file.server.state_dir.join("emulator.distill.jsonl");
+            let log = out.with_extension("distill.jsonl");
             let data = &file.model.distill_data;
             Some(crate::emulator_cmd::distill_middle(
                 checkpoint, settings, d, data, device, &log,
             )?)
         }
     };
-    crate::emulator_cmd::build_with_progress(checkpoint, &name, settings, distilled, &out)?;
+    crate::emulator_cmd::build_with_progress(checkpoint, &name, settings, distilled, out)?;
     offsite_fed::write_atomic(&key_path, key.as_bytes())?;
-    Ok(out)
+    Ok(())
 }
 
 /// What an emulator is built from, as a SHA-256: the model, the settings, and the content of the distillation data.
-fn emulator_key(
+pub(crate) fn emulator_key(
     checkpoint: &Checkpoint,
     settings: &offsite::emulator::EmulatorConfig,
     distill: Option<&offsite::emulator::DistillConfig>,
@@ -88,7 +104,7 @@ fn emulator_key(
 }
 
 /// The settings `Server::bind` needs, and the TLS identity.
-fn serve_settings(file: &FedFile, emulator: PathBuf) -> Result<(ServeSettings, Identity)> {
+pub(crate) fn serve_settings(file: &FedFile, emulator: PathBuf) -> Result<(ServeSettings, Identity)> {
     let identity = match (&file.server.cert, &file.server.key) {
         (Some(c), Some(k)) => Identity::from_pem(c, k)?,
         (None, None) => Identity::self_signed_in(&file.server.state_dir)?,
@@ -123,13 +139,13 @@ fn prepared_emulator(
 }
 
 /// The initial global adapter: the emulator's adapter layers, or fresh LoRA branches (seeded).
-fn initial_state(emu: &Emulator, spec: &AdapterSpec, seed: u64) -> Result<Params> {
+pub(crate) fn initial_state(emu: &Emulator, spec: &AdapterSpec, seed: u64) -> Result<Params> {
     let (model, _) = prepared_emulator(emu, spec, seed)?;
     Ok(adapter_state(&model)?)
 }
 
 /// Writes the global adapter as an Offsite adapter directory (plug in, export or evaluate it like any other).
-fn save_adapter(emu: &Emulator, spec: &AdapterSpec, global: &Params, dir: &Path) -> Result<()> {
+pub(crate) fn save_adapter(emu: &Emulator, spec: &AdapterSpec, global: &Params, dir: &Path) -> Result<()> {
     let (model, lora) = prepared_emulator(emu, &spec.structure(), 0)?;
     let model = load_state(model, global)?;
     let manifest = AdapterManifest::for_emulator(spec.method, emu);
@@ -139,7 +155,7 @@ fn save_adapter(emu: &Emulator, spec: &AdapterSpec, global: &Params, dir: &Path)
 }
 
 /// Evaluation data, spread to at most `max` examples.
-fn eval_examples(
+pub(crate) fn eval_examples(
     data: &DataConfig,
     paths: &[PathBuf],
     tok: &offsite::tokenizer::Tokenizer,
@@ -153,7 +169,7 @@ fn eval_examples(
 }
 
 /// Perplexity of a model, logged.
-fn measure(label: &str, model: &LlamaForCausalLM, examples: &[Example], batch: usize) -> Result<EvalReport> {
+pub(crate) fn measure(label: &str, model: &LlamaForCausalLM, examples: &[Example], batch: usize) -> Result<EvalReport> {
     let start = Instant::now();
     let r = evaluate(model, examples, batch)?;
     info!(
@@ -166,7 +182,7 @@ fn measure(label: &str, model: &LlamaForCausalLM, examples: &[Example], batch: u
 }
 
 /// The round evaluator: perplexity of the plug-in model (full model + global adapter) on the validation data.
-fn evaluator(
+pub(crate) fn evaluator(
     full: LlamaForCausalLM,
     layers: Vec<usize>,
     spec: AdapterSpec,

@@ -8,13 +8,13 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use offsite::device::{self, DeviceChoice};
 use offsite::emulator::Emulator;
-use offsite::federated::{plug_state, EmulatorTrainer, LocalData};
+use offsite::federated::plug_state;
 use offsite::load::Checkpoint;
-use offsite_fed::{RoundReport, TokenStore};
-use offsite_net::{join, JoinSettings, Server, Trust, SERVER_NAME};
+use offsite_fed::RoundReport;
 use tracing::info;
 
 use super::config::FedFile;
+use super::loopback::Loopback;
 
 #[derive(Args)]
 pub(crate) struct SimArgs {
@@ -65,7 +65,6 @@ pub(crate) fn run(args: SimArgs) -> Result<()> {
     if !args.data.is_empty() {
         sim.data = args.data;
     }
-    file.server.listen = ([127, 0, 0, 1], 0).into();
     let dir = file.server.state_dir.clone();
     // A simulation starts from round 0 with fresh tokens (the emulator and certificate are reused); a previous
     // run's state, metrics and tokens are only deleted when asked.
@@ -98,36 +97,7 @@ pub(crate) fn run(args: SimArgs) -> Result<()> {
     let emu_path = super::emulator_for(&file, &checkpoint, args.device)?;
     let emu = Emulator::open(&emu_path)?;
     let tokenizer = emu.tokenizer()?;
-    let per_file = sim
-        .data
-        .iter()
-        .map(|p| {
-            file.data
-                .load(p, &tokenizer)
-                .with_context(|| format!("reading {}", p.display()))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let clients: Vec<_> = sim
-        .split
-        .apply(per_file, file.federation.seed)?
-        .into_iter()
-        .map(|c| crate::eval_cmd::spread(c, sim.max_examples_per_client))
-        .collect();
-    if clients.len() < file.federation.min_clients {
-        bail!(
-            "{} clients cannot meet min_clients = {}",
-            clients.len(),
-            file.federation.min_clients
-        );
-    }
-    let tokens_path = TokenStore::path(&dir);
-    let mut store = TokenStore::load(&tokens_path)?;
-    let tokens = (0..clients.len())
-        .map(|i| store.issue(&format!("client-{i}")))
-        .collect::<Result<Vec<_>, _>>()?;
-    store.save(&tokens_path)?;
-    info!(clients = clients.len(), examples = ?clients.iter().map(Vec::len).collect::<Vec<_>>(), "data split");
-
+    let clients = super::loopback::client_examples(&file, &sim, &tokenizer)?;
     let (device, described) = device::resolve(args.device)?;
     let fast_f16 = device::fast_f16(args.device);
     let eval = file
@@ -148,61 +118,31 @@ pub(crate) fn run(args: SimArgs) -> Result<()> {
         eval.batch_size,
     );
     let initial = super::initial_state(&emu, &file.adapter, file.federation.seed)?;
-    let (settings, identity) = super::serve_settings(&file, emu_path)?;
-
-    let runtime = tokio::runtime::Runtime::new()?;
-    let state = runtime.block_on(async {
-        let server = Server::bind(settings, identity)?;
-        let addr = server.local_addr()?;
-        let trust = Trust::Pinned(server.fingerprint().to_string());
-        info!(%addr, clients = clients.len(), "server up; starting clients");
-        let mut handles = Vec::new();
-        for (i, (data, token)) in clients.iter().zip(&tokens).enumerate() {
-            let s = JoinSettings {
-                server: addr,
-                server_name: SERVER_NAME.into(),
-                trust: trust.clone(),
-                token: token.clone(),
-                name: format!("sim-{i}"),
-                cache_dir: dir.join(format!("client-{i}")),
-                max_reconnects: 5,
-                save_updates: None,
-                client_cert: None,
-            };
-            let trainer =
-                EmulatorTrainer::new(device.clone(), LocalData::Examples(data.clone())).with_fast_f16(fast_f16);
-            let trainer = Box::new(trainer);
-            handles.push(tokio::spawn(join(s, trainer)));
-        }
+    println!(
+        "{:>5} {:>12} {:>8} {:>11} {:>11} {:>10} {:>10} {:>8}",
+        "round", "participants", "rejected", "bytes in", "bytes out", "train loss", "plug-in", "seconds"
+    );
+    let mut print = |r: &RoundReport| {
         println!(
-            "{:>5} {:>12} {:>8} {:>11} {:>11} {:>10} {:>10} {:>8}",
-            "round", "participants", "rejected", "bytes in", "bytes out", "train loss", "plug-in", "seconds"
+            "{:>5} {:>12} {:>8} {:>11} {:>11} {:>10.4} {:>10} {:>8.1}",
+            r.round,
+            r.participants,
+            r.rejected,
+            r.bytes_in,
+            r.bytes_out,
+            r.train_loss,
+            r.eval_perplexity.map_or("-".into(), |p| format!("{p:.3}")),
+            r.wall_s
         );
-        let mut print = |r: &RoundReport| {
-            println!(
-                "{:>5} {:>12} {:>8} {:>11} {:>11} {:>10.4} {:>10} {:>8.1}",
-                r.round,
-                r.participants,
-                r.rejected,
-                r.bytes_in,
-                r.bytes_out,
-                r.train_loss,
-                r.eval_perplexity.map_or("-".into(), |p| format!("{p:.3}")),
-                r.wall_s
-            );
-        };
-        let state = server.run(initial, Some(evaluator), &mut print).await?;
-        for (i, h) in handles.into_iter().enumerate() {
-            let summary = h.await.context("client task")??;
-            info!(
-                client = i,
-                rounds = summary.rounds,
-                accepted = summary.accepted,
-                "client finished"
-            );
-        }
-        anyhow::Ok(state)
-    })?;
+    };
+    let loopback = Loopback {
+        file: &file,
+        emulator: emu_path,
+        clients,
+        device: device.clone(),
+        fast_f16,
+    };
+    let state = loopback.run(initial, Some(evaluator), &mut print)?;
 
     let emu_model = plug_state(emu.load_model(&device)?, &layers, &file.adapter, &state.global)?;
     let emu_after = super::measure("emulator + global adapter", &emu_model, &examples, eval.batch_size)?;

@@ -1,0 +1,216 @@
+//! A bench config: a federation config (what `sim` reads: model, emulator, distillation, adapter, strategy,
+//! federation, local training, data, evaluation and the clients' data) plus a `[bench]` table naming the task,
+//! the arms and the settings of the arms that are not federated offsite-tuning.
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use offsite::adapters::LoraConfig;
+use offsite::train::TrainConfig;
+use serde::{Deserialize, Serialize};
+
+use crate::fed_cmd::config::FedFile;
+
+/// The arms a bench can run, in report order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+#[value(rename_all = "snake_case")]
+pub(crate) enum Arm {
+    /// The full model as it is.
+    ZeroShot,
+    /// The emulator as it is (what a client starts from).
+    EmulatorZeroShot,
+    /// Every decoder layer of the full model trained on the pooled data.
+    CentralFullFt,
+    /// Only the emulator's adapter layers trained, on the full model, on the pooled data: the ceiling of
+    /// offsite-tuning with these adapter layers.
+    CentralAdapterCeiling,
+    /// LoRA on the full model, pooled data.
+    CentralLora,
+    /// Offsite-tuning without federation: the adapter layers trained on the emulator on the pooled data, plugged in.
+    CentralOtPlugin,
+    /// Each client alone trains the emulator's adapter layers on its own data, plugged in; mean over clients.
+    LocalOnly,
+    /// Federated LoRA where clients hold the full model.
+    FedLora,
+    /// Federated offsite-tuning over the real protocol, the global adapter plugged into the full model.
+    FedOtPlugin,
+    /// The same federation's global adapter on the emulator: what a client holds.
+    FedOtEmulator,
+    /// Federated offsite-tuning with LoRA on the emulator's adapter layers, plugged in.
+    FedOtLoraPlugin,
+}
+
+impl Arm {
+    /// Every arm, in report order.
+    pub(crate) const ALL: [Arm; 11] = [
+        Arm::ZeroShot,
+        Arm::EmulatorZeroShot,
+        Arm::CentralFullFt,
+        Arm::CentralAdapterCeiling,
+        Arm::CentralLora,
+        Arm::CentralOtPlugin,
+        Arm::LocalOnly,
+        Arm::FedLora,
+        Arm::FedOtPlugin,
+        Arm::FedOtEmulator,
+        Arm::FedOtLoraPlugin,
+    ];
+
+    /// The arm's name in reports and on the command line.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Arm::ZeroShot => "zero_shot",
+            Arm::EmulatorZeroShot => "emulator_zero_shot",
+            Arm::CentralFullFt => "central_full_ft",
+            Arm::CentralAdapterCeiling => "central_adapter_ceiling",
+            Arm::CentralLora => "central_lora",
+            Arm::CentralOtPlugin => "central_ot_plugin",
+            Arm::LocalOnly => "local_only",
+            Arm::FedLora => "fed_lora",
+            Arm::FedOtPlugin => "fed_ot_plugin",
+            Arm::FedOtEmulator => "fed_ot_emulator",
+            Arm::FedOtLoraPlugin => "fed_ot_lora_plugin",
+        }
+    }
+
+    /// The run that produces the arm: one run (one child process, one result file) may produce several arms
+    /// (`fed_ot` gives both the plug-in and the client's emulator).
+    pub(crate) fn run(self) -> &'static str {
+        match self {
+            Arm::FedOtPlugin | Arm::FedOtEmulator => "fed_ot",
+            a => a.name(),
+        }
+    }
+
+    /// Whether the arm trains over the federation protocol.
+    pub(crate) fn federated(self) -> bool {
+        matches!(self, Arm::FedLora | Arm::FedOtPlugin | Arm::FedOtEmulator | Arm::FedOtLoraPlugin)
+    }
+}
+
+/// The metric a task is scored by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum Metric {
+    /// Perplexity of the `[eval]` data (lower is better).
+    Perplexity,
+}
+
+impl Metric {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Metric::Perplexity => "perplexity",
+        }
+    }
+
+    pub(crate) fn higher_is_better(self) -> bool {
+        match self {
+            Metric::Perplexity => false,
+        }
+    }
+}
+
+/// The optimizer settings of the central arms; their steps follow from the token budget.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct CentralSection {
+    /// Examples per step.
+    pub batch_size: usize,
+    /// Peak learning rate (layer-training arms).
+    pub lr: f64,
+    /// Final learning rate of the cosine schedule.
+    pub min_lr: f64,
+    /// Warmup steps.
+    #[serde(default)]
+    pub warmup_steps: usize,
+}
+
+/// `[bench]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct BenchSection {
+    /// The task's name, written into the report.
+    pub task: String,
+    /// What the arms are scored by.
+    pub metric: Metric,
+    /// The arms run unless `--arms` names others (default: every arm).
+    #[serde(default = "all_arms")]
+    pub arms: Vec<Arm>,
+    /// Central arms' optimizer settings.
+    pub central: CentralSection,
+    /// The LoRA of `central_lora`, `fed_lora` and `fed_ot_lora_plugin` (`layers_to_transform` is set per arm).
+    pub lora: LoraConfig,
+    /// Peak learning rate of the LoRA arms, central and federated (cosine to a tenth).
+    pub lora_lr: f64,
+}
+
+fn all_arms() -> Vec<Arm> {
+    Arm::ALL.to_vec()
+}
+
+/// A whole bench config.
+#[derive(Debug, Clone)]
+pub(crate) struct BenchFile {
+    /// Everything but `[bench]`.
+    pub fed: FedFile,
+    /// `[bench]`.
+    pub bench: BenchSection,
+}
+
+impl BenchFile {
+    /// Reads a bench config; unknown keys are named.
+    pub(crate) fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let mut table: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| anyhow::anyhow!("{}: {}", path.display(), e.message()))?;
+        let bench = table
+            .remove("bench")
+            .with_context(|| format!("{}: a bench config needs a [bench] table", path.display()))?;
+        let bench: BenchSection = bench
+            .try_into()
+            .map_err(|e: toml::de::Error| anyhow::anyhow!("{}: [bench]: {}", path.display(), e.message()))?;
+        let fed: FedFile = table
+            .try_into()
+            .map_err(|e: toml::de::Error| anyhow::anyhow!("{}: {}", path.display(), e.message()))?;
+        if bench.central.batch_size == 0 {
+            bail!("{}: [bench.central] batch_size must be positive", path.display());
+        }
+        bench
+            .lora
+            .validate()
+            .map_err(|e| anyhow::anyhow!("{}: [bench.lora]: {e}", path.display()))?;
+        Ok(BenchFile { fed, bench })
+    }
+
+    /// Examples every arm trains on in all: rounds × clients × local steps × local batch (× accumulation).
+    pub(crate) fn budget_examples(&self, clients: usize) -> usize {
+        let l = &self.fed.local;
+        self.fed.federation.rounds as usize * clients * l.steps * l.batch_size * l.grad_accum.max(1)
+    }
+
+    /// The training settings of a central arm over `clients` clients' pooled data, at peak learning rate `lr`:
+    /// the clients' local settings with the `[bench.central]` batch, schedule and as many steps as see the budget.
+    pub(crate) fn central_train(&self, clients: usize, lr: f64, min_lr: f64) -> Result<TrainConfig> {
+        let c = &self.bench.central;
+        let budget = self.budget_examples(clients);
+        if budget % c.batch_size != 0 {
+            bail!(
+                "the token budget ({budget} examples: rounds × clients × local steps × local batch) is not a \
+                 multiple of [bench.central] batch_size = {}",
+                c.batch_size
+            );
+        }
+        Ok(TrainConfig {
+            steps: budget / c.batch_size,
+            batch_size: c.batch_size,
+            grad_accum: 1,
+            lr,
+            min_lr,
+            warmup_steps: c.warmup_steps,
+            seed: self.fed.federation.seed,
+            ..self.fed.local.clone()
+        })
+    }
+}
