@@ -283,7 +283,7 @@ fn boundary_nmse(
 #[test]
 fn distillation_pulls_the_middle_towards_the_full_model_and_touches_nothing_else() {
     use offsite::data::Example;
-    use offsite::emulator::DistillConfig;
+    use offsite::emulator::{DistillConfig, KdAt};
     let dir = tempfile::tempdir().unwrap();
     let (model_dir, plain_path) = build(dir.path(), QuantFormat::F32);
     let ckpt = Checkpoint::open(&model_dir).unwrap();
@@ -313,7 +313,7 @@ fn distillation_pulls_the_middle_towards_the_full_model_and_touches_nothing_else
     let plain = Emulator::open(&plain_path).unwrap();
     let before = boundary_nmse(&plain.load_model(&Device::flex()).unwrap(), &full, &held);
 
-    for lm_weight in [0.0, 0.5] {
+    for (lm_weight, kd_at) in [(0.0, KdAt::Top), (0.5, KdAt::Top), (0.0, KdAt::EveryLayer)] {
         let settings = DistillConfig {
             steps: 30,
             batch_size: 8,
@@ -323,6 +323,7 @@ fn distillation_pulls_the_middle_towards_the_full_model_and_touches_nothing_else
             lm_weight,
             max_grad_norm: 1.0,
             seed: 1,
+            kd_at,
         };
         let mut steps = Vec::new();
         let layers = emulator::distill(&ckpt, &config, &settings, &examples, &Device::flex(), &mut |s| {
@@ -331,13 +332,13 @@ fn distillation_pulls_the_middle_towards_the_full_model_and_touches_nothing_else
         .unwrap();
         assert_eq!(steps.len(), 30);
         assert_eq!(steps[0].lm.is_some(), lm_weight > 0.0);
-        let out = dir.path().join(format!("distilled-{lm_weight}.emu"));
+        let out = dir.path().join(format!("distilled-{lm_weight}-{kd_at:?}.emu"));
         let (manifest, _) = emulator::build_distilled(&ckpt, "tiny-6", &config, layers, &out, &mut |_, _| {}).unwrap();
         assert!(manifest.distilled);
         let distilled = Emulator::open(&out).unwrap();
         let after = boundary_nmse(&distilled.load_model(&Device::flex()).unwrap(), &full, &held);
         eprintln!(
-            "lm_weight {lm_weight}: training nmse {:.4} → {:.4}; held-out boundary nmse {before:.4} → {after:.4}",
+            "lm_weight {lm_weight}, kd at {kd_at:?}: training nmse {:.4} → {:.4}; held-out boundary nmse {before:.4} → {after:.4}",
             steps[0].mse, steps[29].mse
         );
         assert!(

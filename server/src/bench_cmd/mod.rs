@@ -43,6 +43,10 @@ pub(crate) struct BenchArgs {
     /// Overrides [model] distill_data (repeatable).
     #[arg(long)]
     distill_data: Vec<PathBuf>,
+    /// Relative data file names of the config ([sim] data, [eval] data, [model] distill_data) are looked up here
+    /// (default: the current directory).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
     /// Run only these arms (comma-separated; default: [bench] arms).
     #[arg(long, value_delimiter = ',')]
     arms: Vec<Arm>,
@@ -81,6 +85,20 @@ impl BenchArgs {
         if !self.distill_data.is_empty() {
             fed.model.distill_data = self.distill_data.clone();
         }
+        if let Some(dir) = &self.data_dir {
+            let under = |paths: &mut Vec<PathBuf>| {
+                for p in paths.iter_mut().filter(|p| p.is_relative()) {
+                    *p = dir.join(&*p);
+                }
+            };
+            under(&mut fed.model.distill_data);
+            if let Some(sim) = &mut fed.sim {
+                under(&mut sim.data);
+            }
+            if let Some(eval) = &mut fed.eval {
+                under(&mut eval.data);
+            }
+        }
         if fed.sim.is_none() || fed.eval.is_none() {
             bail!("a bench config needs [sim] (the clients' data) and [eval] (the held-out data) tables");
         }
@@ -101,7 +119,7 @@ impl BenchArgs {
     fn key(&self) -> Result<String> {
         let mut h = Sha256::new();
         h.update(std::fs::read(&self.config).with_context(|| format!("reading {}", self.config.display()))?);
-        for p in [&self.model].into_iter().flatten().chain(&self.data).chain(&self.eval_data).chain(&self.distill_data)
+        for p in [&self.model, &self.data_dir].into_iter().flatten().chain(&self.data).chain(&self.eval_data).chain(&self.distill_data)
         {
             h.update(p.to_string_lossy().as_bytes());
             h.update([0]);
@@ -168,8 +186,10 @@ pub(crate) fn run(args: BenchArgs) -> Result<()> {
                 cmd.arg(flag).arg(p);
             }
         }
-        if let Some(m) = &args.model {
-            cmd.arg("--model").arg(m);
+        for (flag, path) in [("--model", &args.model), ("--data-dir", &args.data_dir)] {
+            if let Some(p) = path {
+                cmd.arg(flag).arg(p);
+            }
         }
         if let Some((p, _)) = &ot {
             cmd.arg("--ot-emulator").arg(p);

@@ -44,6 +44,21 @@ pub struct DistillConfig {
     /// Seed of the batch order.
     #[serde(default)]
     pub seed: u64,
+    /// Where the emulator is matched to the full model.
+    #[serde(default)]
+    pub kd_at: KdAt,
+}
+
+/// The layer boundaries distillation matches.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KdAt {
+    /// Only the boundary below the top adapter layers (offsite-tuning's emulator distillation).
+    #[default]
+    Top,
+    /// After every kept middle layer: each learns to stand for the block of layers it replaces (from itself up to
+    /// the next kept layer, or to the top adapter layers); the loss is the mean of the boundaries' normalised MSEs.
+    EveryLayer,
 }
 
 fn default_batch() -> usize {
@@ -129,6 +144,24 @@ fn normalised_mse(a: Tensor<3>, b: Tensor<3>, mask: &[Vec<bool>]) -> Tensor<1> {
     err.div(norm).reshape([1])
 }
 
+/// The boundaries distillation matches, as layer counts of the emulator (`layers`: the full-model indices it
+/// keeps; `middle`: its kept middle ones) and of the full model, ascending. The last pair is always the boundary
+/// below the top adapter layers.
+fn boundaries(layers: &[usize], middle: &[usize], depth: usize, top: usize, at: KdAt) -> (Vec<usize>, Vec<usize>) {
+    let top_pair = (layers.len() - top, depth - top);
+    match at {
+        KdAt::Top => (vec![top_pair.0], vec![top_pair.1]),
+        KdAt::EveryLayer => {
+            let bottom = layers.len() - top - middle.len();
+            // After kept middle layer j the emulator has run bottom + j + 1 layers; the block it stands for ends
+            // where the next kept layer starts (or below the top adapter layers).
+            (0..middle.len())
+                .map(|j| (bottom + j + 1, middle.get(j + 1).copied().unwrap_or(top_pair.1)))
+                .unzip()
+        }
+    }
+}
+
 /// Trains the middle layers `config` keeps so the emulator matches the full model at the boundary below its top
 /// adapter layers. `device` is the inner device (the student trains on its autodiff twin).
 pub fn distill(
@@ -158,26 +191,27 @@ pub fn distill(
     student.model.layers.retain(|_| *flags.next().unwrap_or(&false));
     student.model.layer_ids = layers.clone();
     let student = student.with_trainable(&|n: &str| layer_of(n).is_some_and(|i| middle.contains(&i)));
-    // Both stop below the top adapter layers: the full model after `depth − top` layers, the emulator after its
-    // bottom and kept middle layers.
-    let (teacher_tap, student_tap) = (depth - config.top_layers, layers.len() - config.top_layers);
+    let (student_taps, teacher_taps) = boundaries(&layers, &middle, depth, config.top_layers, settings.kd_at);
     let lm_weight = settings.lm_weight;
     let parts = Arc::new(Mutex::new((0.0f64, 0.0f64, 0usize)));
     let record = parts.clone();
     let objective = Objective(Arc::new(move |model: &LlamaForCausalLM, batch: &Batch| {
-        let target = teacher.hidden_after(batch.ids_tensor(&teacher.device()), Some(&batch.mask), teacher_tap)?;
-        let target = Tensor::<3>::from_inner(target);
+        let targets = teacher.hidden_at(batch.ids_tensor(&teacher.device()), Some(&batch.mask), &teacher_taps)?;
         let ids = batch.ids_tensor(&model.device());
-        let (mse, lm) = if lm_weight > 0.0 {
-            let (hidden, logits) = model.forward_tapped(ids, Some(&batch.mask), student_tap)?;
-            (
-                normalised_mse(hidden, target, &batch.mask),
-                Some(causal_lm_loss(logits, &batch.labels)?),
-            )
+        let (hidden, lm) = if lm_weight > 0.0 {
+            let (hidden, logits) = model.forward_tapped(ids, Some(&batch.mask), &student_taps)?;
+            (hidden, Some(causal_lm_loss(logits, &batch.labels)?))
         } else {
-            let hidden = model.hidden_after(ids, Some(&batch.mask), student_tap)?;
-            (normalised_mse(hidden, target, &batch.mask), None)
+            (model.hidden_at(ids, Some(&batch.mask), &student_taps)?, None)
         };
+        let n = hidden.len().max(1) as f64;
+        let mse = hidden
+            .into_iter()
+            .zip(targets)
+            .map(|(h, t)| normalised_mse(h, Tensor::<3>::from_inner(t), &batch.mask))
+            .reduce(|a, b| a.add(b))
+            .ok_or_else(|| TrainError::Config("no distillation boundary".into()))?
+            .div_scalar(n);
         let mse_value = mse.clone().into_scalar::<f32>() as f64;
         let lm_value = lm.as_ref().map_or(0.0, |l| l.clone().into_scalar::<f32>() as f64);
         if let Ok(mut p) = record.lock() {
@@ -241,6 +275,16 @@ mod tests {
     }
 
     #[test]
+    fn every_kept_layer_stands_for_the_block_up_to_the_next_kept_one() {
+        // 10 layers, 2 + 2 adapter layers, middle 2..8 of which 2, 5, 7 are kept.
+        let layers = [0, 1, 2, 5, 7, 8, 9];
+        let (s, t) = boundaries(&layers, &[2, 5, 7], 10, 2, KdAt::EveryLayer);
+        // Emulator after 3 layers (0, 1, 2) ↔ full model after 5 (0–4); after 4 ↔ 7; after 5 ↔ 8.
+        assert_eq!((s, t), (vec![3, 4, 5], vec![5, 7, 8]));
+        assert_eq!(boundaries(&layers, &[2, 5, 7], 10, 2, KdAt::Top), (vec![5], vec![8]));
+    }
+
+    #[test]
     fn the_table_is_optional_and_checked() {
         assert_eq!(
             DistillConfig::from_toml("[emulator]\nbottom_layers = 1\n").unwrap(),
@@ -250,6 +294,9 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!((d.steps, d.batch_size, d.max_len, d.lm_weight), (5, 4, 128, 0.5));
+        assert_eq!(d.kd_at, KdAt::Top);
+        let d = DistillConfig::from_toml("[distill]\nsteps = 5\nkd_at = \"every_layer\"\n").unwrap().unwrap();
+        assert_eq!(d.kd_at, KdAt::EveryLayer);
         let err = DistillConfig::from_toml("[distill]\nsteps = 5\nlr_max = 1\n").unwrap_err();
         assert!(err.to_string().contains("lr_max"), "{err}");
         assert!(DistillConfig::from_toml("[distill]\nsteps = 5\nlm_weight = -1\n").is_err());

@@ -187,7 +187,7 @@ impl LlamaForCausalLM {
         mask: Option<&[Vec<bool>]>,
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor<3>, ModelError> {
-        let (_, x) = self.decode(ids, mask, cache, self.model.layers.len(), None)?;
+        let (_, x) = self.decode(ids, mask, cache, self.model.layers.len(), &[])?;
         Ok(self.model.norm.forward(x))
     }
 
@@ -202,38 +202,54 @@ impl LlamaForCausalLM {
         mask: Option<&[Vec<bool>]>,
         layers: usize,
     ) -> Result<Tensor<3>, ModelError> {
-        Ok(self.decode(ids, mask, None, layers, None)?.1)
+        Ok(self.decode(ids, mask, None, layers, &[])?.1)
     }
 
-    /// Logits, and the residual stream after the first `tap` decoder layers, from one pass.
+    /// The residual stream after the first `taps[k]` decoder layers, for each `k`, from one pass that stops at the
+    /// last boundary asked for (`taps` ascending).
     ///
     /// # Shapes
-    /// - `ids`: `[batch, seq]` → `[batch, seq, hidden]`, `[batch, seq, vocab]`
+    /// - `ids`: `[batch, seq]` → each `[batch, seq, hidden]`
+    pub fn hidden_at(
+        &self,
+        ids: Tensor<2, Int>,
+        mask: Option<&[Vec<bool>]>,
+        taps: &[usize],
+    ) -> Result<Vec<Tensor<3>>, ModelError> {
+        let until = taps.last().copied().unwrap_or(0);
+        Ok(self.decode(ids, mask, None, until, taps)?.0)
+    }
+
+    /// Logits, and the residual stream after the first `taps[k]` decoder layers for each `k` (ascending), from one
+    /// pass.
+    ///
+    /// # Shapes
+    /// - `ids`: `[batch, seq]` → each `[batch, seq, hidden]`, `[batch, seq, vocab]`
     pub fn forward_tapped(
         &self,
         ids: Tensor<2, Int>,
         mask: Option<&[Vec<bool>]>,
-        tap: usize,
-    ) -> Result<(Tensor<3>, Tensor<3>), ModelError> {
-        let (tapped, x) = self.decode(ids, mask, None, self.model.layers.len(), Some(tap))?;
-        let tapped = tapped.ok_or_else(|| ModelError::Input(format!("no layer boundary {tap}")))?;
+        taps: &[usize],
+    ) -> Result<(Vec<Tensor<3>>, Tensor<3>), ModelError> {
+        let (tapped, x) = self.decode(ids, mask, None, self.model.layers.len(), taps)?;
         Ok((tapped, self.lm_head(self.model.norm.forward(x))))
     }
 
-    /// Runs the first `until` decoder layers; returns the residual stream after `tap` layers (when asked) and after
-    /// `until` layers, virtual-token positions removed.
+    /// Runs the first `until` decoder layers; returns the residual stream after `taps[k]` layers for each `k`
+    /// (ascending, at most `until`) and after `until` layers, virtual-token positions removed.
     fn decode(
         &self,
         ids: Tensor<2, Int>,
         mask: Option<&[Vec<bool>]>,
         mut cache: Option<&mut KvCache>,
         until: usize,
-        tap: Option<usize>,
-    ) -> Result<(Option<Tensor<3>>, Tensor<3>), ModelError> {
+        taps: &[usize],
+    ) -> Result<(Vec<Tensor<3>>, Tensor<3>), ModelError> {
         let depth = self.model.layers.len();
-        if until > depth || tap.is_some_and(|t| t > until) || (until < depth && cache.is_some()) {
+        let ascending = taps.windows(2).all(|w| w[0] < w[1]);
+        if until > depth || taps.iter().any(|&t| t > until) || !ascending || (until < depth && cache.is_some()) {
             return Err(ModelError::Input(format!(
-                "cannot stop after {until} of {depth} layers (tap {tap:?}, cache: {})",
+                "cannot stop after {until} of {depth} layers (taps {taps:?}, cache: {})",
                 cache.is_some()
             )));
         }
@@ -356,17 +372,17 @@ impl LlamaForCausalLM {
                 x
             }
         };
-        let mut tapped = None;
+        let mut tapped = Vec::with_capacity(taps.len());
         for ((i, layer), prefix) in self.model.layers.iter().enumerate().zip(prefixes).take(until) {
-            if tap == Some(i) {
-                tapped = Some(strip(x.clone()));
+            if taps.contains(&i) {
+                tapped.push(strip(x.clone()));
             }
             let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
             let id = &self.model.layer_ids[i];
             x = layer.forward(x, &ctx, layer_cache, prefix, prefixed(id));
         }
-        if tap == Some(until) {
-            tapped = Some(strip(x.clone()));
+        if taps.contains(&until) {
+            tapped.push(strip(x.clone()));
         }
         if let Some(c) = cache {
             c.valid = valid;
