@@ -147,13 +147,20 @@ fn every_arm_on_one_budget_with_its_own_evaluation_and_a_resumed_bench_gives_the
         assert_eq!(arm["train_examples"], expected, "{name}");
     }
     for name in ["fed_lora", "fed_ot_plugin", "fed_ot_lora_plugin"] {
-        assert_eq!(arms[name]["rounds"].as_array().unwrap().len(), 2, "{name}: one evaluation per round");
+        assert_eq!(
+            arms[name]["rounds"].as_array().unwrap().len(),
+            2,
+            "{name}: one evaluation per round"
+        );
         assert!(arms[name]["bytes_up_per_client_round"].as_f64().unwrap() > 0.0);
     }
     // Training on the clients' data lowers their held-out perplexity in every central arm (text of one pattern).
     let zero = arms["zero_shot"]["metric"].as_f64().unwrap();
     for name in ["central_full_ft", "central_adapter_ceiling", "central_ot_plugin"] {
-        assert!(arms[name]["metric"].as_f64().unwrap() < zero, "{name} did not learn: {report}");
+        assert!(
+            arms[name]["metric"].as_f64().unwrap() < zero,
+            "{name} did not learn: {report}"
+        );
     }
 
     // The report's numbers are the arms' own: `eval` of what the runs left gives them again.
@@ -165,13 +172,18 @@ fn every_arm_on_one_budget_with_its_own_evaluation_and_a_resumed_bench_gives_the
         ("emulator + adapter", "fed_ot_emulator"),
         ("plug-in (full model + adapter)", "fed_ot_plugin"),
     ] {
-        let (ours, theirs) = (arms[arm]["metric"].as_f64().unwrap(), fed[label]["perplexity"].as_f64().unwrap());
+        let (ours, theirs) = (
+            arms[arm]["metric"].as_f64().unwrap(),
+            fed[label]["perplexity"].as_f64().unwrap(),
+        );
         assert!(close(ours, theirs), "{arm}: report {ours}, eval {theirs}");
     }
     let central = eval(dir, &emulator, &dir.join("out/runs/central_ot_plugin/adapter"));
     let (ours, theirs) = (
         arms["central_ot_plugin"]["metric"].as_f64().unwrap(),
-        central["plug-in (full model + adapter)"]["perplexity"].as_f64().unwrap(),
+        central["plug-in (full model + adapter)"]["perplexity"]
+            .as_f64()
+            .unwrap(),
     );
     assert!(close(ours, theirs), "central_ot_plugin: report {ours}, eval {theirs}");
     let gap = report["gap_closed"]["vs_adapter_ceiling"].as_f64().unwrap();
@@ -188,7 +200,10 @@ fn every_arm_on_one_budget_with_its_own_evaluation_and_a_resumed_bench_gives_the
     std::fs::remove_file(dir.join("out/report.json")).unwrap();
     let (again, stderr) = bench(dir, &config);
     assert_eq!(stderr.matches("already done").count(), 9, "{stderr}");
-    assert!(!stderr.contains("distilling"), "the emulator comes from the cache: {stderr}");
+    assert!(
+        !stderr.contains("distilling"),
+        "the emulator comes from the cache: {stderr}"
+    );
     for name in names {
         let (a, b) = (&report["arms"][name], &again["arms"][name]);
         assert_eq!(a["metric"], b["metric"], "{name}");

@@ -326,7 +326,7 @@ fn distillation_pulls_the_middle_towards_the_full_model_and_touches_nothing_else
             kd_at,
         };
         let mut steps = Vec::new();
-        let layers = emulator::distill(&ckpt, &config, &settings, &examples, &Device::flex(), &mut |s| {
+        let layers = emulator::distill(&ckpt, &config, &settings, &examples, &Device::flex(), None, &mut |s| {
             steps.push(s.clone())
         })
         .unwrap();
@@ -375,4 +375,93 @@ fn distillation_pulls_the_middle_towards_the_full_model_and_touches_nothing_else
             );
         }
     }
+}
+
+#[test]
+fn a_killed_distillation_resumes_from_its_last_save_and_ends_as_the_uninterrupted_one() {
+    use offsite::data::Example;
+    use offsite::emulator::{DistillCheckpoint, DistillConfig, DistilledLayers, KdAt};
+    let dir = tempfile::tempdir().unwrap();
+    let (model_dir, _) = build(dir.path(), QuantFormat::F32);
+    let ckpt = Checkpoint::open(&model_dir).unwrap();
+    let examples: Vec<Example> = (0..16u32)
+        .map(|i| {
+            let ids: Vec<u32> = (0..16u32).map(|t| (i * 13 + t * 7 + t * t) % 250 + 3).collect();
+            Example {
+                labels: ids.iter().map(|&x| x as i64).collect(),
+                ids,
+                category: None,
+            }
+        })
+        .collect();
+    let config = EmulatorConfig {
+        bottom_layers: 1,
+        top_layers: 1,
+        drop_ratio: 0.5,
+        quant: QuantFormat::F32,
+        scale_dtype: ScaleDType::F32,
+        quantize_embeddings: false,
+    };
+    let settings = DistillConfig {
+        steps: 6,
+        batch_size: 4,
+        max_len: 16,
+        lr: 3e-3,
+        warmup_steps: 1,
+        lm_weight: 0.0,
+        max_grad_norm: 1.0,
+        seed: 3,
+        kd_at: KdAt::EveryLayer,
+    };
+    let run = |resume: Option<&DistillCheckpoint<'_>>, kill_after: usize, steps: &mut Vec<usize>| {
+        emulator::distill(
+            &ckpt,
+            &config,
+            &settings,
+            &examples,
+            &Device::flex(),
+            resume,
+            &mut |s| {
+                steps.push(s.step);
+                assert!(s.step < kill_after, "killed after step {}", s.step);
+            },
+        )
+    };
+    let written = |layers: DistilledLayers, name: &str| {
+        let out = dir.path().join(name);
+        // The content hash (manifest and tensors by name), not the bytes: the file's tensor order may vary.
+        emulator::build_distilled(&ckpt, "tiny-6", &config, layers, &out, &mut |_, _| {})
+            .unwrap()
+            .1
+    };
+    let whole = written(run(None, usize::MAX, &mut Vec::new()).unwrap(), "whole.emu");
+    let again = written(run(None, usize::MAX, &mut Vec::new()).unwrap(), "again.emu");
+    assert_eq!(
+        again, whole,
+        "two uninterrupted distillations differ: nothing to compare a resumed one with"
+    );
+
+    let progress = dir.path().join("progress");
+    let resume = DistillCheckpoint {
+        dir: &progress,
+        key: "k1",
+        every: 2,
+    };
+    let mut steps = Vec::new();
+    // A kill at step 5: the saves after steps 2 and 4 are on disk.
+    let killed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(Some(&resume), 5, &mut steps)));
+    assert!(killed.is_err());
+    assert_eq!(resume.step(), Some(4));
+    assert_eq!(
+        DistillCheckpoint { key: "other", ..resume }.step(),
+        None,
+        "another key never resumes"
+    );
+    let mut steps = Vec::new();
+    let resumed = written(run(Some(&resume), usize::MAX, &mut steps).unwrap(), "resumed.emu");
+    assert_eq!(steps, vec![5, 6], "only the steps after the last save run again");
+    assert_eq!(
+        resumed, whole,
+        "the resumed distillation differs from the uninterrupted one"
+    );
 }

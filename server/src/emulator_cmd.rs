@@ -69,7 +69,14 @@ pub(crate) fn run(command: EmulatorCommand) -> Result<()> {
                     .map_or("model".into(), |n| n.to_string_lossy().into_owned())
             });
             match (distill, distill_data.is_empty()) {
-                (None, true) => build_with_progress(&checkpoint, &name, &settings, None, &out),
+                (None, true) => {
+                    warn!(
+                        "{} has no [distill] table: the emulator's middle is not distilled, and what clients learn on \
+                         it transfers poorly to the full model (see configs/emulator-smollm2.toml)",
+                        config.display()
+                    );
+                    build_with_progress(&checkpoint, &name, &settings, None, &out)
+                }
                 (None, false) => bail!("--distill-data given, but {} has no [distill] table", config.display()),
                 (Some(_), true) => bail!(
                     "{} asks for distillation: name its data with --distill-data",
@@ -77,8 +84,10 @@ pub(crate) fn run(command: EmulatorCommand) -> Result<()> {
                 ),
                 (Some(d), false) => {
                     let log = distill_log.unwrap_or_else(|| out.with_extension("distill.jsonl"));
-                    let layers = distill_middle(&checkpoint, &settings, &d, &distill_data, device, &log)?;
-                    build_with_progress(&checkpoint, &name, &settings, Some(layers), &out)
+                    let key = crate::fed_cmd::emulator_key(&checkpoint, &settings, Some(&d), &distill_data)?;
+                    let layers = distill_middle(&checkpoint, &settings, &d, &distill_data, device, &log, &out, &key)?;
+                    build_with_progress(&checkpoint, &name, &settings, Some(layers), &out)?;
+                    remove_progress(&out)
                 }
             }
         }
@@ -100,7 +109,24 @@ pub(crate) fn run(command: EmulatorCommand) -> Result<()> {
     }
 }
 
-/// Distils the middle layers the emulator keeps on `data`, with a progress bar and a JSON-lines loss log.
+/// Where the distillation of the emulator `out` keeps its progress.
+fn progress_dir(out: &Path) -> PathBuf {
+    out.with_extension("distill-progress")
+}
+
+/// Removes the distillation progress of `out` once the emulator is written.
+pub(crate) fn remove_progress(out: &Path) -> Result<()> {
+    let dir = progress_dir(out);
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+    }
+    Ok(())
+}
+
+/// Distils the middle layers the emulator `out` keeps on `data`, with a progress bar and a JSON-lines loss log.
+/// Progress is saved beside `out` (`.distill-progress/`, about every tenth of the steps): a killed distillation of
+/// the same `key` (model, settings, data) resumes there, and its log keeps the steps up to that point.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn distill_middle(
     checkpoint: &Checkpoint,
     settings: &EmulatorConfig,
@@ -108,6 +134,8 @@ pub(crate) fn distill_middle(
     data: &[PathBuf],
     device: DeviceChoice,
     log_path: &Path,
+    out: &Path,
+    key: &str,
 ) -> Result<DistilledLayers> {
     let tokenizer = checkpoint
         .tokenizer()
@@ -122,8 +150,28 @@ pub(crate) fn distill_middle(
     }
     let (device, described) = device::resolve(device)?;
     info!(device = %described, examples = examples.len(), steps = distill.steps, "distilling the middle layers");
+    let dir = progress_dir(out);
+    let resume = emulator::DistillCheckpoint {
+        dir: &dir,
+        key,
+        every: (distill.steps / 10).max(10),
+    };
+    let done = resume.step().unwrap_or(0);
+    // The log keeps the steps the resumed run does not repeat.
+    let kept: String = std::fs::read_to_string(log_path)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| {
+            let step = serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v["step"].as_u64());
+            step.is_some_and(|s| s as usize <= done)
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
     let mut log = std::fs::File::create(log_path).with_context(|| format!("creating {}", log_path.display()))?;
-    let bar = ProgressBar::new(distill.steps as u64);
+    log.write_all(kept.as_bytes())?;
+    let bar = ProgressBar::new(distill.steps as u64).with_position(done as u64);
     bar.set_style(
         ProgressStyle::with_template("distill {bar:30} {pos}/{len} steps {msg} [{elapsed} < {eta}]")
             .expect("static template"),
@@ -136,6 +184,7 @@ pub(crate) fn distill_middle(
         distill,
         &examples,
         &device,
+        Some(&resume),
         &mut |s: &DistillStep| {
             first.get_or_insert(s.mse);
             bar.set_message(format!("nmse {:.4}", s.mse));

@@ -98,7 +98,11 @@ impl Ctx {
     }
 
     fn sim(&self) -> Result<&SimSection> {
-        self.file.fed.sim.as_ref().context("a bench config needs a [sim] table (the clients' data)")
+        self.file
+            .fed
+            .sim
+            .as_ref()
+            .context("a bench config needs a [sim] table (the clients' data)")
     }
 
     fn emulator(path: Option<&PathBuf>) -> Result<Emulator> {
@@ -107,8 +111,18 @@ impl Ctx {
     }
 
     fn eval_examples(&self, checkpoint: &Checkpoint) -> Result<Vec<Example>> {
-        let eval = self.file.fed.eval.as_ref().context("a bench config needs an [eval] table")?;
-        crate::fed_cmd::eval_examples(&self.file.fed.data, &eval.data, &checkpoint.tokenizer()?, eval.max_examples)
+        let eval = self
+            .file
+            .fed
+            .eval
+            .as_ref()
+            .context("a bench config needs an [eval] table")?;
+        crate::fed_cmd::eval_examples(
+            &self.file.fed.data,
+            &eval.data,
+            &checkpoint.tokenizer()?,
+            eval.max_examples,
+        )
     }
 
     fn eval(&self, label: &str, model: &LlamaForCausalLM, examples: &[Example]) -> Result<f64> {
@@ -118,9 +132,18 @@ impl Ctx {
 
     /// The emulator's adapter layers, from `[emulator]` (the same as any emulator built from it).
     fn adapter_layers(&self, depth: usize) -> Result<Vec<usize>> {
-        let e = self.file.fed.emulator.as_ref().context("a bench config needs an [emulator] table")?;
+        let e = self
+            .file
+            .fed
+            .emulator
+            .as_ref()
+            .context("a bench config needs an [emulator] table")?;
         if e.bottom_layers + e.top_layers > depth {
-            bail!("{} + {} adapter layers exceed the model's {depth}", e.bottom_layers, e.top_layers);
+            bail!(
+                "{} + {} adapter layers exceed the model's {depth}",
+                e.bottom_layers,
+                e.top_layers
+            );
         }
         Ok((0..e.bottom_layers).chain(depth - e.top_layers..depth).collect())
     }
@@ -143,7 +166,12 @@ impl Ctx {
 }
 
 /// Trains `model` with a progress bar; returns it and the examples it saw.
-fn train(label: &str, model: LlamaForCausalLM, examples: &[Example], config: TrainConfig) -> Result<(LlamaForCausalLM, u64)> {
+fn train(
+    label: &str,
+    model: LlamaForCausalLM,
+    examples: &[Example],
+    config: TrainConfig,
+) -> Result<(LlamaForCausalLM, u64)> {
     let bar = ProgressBar::new(config.steps as u64);
     bar.set_style(
         ProgressStyle::with_template("{prefix} {bar:30} {pos}/{len} steps {msg} [{elapsed} < {eta}]")
@@ -188,27 +216,67 @@ pub(crate) fn run(ctx: &Ctx, run: &str) -> Result<BTreeMap<Arm, ArmResult>> {
     Ok(match run {
         "zero_shot" => {
             let p = ctx.eval("zero-shot full model", &checkpoint.load_model(&ctx.device)?, &eval)?;
-            single(Arm::ZeroShot, Outcome { perplexity: p, client_rss: None, trainable: None, examples: 0 })
+            single(
+                Arm::ZeroShot,
+                Outcome {
+                    perplexity: p,
+                    client_rss: None,
+                    trainable: None,
+                    examples: 0,
+                },
+            )
         }
         "emulator_zero_shot" => {
             let emu = Ctx::emulator(ctx.ot_emulator.as_ref())?;
             let p = ctx.eval("emulator", &emu.load_model(&ctx.device)?, &eval)?;
-            single(Arm::EmulatorZeroShot, Outcome { perplexity: p, client_rss: None, trainable: None, examples: 0 })
+            single(
+                Arm::EmulatorZeroShot,
+                Outcome {
+                    perplexity: p,
+                    client_rss: None,
+                    trainable: None,
+                    examples: 0,
+                },
+            )
         }
         "central_full_ft" | "central_adapter_ceiling" | "central_lora" => {
             let (arm, spec, layers, lr, min) = match run {
-                "central_full_ft" => (Arm::CentralFullFt, Ctx::layers_spec(), (0..depth).collect(), c_lr, c_min),
-                "central_adapter_ceiling" => {
-                    (Arm::CentralAdapterCeiling, Ctx::layers_spec(), ctx.adapter_layers(depth)?, c_lr, c_min)
-                }
-                _ => (Arm::CentralLora, ctx.lora_spec(), (0..depth).collect(), lora_lr, lora_lr / 10.0),
+                "central_full_ft" => (
+                    Arm::CentralFullFt,
+                    Ctx::layers_spec(),
+                    (0..depth).collect(),
+                    c_lr,
+                    c_min,
+                ),
+                "central_adapter_ceiling" => (
+                    Arm::CentralAdapterCeiling,
+                    Ctx::layers_spec(),
+                    ctx.adapter_layers(depth)?,
+                    c_lr,
+                    c_min,
+                ),
+                _ => (
+                    Arm::CentralLora,
+                    ctx.lora_spec(),
+                    (0..depth).collect(),
+                    lora_lr,
+                    lora_lr / 10.0,
+                ),
             };
             let (model, _) = spec.prepare(checkpoint.load_model(&ad)?, &layers, None)?;
             let trainable = count(&model);
             let (model, examples) = train(arm.name(), model, &pooled, ctx.file.central_train(n, lr, min)?)?;
             let client_rss = mib();
             let p = ctx.eval(arm.name(), &model.without_autodiff(), &eval)?;
-            single(arm, Outcome { perplexity: p, client_rss, trainable: Some(trainable), examples })
+            single(
+                arm,
+                Outcome {
+                    perplexity: p,
+                    client_rss,
+                    trainable: Some(trainable),
+                    examples,
+                },
+            )
         }
         "central_ot_plugin" => {
             let emu = Ctx::emulator(ctx.ot_emulator.as_ref())?;
@@ -216,17 +284,31 @@ pub(crate) fn run(ctx: &Ctx, run: &str) -> Result<BTreeMap<Arm, ArmResult>> {
             let spec = &ctx.file.fed.adapter;
             let (model, lora) = spec.prepare(emu.load_model(&ad)?, &layers, Some(&tokenizer))?;
             let trainable = count(&model);
-            let config = ctx.file.central_train(n, ctx.file.fed.local.lr, ctx.file.fed.local.min_lr)?;
+            // The ceiling's settings: the two differ only in the model the adapter layers train in.
+            let config = ctx.file.central_train(n, c_lr, c_min)?;
             let (model, examples) = train("central_ot_plugin", model, &pooled, config)?;
             let client_rss = mib();
             let dir = ctx.out.join("runs").join(run).join("adapter");
-            adapters::save(&dir, &model, &AdapterManifest::for_emulator(spec.method, &emu), lora.as_ref())?;
+            adapters::save(
+                &dir,
+                &model,
+                &AdapterManifest::for_emulator(spec.method, &emu),
+                lora.as_ref(),
+            )?;
             let state = adapter_state(&model)?;
             let emu_p = ctx.eval("emulator + adapter", &model.without_autodiff(), &eval)?;
             let plugged = plug_state(checkpoint.load_model(&ctx.device)?, &layers, spec, &state)?;
             let p = ctx.eval("plug-in", &plugged, &eval)?;
-            let o = Outcome { perplexity: p, client_rss, trainable: Some(trainable), examples };
-            BTreeMap::from([(Arm::CentralOtPlugin, arm_result(o, start, Some(emu_p), None, Vec::new()))])
+            let o = Outcome {
+                perplexity: p,
+                client_rss,
+                trainable: Some(trainable),
+                examples,
+            };
+            BTreeMap::from([(
+                Arm::CentralOtPlugin,
+                arm_result(o, start, Some(emu_p), None, Vec::new()),
+            )])
         }
         "local_only" => local_only(ctx, &checkpoint, &clients, &eval, start)?,
         "fed_ot" | "fed_lora" | "fed_ot_lora_plugin" => federated(ctx, run, &checkpoint, clients, &eval, start)?,
@@ -234,7 +316,13 @@ pub(crate) fn run(ctx: &Ctx, run: &str) -> Result<BTreeMap<Arm, ArmResult>> {
     })
 }
 
-fn arm_result(o: Outcome, start: Instant, emu: Option<f64>, per_client: Option<Vec<f64>>, rounds: Vec<(u64, f64)>) -> ArmResult {
+fn arm_result(
+    o: Outcome,
+    start: Instant,
+    emu: Option<f64>,
+    per_client: Option<Vec<f64>>,
+    rounds: Vec<(u64, f64)>,
+) -> ArmResult {
     ArmResult {
         metric: o.perplexity,
         perplexity: o.perplexity,
@@ -287,8 +375,16 @@ fn local_only(
         per_client.push(ctx.eval(&format!("local_only client {i} plug-in"), &plugged, eval)?);
     }
     let mean = per_client.iter().sum::<f64>() / per_client.len().max(1) as f64;
-    let o = Outcome { perplexity: mean, client_rss, trainable, examples };
-    Ok(BTreeMap::from([(Arm::LocalOnly, arm_result(o, start, None, Some(per_client), Vec::new()))]))
+    let o = Outcome {
+        perplexity: mean,
+        client_rss,
+        trainable,
+        examples,
+    };
+    Ok(BTreeMap::from([(
+        Arm::LocalOnly,
+        arm_result(o, start, None, Some(per_client), Vec::new()),
+    )]))
 }
 
 /// A federation over the real protocol on loopback: `fed_ot` (the config's adapter on the offsite-tuning
@@ -308,7 +404,11 @@ fn federated(
         std::fs::remove_dir_all(&file.server.state_dir)
             .with_context(|| format!("removing the unfinished run in {}", file.server.state_dir.display()))?;
     }
-    let emulator = if run == "fed_lora" { &ctx.full_emulator } else { &ctx.ot_emulator };
+    let emulator = if run == "fed_lora" {
+        &ctx.full_emulator
+    } else {
+        &ctx.ot_emulator
+    };
     let emulator = emulator.clone().context("the parent names the emulator")?;
     if run != "fed_ot" {
         file.adapter = ctx.lora_spec();
@@ -335,14 +435,26 @@ fn federated(
         reports.push(r.clone());
     })?;
     crate::fed_cmd::save_adapter(&emu, &file.adapter, &state.global, &dir.join("adapter"))?;
-    let rounds: Vec<(u64, f64)> = reports.iter().filter_map(|r| r.eval_perplexity.map(|p| (r.round, p))).collect();
+    let rounds: Vec<(u64, f64)> = reports
+        .iter()
+        .filter_map(|r| r.eval_perplexity.map(|p| (r.round, p)))
+        .collect();
     let last = reports.last().map(|r| r.round);
     let plug = match rounds.last() {
         Some(&(round, p)) if Some(round) == last => p,
-        _ => ctx.eval("plug-in", &plug_state(full, &layers, &file.adapter, &state.global)?, eval)?,
+        _ => ctx.eval(
+            "plug-in",
+            &plug_state(full, &layers, &file.adapter, &state.global)?,
+            eval,
+        )?,
     };
     let (up, down, participants, sampled) = reports.iter().fold((0u64, 0u64, 0u64, 0u64), |a, r| {
-        (a.0 + r.bytes_in, a.1 + r.bytes_out, a.2 + r.participants as u64, a.3 + r.sampled as u64)
+        (
+            a.0 + r.bytes_in,
+            a.1 + r.bytes_out,
+            a.2 + r.participants as u64,
+            a.3 + r.sampled as u64,
+        )
     });
     let local = &file.local;
     let examples = participants * (local.steps * local.batch_size * local.grad_accum.max(1)) as u64;
@@ -350,7 +462,12 @@ fn federated(
         bytes_up_per_client_round: Some(up as f64 / participants.max(1) as f64),
         bytes_down_per_client_round: Some(down as f64 / sampled.max(1) as f64),
         ..arm_result(
-            Outcome { perplexity: metric, client_rss: None, trainable: Some(trainable), examples },
+            Outcome {
+                perplexity: metric,
+                client_rss: None,
+                trainable: Some(trainable),
+                examples,
+            },
             start,
             emu_p,
             None,

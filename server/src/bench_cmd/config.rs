@@ -85,7 +85,10 @@ impl Arm {
 
     /// Whether the arm trains over the federation protocol.
     pub(crate) fn federated(self) -> bool {
-        matches!(self, Arm::FedLora | Arm::FedOtPlugin | Arm::FedOtEmulator | Arm::FedOtLoraPlugin)
+        matches!(
+            self,
+            Arm::FedLora | Arm::FedOtPlugin | Arm::FedOtEmulator | Arm::FedOtLoraPlugin
+        )
     }
 }
 
@@ -117,7 +120,8 @@ impl Metric {
 pub(crate) struct CentralSection {
     /// Examples per step.
     pub batch_size: usize,
-    /// Peak learning rate (layer-training arms).
+    /// Peak learning rate of the central arms that train layers (`central_full_ft`, `central_adapter_ceiling`,
+    /// `central_ot_plugin`).
     pub lr: f64,
     /// Final learning rate of the cosine schedule.
     pub min_lr: f64,
@@ -195,7 +199,7 @@ impl BenchFile {
     pub(crate) fn central_train(&self, clients: usize, lr: f64, min_lr: f64) -> Result<TrainConfig> {
         let c = &self.bench.central;
         let budget = self.budget_examples(clients);
-        if budget % c.batch_size != 0 {
+        if !budget.is_multiple_of(c.batch_size) {
             bail!(
                 "the token budget ({budget} examples: rounds × clients × local steps × local batch) is not a \
                  multiple of [bench.central] batch_size = {}",

@@ -119,7 +119,12 @@ impl BenchArgs {
     fn key(&self) -> Result<String> {
         let mut h = Sha256::new();
         h.update(std::fs::read(&self.config).with_context(|| format!("reading {}", self.config.display()))?);
-        for p in [&self.model, &self.data_dir].into_iter().flatten().chain(&self.data).chain(&self.eval_data).chain(&self.distill_data)
+        for p in [&self.model, &self.data_dir]
+            .into_iter()
+            .flatten()
+            .chain(&self.data)
+            .chain(&self.eval_data)
+            .chain(&self.distill_data)
         {
             h.update(p.to_string_lossy().as_bytes());
             h.update([0]);
@@ -134,7 +139,11 @@ pub(crate) fn run(args: BenchArgs) -> Result<()> {
         return child(&args, file, run);
     }
     let key = args.key()?;
-    let arms: Vec<Arm> = if args.arms.is_empty() { file.bench.arms.clone() } else { args.arms.clone() };
+    let arms: Vec<Arm> = if args.arms.is_empty() {
+        file.bench.arms.clone()
+    } else {
+        args.arms.clone()
+    };
     let mut runs: Vec<&str> = Vec::new();
     for a in &arms {
         if !runs.contains(&a.run()) {
@@ -146,11 +155,20 @@ pub(crate) fn run(args: BenchArgs) -> Result<()> {
         .with_context(|| format!("opening model {}", file.fed.model.path.display()))?;
     let cache = match &args.cache {
         Some(c) => c.clone(),
-        None => dirs::cache_dir().context("no cache directory on this platform: pass --cache")?.join("offsite/emulators"),
+        None => dirs::cache_dir()
+            .context("no cache directory on this platform: pass --cache")?
+            .join("offsite/emulators"),
     };
-    let needs_ot = arms.iter().any(|a| !matches!(a, Arm::ZeroShot | Arm::CentralFullFt | Arm::CentralLora | Arm::CentralAdapterCeiling | Arm::FedLora));
+    let needs_ot = arms.iter().any(|a| {
+        !matches!(
+            a,
+            Arm::ZeroShot | Arm::CentralFullFt | Arm::CentralLora | Arm::CentralAdapterCeiling | Arm::FedLora
+        )
+    });
     let started = Instant::now();
-    let ot = needs_ot.then(|| emulator(&file.fed, &checkpoint, args.device, &cache)).transpose()?;
+    let ot = needs_ot
+        .then(|| emulator(&file.fed, &checkpoint, args.device, &cache))
+        .transpose()?;
     let full = arms
         .contains(&Arm::FedLora)
         .then(|| {
@@ -169,7 +187,10 @@ pub(crate) fn run(args: BenchArgs) -> Result<()> {
             emulator(&fed, &checkpoint, args.device, &cache)
         })
         .transpose()?;
-    let built = ot.as_ref().is_some_and(|e| e.1).then(|| started.elapsed().as_secs_f64());
+    let built = ot
+        .as_ref()
+        .is_some_and(|e| e.1)
+        .then(|| started.elapsed().as_secs_f64());
     let exe = std::env::current_exe().context("finding this executable")?;
     for (k, run) in runs.iter().enumerate() {
         let path = arms::run_file(&args.out, run);
@@ -179,9 +200,17 @@ pub(crate) fn run(args: BenchArgs) -> Result<()> {
         }
         info!(run, "[{}/{}] running", k + 1, runs.len());
         let mut cmd = std::process::Command::new(&exe);
-        cmd.arg("bench").arg("--config").arg(&args.config).arg("--out").arg(&args.out);
+        cmd.arg("bench")
+            .arg("--config")
+            .arg(&args.config)
+            .arg("--out")
+            .arg(&args.out);
         cmd.arg("--device").arg(args.device.to_string()).arg("--run").arg(run);
-        for (flag, paths) in [("--data", &args.data), ("--eval-data", &args.eval_data), ("--distill-data", &args.distill_data)] {
+        for (flag, paths) in [
+            ("--data", &args.data),
+            ("--eval-data", &args.eval_data),
+            ("--distill-data", &args.distill_data),
+        ] {
             for p in paths {
                 cmd.arg(flag).arg(p);
             }
@@ -204,9 +233,13 @@ pub(crate) fn run(args: BenchArgs) -> Result<()> {
     }
     let mut results: BTreeMap<Arm, ArmResult> = BTreeMap::new();
     for run in &runs {
-        let file = read_run(&arms::run_file(&args.out, run), &key)?.with_context(|| format!("run {run} left no result"))?;
+        let file =
+            read_run(&arms::run_file(&args.out, run), &key)?.with_context(|| format!("run {run} left no result"))?;
         for (name, r) in file.arms {
-            let arm = Arm::ALL.into_iter().find(|a| a.name() == name).with_context(|| format!("unknown arm {name}"))?;
+            let arm = Arm::ALL
+                .into_iter()
+                .find(|a| a.name() == name)
+                .with_context(|| format!("unknown arm {name}"))?;
             if arms.contains(&arm) {
                 results.insert(arm, r);
             }
@@ -236,7 +269,10 @@ fn emulator(
     device: DeviceChoice,
     cache: &std::path::Path,
 ) -> Result<(PathBuf, bool)> {
-    let settings = fed.emulator.as_ref().context("a bench config needs an [emulator] table")?;
+    let settings = fed
+        .emulator
+        .as_ref()
+        .context("a bench config needs an [emulator] table")?;
     let key = crate::fed_cmd::emulator_key(checkpoint, settings, fed.distill.as_ref(), &fed.model.distill_data)?;
     let out = cache.join(format!("{}.emu", &key[..16]));
     let fresh = !out.exists();
@@ -276,6 +312,9 @@ fn child(args: &BenchArgs, file: BenchFile, run: &str) -> Result<()> {
         key: args.key()?,
         arms: results.into_iter().map(|(a, r)| (a.name().to_string(), r)).collect(),
     };
-    offsite_fed::write_atomic(&arms::run_file(&args.out, run), serde_json::to_string_pretty(&out)?.as_bytes())?;
+    offsite_fed::write_atomic(
+        &arms::run_file(&args.out, run),
+        serde_json::to_string_pretty(&out)?.as_bytes(),
+    )?;
     Ok(())
 }

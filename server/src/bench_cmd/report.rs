@@ -68,7 +68,11 @@ impl Report<'_> {
 
     fn markdown(&self) -> String {
         let mut md = String::new();
-        let dir = if self.metric.higher_is_better() { "higher" } else { "lower" };
+        let dir = if self.metric.higher_is_better() {
+            "higher"
+        } else {
+            "lower"
+        };
         let _ = writeln!(md, "# Bench `{}`\n", self.task);
         let _ = writeln!(
             md,
@@ -120,8 +124,9 @@ impl Report<'_> {
         let _ = writeln!(
             md,
             "- emulator build: {}",
-            self.emulator_build_s
-                .map_or("from the cache".into(), |s| format!("{s:.0} s (once; cached by its inputs' hash)"))
+            self.emulator_build_s.map_or("from the cache".into(), |s| format!(
+                "{s:.0} s (once; cached by its inputs' hash)"
+            ))
         );
         let _ = writeln!(
             md,
@@ -153,25 +158,42 @@ impl Report<'_> {
             .into_iter()
             .filter_map(|a| Some((a, self.metric_of(a)?)))
             .collect();
-        let values = series.iter().flat_map(|(_, s)| s.iter().map(|p| p.1)).chain(refs.iter().map(|r| r.1));
+        let values = series
+            .iter()
+            .flat_map(|(_, s)| s.iter().map(|p| p.1))
+            .chain(refs.iter().map(|r| r.1));
         let (lo, hi) = values.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| (a.min(v), b.max(v)));
         let (lo, hi) = if lo.is_finite() { (lo, hi) } else { (0.0, 1.0) };
         let pad = ((hi - lo) * 0.1).max(1e-3);
-        let last = series.iter().flat_map(|(_, s)| s.iter().map(|p| p.0)).max().unwrap_or(1) as f64;
+        let last = series
+            .iter()
+            .flat_map(|(_, s)| s.iter().map(|p| p.0))
+            .max()
+            .unwrap_or(1) as f64;
         let root = SVGBackend::new(path, (800, 420)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| anyhow!("{e}"))?;
         let mut chart = ChartBuilder::on(&root)
-            .caption(format!("{}: perplexity after each round", self.task), ("sans-serif", 18))
+            .caption(
+                format!("{}: perplexity after each round", self.task),
+                ("sans-serif", 18),
+            )
             .margin(12)
             .x_label_area_size(30)
             .y_label_area_size(60)
             .build_cartesian_2d(0.5..last + 0.5, (lo - pad)..(hi + pad))
             .map_err(|e| anyhow!("{e}"))?;
-        chart.configure_mesh().x_desc("round").draw().map_err(|e| anyhow!("{e}"))?;
+        chart
+            .configure_mesh()
+            .x_desc("round")
+            .draw()
+            .map_err(|e| anyhow!("{e}"))?;
         for (i, (arm, s)) in series.iter().enumerate() {
             let color = Palette99::pick(i).to_rgba();
             chart
-                .draw_series(LineSeries::new(s.iter().map(|p| (p.0 as f64, p.1)), color.stroke_width(2)))
+                .draw_series(LineSeries::new(
+                    s.iter().map(|p| (p.0 as f64, p.1)),
+                    color.stroke_width(2),
+                ))
                 .map_err(|e| anyhow!("{e}"))?
                 .label(arm.name())
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2)));
@@ -179,7 +201,12 @@ impl Report<'_> {
         for (i, (arm, v)) in refs.iter().enumerate() {
             let color = Palette99::pick(i + series.len()).to_rgba();
             chart
-                .draw_series(DashedLineSeries::new([(0.5, *v), (last + 0.5, *v)], 6, 4, color.stroke_width(1)))
+                .draw_series(DashedLineSeries::new(
+                    [(0.5, *v), (last + 0.5, *v)],
+                    6,
+                    4,
+                    color.stroke_width(1),
+                ))
                 .map_err(|e| anyhow!("{e}"))?
                 .label(arm.name())
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(1)));
@@ -201,7 +228,10 @@ impl Report<'_> {
         root.fill(&WHITE).map_err(|e| anyhow!("{e}"))?;
         let names: Vec<&str> = arms.iter().map(|a| a.0.name()).collect();
         let mut chart = ChartBuilder::on(&root)
-            .caption(format!("{}: perplexity per arm (lower is better)", self.task), ("sans-serif", 18))
+            .caption(
+                format!("{}: perplexity per arm (lower is better)", self.task),
+                ("sans-serif", 18),
+            )
             .margin(12)
             .x_label_area_size(30)
             .y_label_area_size(170)

@@ -73,11 +73,12 @@ pub(crate) fn build_emulator_once(
             let log = out.with_extension("distill.jsonl");
             let data = &file.model.distill_data;
             Some(crate::emulator_cmd::distill_middle(
-                checkpoint, settings, d, data, device, &log,
+                checkpoint, settings, d, data, device, &log, out, &key,
             )?)
         }
     };
     crate::emulator_cmd::build_with_progress(checkpoint, &name, settings, distilled, out)?;
+    crate::emulator_cmd::remove_progress(out)?;
     offsite_fed::write_atomic(&key_path, key.as_bytes())?;
     Ok(())
 }

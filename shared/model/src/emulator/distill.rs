@@ -5,6 +5,7 @@
 //! embeddings, adapter layers, norm and head stay as in the full model.
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use burn::tensor::{Device, Tensor, TensorData};
@@ -116,6 +117,60 @@ pub struct DistillStep {
     pub skipped: bool,
 }
 
+/// Where a distillation keeps its progress so that a killed one resumes: the kept middle layers and the optimizer
+/// state, every `every` steps.
+pub struct DistillCheckpoint<'a> {
+    /// The directory (created when first saved).
+    pub dir: &'a Path,
+    /// What is distilled (model, settings, data): a checkpoint of another key is started over, never resumed.
+    pub key: &'a str,
+    /// Save every this many steps.
+    pub every: usize,
+}
+
+const MIDDLE_FILE: &str = "middle.safetensors";
+const KEY_FILE: &str = "key";
+
+impl DistillCheckpoint<'_> {
+    /// The step a resumed distillation starts at: the checkpoint's, when it is complete and of this key.
+    pub fn step(&self) -> Option<usize> {
+        let key = std::fs::read_to_string(self.dir.join(KEY_FILE)).ok()?;
+        if key != self.key {
+            return None;
+        }
+        let (_, meta) = offsite_fed::read_safetensors(&self.dir.join(MIDDLE_FILE)).ok()?;
+        let step: usize = meta.get("step")?.parse().ok()?;
+        // The optimizer state is written after the layers: both must be of the same step.
+        let trainer = Trainer::load(self.dir, &Device::flex()).ok()?;
+        (trainer.step() == step).then_some(step)
+    }
+
+    fn save(&self, student: &LlamaForCausalLM, trainer: &Trainer) -> Result<(), EmulatorError> {
+        let err = |reason: String| EmulatorError::File {
+            path: self.dir.to_path_buf(),
+            reason,
+        };
+        std::fs::create_dir_all(self.dir).map_err(|e| err(e.to_string()))?;
+        offsite_fed::write_atomic(&self.dir.join(KEY_FILE), self.key.as_bytes()).map_err(|e| err(e.to_string()))?;
+        let state = crate::federated::adapter_state(student).map_err(|e| err(e.to_string()))?;
+        let meta = HashMap::from([("step".to_string(), trainer.step().to_string())]);
+        offsite_fed::write_safetensors(&self.dir.join(MIDDLE_FILE), &[("", &state)], meta)
+            .map_err(|e| err(e.to_string()))?;
+        trainer.save(self.dir).map_err(|e| err(e.to_string()))
+    }
+
+    fn load(&self, student: LlamaForCausalLM, device: &Device) -> Result<(LlamaForCausalLM, Trainer), EmulatorError> {
+        let err = |reason: String| EmulatorError::File {
+            path: self.dir.to_path_buf(),
+            reason,
+        };
+        let (state, _) = offsite_fed::read_safetensors(&self.dir.join(MIDDLE_FILE)).map_err(|e| err(e.to_string()))?;
+        let student = crate::federated::load_state(student, &state).map_err(|e| err(e.to_string()))?;
+        let trainer = Trainer::load(self.dir, device).map_err(|e| err(e.to_string()))?;
+        Ok((student, trainer))
+    }
+}
+
 /// The distilled middle layers, by Hugging Face name and in Hugging Face layout, for [`super::build_distilled`].
 pub struct DistilledLayers(pub(super) HashMap<String, F32Tensor>);
 
@@ -163,13 +218,16 @@ fn boundaries(layers: &[usize], middle: &[usize], depth: usize, top: usize, at: 
 }
 
 /// Trains the middle layers `config` keeps so the emulator matches the full model at the boundary below its top
-/// adapter layers. `device` is the inner device (the student trains on its autodiff twin).
+/// adapter layers. `device` is the inner device (the student trains on its autodiff twin). With `resume`, progress
+/// is saved there and a run killed earlier continues from its last save (the data order depends only on the seed
+/// and the step, so the result is the uninterrupted run's).
 pub fn distill(
     checkpoint: &Checkpoint,
     config: &EmulatorConfig,
     settings: &DistillConfig,
     examples: &[Example],
     device: &Device,
+    resume: Option<&DistillCheckpoint<'_>>,
     on_step: &mut dyn FnMut(&DistillStep),
 ) -> Result<DistilledLayers, EmulatorError> {
     let depth = checkpoint.config().num_hidden_layers;
@@ -234,7 +292,15 @@ pub fn distill(
         ..TrainConfig::default()
     };
     let train_err = |e: TrainError| EmulatorError::Config(format!("distillation: {e}"));
-    let mut trainer = Trainer::new(train).map_err(train_err)?.with_objective(objective);
+    let (mut student, trainer) = match resume {
+        Some(c) if c.step().is_some() => {
+            let (student, trainer) = c.load(student, device)?;
+            tracing::info!(step = trainer.step(), dir = %c.dir.display(), "resuming the distillation");
+            (student, trainer)
+        }
+        _ => (student, Trainer::new(train).map_err(train_err)?),
+    };
+    let mut trainer = trainer.with_objective(objective);
     let mut report = |r: &StepReport| {
         let (mse, lm, n) = parts.lock().map(|mut p| std::mem::take(&mut *p)).unwrap_or_default();
         let n = n.max(1) as f64;
@@ -248,7 +314,16 @@ pub fn distill(
             skipped: r.skipped,
         });
     };
-    let student = trainer.run(student, examples, &mut report).map_err(train_err)?;
+    let every = resume.map_or(settings.steps, |c| c.every).max(1);
+    while trainer.step() < settings.steps {
+        let until = (trainer.step() / every + 1) * every;
+        student = trainer
+            .run_until(student, examples, until, &mut report)
+            .map_err(train_err)?;
+        if let Some(c) = resume {
+            c.save(&student, &trainer)?;
+        }
+    }
     let tensors = student
         .hf_tensors(&|n: &str| layer_of(n).is_some_and(|i| middle.contains(&i)))
         .map_err(|e| EmulatorError::Config(e.to_string()))?;
@@ -295,7 +370,9 @@ mod tests {
             .unwrap();
         assert_eq!((d.steps, d.batch_size, d.max_len, d.lm_weight), (5, 4, 128, 0.5));
         assert_eq!(d.kd_at, KdAt::Top);
-        let d = DistillConfig::from_toml("[distill]\nsteps = 5\nkd_at = \"every_layer\"\n").unwrap().unwrap();
+        let d = DistillConfig::from_toml("[distill]\nsteps = 5\nkd_at = \"every_layer\"\n")
+            .unwrap()
+            .unwrap();
         assert_eq!(d.kd_at, KdAt::EveryLayer);
         let err = DistillConfig::from_toml("[distill]\nsteps = 5\nlr_max = 1\n").unwrap_err();
         assert!(err.to_string().contains("lr_max"), "{err}");
