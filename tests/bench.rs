@@ -1,6 +1,7 @@
 //! `offsite-server bench` end to end on the 6-layer tiny model: every arm runs on the same budget, the report holds
 //! each arm's own evaluation (checked against `offsite-server eval` of the adapters the runs left behind), and a
-//! bench killed after some runs resumes at the first unfinished one and gives the same report.
+//! bench killed after some runs resumes at the first unfinished one and gives the same report; a task scored by
+//! ROUGE-L of generations reports what generating one prompt at a time and scoring here gives.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -20,17 +21,43 @@ fn run(cmd: &mut Command) -> (String, String) {
 
 /// Three clients (one file each), two rounds of two local steps at batch 2: 24 examples for every arm.
 fn tiny_bench(dir: &Path) -> PathBuf {
+    tiny_bench_with(dir, "perplexity", "text")
+}
+
+/// [`tiny_bench`] scored by `metric` on data of `format` (`jsonl`: `<name>.jsonl` instruction files).
+fn tiny_bench_with(dir: &Path, metric: &str, format: &str) -> PathBuf {
     let model = tiny_llama_6_layers(&dir.join("model"));
     word_tokenizer(&model);
     for (i, name) in ["a", "b", "c", "eval", "public"].iter().enumerate() {
         std::fs::write(dir.join(format!("{name}.txt")), word_text(i as u32 + 1, 400)).unwrap();
+        // Instruction records: answer with the two words that follow the input's in the client's pattern.
+        let words: Vec<String> = word_text(i as u32 + 1, 120).split(' ').map(String::from).collect();
+        let records: String = words
+            .chunks(6)
+            .filter(|c| c.len() == 6)
+            .map(|c| {
+                let answer = c[4..].join(" ");
+                // The last reference holds every word, so any generated word scores above zero.
+                let every: Vec<String> = (0..256).map(|w| format!("w{w}")).collect();
+                let refs = serde_json::json!([answer, c[4].clone(), every.join(" ")]);
+                format!(
+                    "{}\n",
+                    serde_json::json!({"instruction": "w9 w8", "input": c[..4].join(" "), "output": answer,
+                                       "references": refs})
+                )
+            })
+            .collect();
+        std::fs::write(dir.join(format!("{name}.jsonl")), records).unwrap();
     }
+    // The instruction template alone is about 40 tiny-vocabulary tokens.
+    let (ext, max_len) = if format == "jsonl" { ("jsonl", 64) } else { ("txt", 32) };
     let d = dir.display();
     let config = format!(
         r#"
 [bench]
 task = "tiny"
-metric = "perplexity"
+metric = "{metric}"
+max_new_tokens = 3
 lora_lr = 0.01
 [bench.central]
 batch_size = 4
@@ -66,13 +93,13 @@ batch_size = 2
 lr = 0.002
 min_lr = 0.0002
 [data]
-format = "text"
-max_len = 32
+format = "{format}"
+max_len = {max_len}
 [eval]
-data = ["{d}/eval.txt"]
+data = ["{d}/eval.{ext}"]
 max_examples = 4
 [sim]
-data = ["{d}/a.txt", "{d}/b.txt", "{d}/c.txt"]
+data = ["{d}/a.{ext}", "{d}/b.{ext}", "{d}/c.{ext}"]
 split = {{ kind = "files" }}
 "#
     );
@@ -82,9 +109,11 @@ split = {{ kind = "files" }}
     path
 }
 
-fn bench(dir: &Path, config: &Path) -> (serde_json::Value, String) {
+fn bench(dir: &Path, config: &Path, extra: &[&str]) -> (serde_json::Value, String) {
     let (_, stderr) = run(server()
-        .args(["bench", "--device", "cpu", "--config"])
+        .args(["bench", "--device", "cpu"])
+        .args(extra)
+        .arg("--config")
         .arg(config)
         .arg("--out")
         .arg(dir.join("out"))
@@ -122,7 +151,7 @@ fn every_arm_on_one_budget_with_its_own_evaluation_and_a_resumed_bench_gives_the
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let config = tiny_bench(dir);
-    let (report, _) = bench(dir, &config);
+    let (report, _) = bench(dir, &config, &[]);
     let arms = report["arms"].as_object().unwrap();
     let names = [
         "zero_shot",
@@ -198,7 +227,7 @@ fn every_arm_on_one_budget_with_its_own_evaluation_and_a_resumed_bench_gives_the
     // As if killed during the federated run: its result and the report are gone; the rerun redoes only that run.
     std::fs::remove_file(dir.join("out/runs/fed_ot.json")).unwrap();
     std::fs::remove_file(dir.join("out/report.json")).unwrap();
-    let (again, stderr) = bench(dir, &config);
+    let (again, stderr) = bench(dir, &config, &[]);
     assert_eq!(stderr.matches("already done").count(), 9, "{stderr}");
     assert!(
         !stderr.contains("distilling"),
@@ -210,4 +239,100 @@ fn every_arm_on_one_budget_with_its_own_evaluation_and_a_resumed_bench_gives_the
         assert_eq!(a["rounds"], b["rounds"], "{name}");
     }
     assert_eq!(report["gap_closed"], again["gap_closed"]);
+}
+
+/// ROUGE-L F1 of whitespace-separated words (the tiny vocabulary has no punctuation or case), best reference.
+fn rouge_by_hand(candidate: &str, references: &[String]) -> f64 {
+    let c: Vec<&str> = candidate.split_whitespace().collect();
+    let mut best = 0.0f64;
+    for r in references {
+        let r: Vec<&str> = r.split_whitespace().collect();
+        // lcs[i][j]: longest common subsequence of c[..i] and r[..j].
+        let mut lcs = vec![vec![0usize; r.len() + 1]; c.len() + 1];
+        for i in 1..=c.len() {
+            for j in 1..=r.len() {
+                lcs[i][j] = if c[i - 1] == r[j - 1] {
+                    lcs[i - 1][j - 1] + 1
+                } else {
+                    lcs[i - 1][j].max(lcs[i][j - 1])
+                };
+            }
+        }
+        let l = lcs[c.len()][r.len()] as f64;
+        if l > 0.0 {
+            let (p, q) = (l / c.len() as f64, l / r.len() as f64);
+            best = best.max(2.0 * p * q / (p + q));
+        }
+    }
+    best
+}
+
+/// Mean ROUGE-L (%) of `model` over the eval records picked as the bench picks them (4 spread over the file),
+/// each prompt rendered with the default template and generated alone.
+fn rouge_one_by_one(dir: &Path, model: &offsite::model::LlamaForCausalLM) -> f64 {
+    use offsite::generate::{generate, GenerationConfig};
+    let checkpoint = offsite::load::Checkpoint::open(&dir.join("model")).unwrap();
+    let tok = checkpoint.tokenizer().unwrap();
+    let template = offsite::data::DataConfig::default().prompt_template;
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(dir.join("eval.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let picked: Vec<&serde_json::Value> = (0..4).map(|i| &lines[i * lines.len() / 4]).collect();
+    let config = GenerationConfig {
+        max_new_tokens: 3,
+        ..Default::default()
+    };
+    let mut total = 0.0;
+    for record in picked {
+        let text = template
+            .replace("{instruction}", record["instruction"].as_str().unwrap())
+            .replace("{input}", record["input"].as_str().unwrap());
+        let mut ids: Vec<u32> = tok.bos_id().into_iter().collect();
+        ids.extend(tok.encode(&text).unwrap());
+        let out: Vec<u32> = generate(model, &ids, tok.eos_ids(), &config)
+            .unwrap()
+            .into_iter()
+            .filter(|t| !tok.eos_ids().contains(t))
+            .collect();
+        let refs: Vec<String> = record["references"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r.as_str().unwrap().to_string())
+            .collect();
+        total += rouge_by_hand(&tok.decode(&out, true).unwrap(), &refs);
+    }
+    100.0 * total / 4.0
+}
+
+#[test]
+fn a_task_scored_by_generation_reports_rouge_l_as_one_by_one_generation_gives() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let config = tiny_bench_with(dir, "rouge_l", "jsonl");
+    let (report, _) = bench(dir, &config, &["--arms", "zero_shot,fed_ot_plugin,fed_ot_emulator"]);
+    assert_eq!(report["metric"]["name"], "rouge_l");
+    assert_eq!(report["metric"]["higher_is_better"], true);
+    let arms = report["arms"].as_object().unwrap();
+    assert_eq!(arms.len(), 3, "{arms:?}");
+    for (name, arm) in arms {
+        let (metric, perplexity) = (arm["metric"].as_f64().unwrap(), arm["perplexity"].as_f64().unwrap());
+        assert!((0.0..=100.0).contains(&metric), "{name}: {arm}");
+        assert!(perplexity.is_finite() && perplexity > 1.0, "{name}: {arm}");
+        assert!(arm["generation_tokens_per_s"].as_f64().unwrap() > 0.0, "{name}");
+    }
+    let device = burn::tensor::Device::flex();
+    let checkpoint = offsite::load::Checkpoint::open(&dir.join("model")).unwrap();
+    let full = checkpoint.load_model(&device).unwrap();
+    let plugged = offsite::adapters::apply(full.clone(), &dir.join("out/runs/fed_ot/adapter")).unwrap();
+    for (arm, model) in [("zero_shot", &full), ("fed_ot_plugin", &plugged)] {
+        let (ours, theirs) = (arms[arm]["metric"].as_f64().unwrap(), rouge_one_by_one(dir, model));
+        assert!((ours - theirs).abs() < 1e-9, "{arm}: report {ours}, by hand {theirs}");
+    }
+    // The untrained model's words score (the trained one may well answer with EOS at once, scoring 0).
+    assert!(arms["zero_shot"]["metric"].as_f64().unwrap() > 0.0);
+    let md = std::fs::read_to_string(dir.join("out/report.md")).unwrap();
+    assert!(md.contains("ROUGE-L") && md.contains("tokens/s"), "{md}");
 }

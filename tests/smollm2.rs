@@ -1,10 +1,11 @@
 //! SmolLM2-135M-Instruct (Q4_1 GGUF) against transformers' reference: tokenizer ids, chat template, logits, top-10
-//! ids at every position and 24 greedy chat tokens.
+//! ids at every position and 24 greedy chat tokens (alone, and batched with other prompts).
 
 use std::sync::OnceLock;
 
 use burn::tensor::Device;
-use offsite::generate::{generate, GenerationConfig};
+use offsite::data::DataConfig;
+use offsite::generate::{generate, greedy_batch, GenerationConfig};
 use offsite::load::Checkpoint;
 use offsite::model::LlamaForCausalLM;
 use offsite::tokenizer::{ChatMessage, Tokenizer};
@@ -134,4 +135,57 @@ fn greedy_chat_generation_is_exact() {
         tokenizer.decode(&out, false).unwrap(),
         exp["greedy_24_text"].as_str().unwrap()
     );
+}
+
+/// Batched greedy decoding (left padding, length bucketing, one cache per batch) gives every row what decoding it
+/// alone gives, and transformers' 24 greedy tokens for the reference prompt among prompts of other lengths; the
+/// prompts of a JSONL file are its training examples' prompt tokens, with their reference answers.
+#[test]
+fn batched_greedy_matches_one_by_one_and_the_reference() {
+    let exp = expected_json();
+    let Loaded { model, tokenizer } = loaded();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("qa.jsonl");
+    std::fs::write(
+        &path,
+        concat!(
+            r#"{"instruction": "Name a colour.", "output": "Blue.", "references": ["Blue.", "red"]}"#,
+            "\n",
+            r#"{"instruction": "Answer the question.", "input": "What is two plus two?", "output": "Four."}"#,
+            "\n"
+        ),
+    )
+    .unwrap();
+    let data = DataConfig::default();
+    let examples = data.load(&path, tokenizer).unwrap();
+    let records = data.load_prompts(&path, tokenizer).unwrap();
+    assert_eq!(records.len(), 2);
+    for (e, r) in examples.iter().zip(&records) {
+        let prompt_len = e.labels.iter().take_while(|&&l| l < 0).count();
+        assert_eq!(r.ids, e.ids[..prompt_len]);
+    }
+    assert_eq!(records[0].references, ["Blue.", "red"]);
+    assert_eq!(records[1].references, ["Four."]);
+    std::fs::write(&path, r#"{"instruction": "x", "output": "y", "references": [1]}"#).unwrap();
+    let err = data.load_prompts(&path, tokenizer).unwrap_err().to_string();
+    assert!(err.contains(":1:") && err.contains("references"), "{err}");
+
+    let chat = ids(&exp["chat_prompt_ids"]);
+    let mut prompts: Vec<Vec<u32>> = records.into_iter().map(|r| r.ids).collect();
+    prompts.insert(1, chat.clone());
+    prompts.push(chat[..chat.len() / 2].to_vec());
+    let config = GenerationConfig {
+        max_new_tokens: 24,
+        ..Default::default()
+    };
+    let alone: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| generate(model, p, tokenizer.eos_ids(), &config).unwrap())
+        .collect();
+    assert_eq!(alone[1], ids(&exp["greedy_24_ids"]));
+    for batch in [1, 3, 4] {
+        let out = greedy_batch(model, &prompts, tokenizer.eos_ids(), 24, batch).unwrap();
+        assert_eq!(out, alone, "batch {batch}");
+    }
+    assert!(greedy_batch(model, &[vec![]], &[], 4, 2).is_err());
 }

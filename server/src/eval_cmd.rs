@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use offsite::data::Example;
+
 use offsite::device::{self, DeviceChoice};
 use offsite::emulator::Emulator;
 use offsite::load::Checkpoint;
@@ -45,8 +45,8 @@ pub(crate) struct EvalArgs {
     json: Option<PathBuf>,
 }
 
-/// `n` examples at evenly spaced positions (all of them when there are fewer).
-pub(crate) fn spread(examples: Vec<Example>, n: Option<usize>) -> Vec<Example> {
+/// `n` examples (or prompts) at evenly spaced positions (all of them when there are fewer).
+pub(crate) fn spread<T: Clone>(examples: Vec<T>, n: Option<usize>) -> Vec<T> {
     match n {
         Some(n) if n < examples.len() => {
             let len = examples.len();

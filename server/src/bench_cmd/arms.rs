@@ -9,17 +9,18 @@ use anyhow::{bail, Context, Result};
 use burn::tensor::Device;
 use indicatif::{ProgressBar, ProgressStyle};
 use offsite::adapters::{self, AdapterManifest, AdapterSpec, Method};
-use offsite::data::Example;
+use offsite::data::{Example, PromptRecord};
 use offsite::emulator::Emulator;
 use offsite::federated::{adapter_state, plug_state};
 use offsite::load::{peak_rss_bytes, Checkpoint};
 use offsite::model::LlamaForCausalLM;
-use offsite::train::{TrainConfig, Trainer};
+use offsite::tokenizer::Tokenizer;
+use offsite::train::{exact_match, rouge_l, TrainConfig, Trainer};
 use offsite_fed::RoundReport;
 use serde::{Deserialize, Serialize};
 use tracing::info;
 
-use super::config::{Arm, BenchFile};
+use super::config::{Arm, BenchFile, Metric};
 use crate::fed_cmd::config::SimSection;
 use crate::fed_cmd::loopback::{client_examples, Loopback};
 
@@ -30,6 +31,9 @@ pub(crate) struct ArmResult {
     pub metric: f64,
     /// Perplexity of the `[eval]` data.
     pub perplexity: f64,
+    /// Metrics by generation: tokens generated per second in the arm's (last) scoring.
+    #[serde(default)]
+    pub generation_tokens_per_s: Option<f64>,
     /// Seconds the run took (training and evaluation; one federation gives two arms the same time).
     pub wall_s: f64,
     /// Peak resident memory of the process after training, before any evaluation model was loaded: what a client
@@ -50,7 +54,7 @@ pub(crate) struct ArmResult {
     pub emulator_perplexity: Option<f64>,
     /// `local_only`: each client's metric.
     pub per_client: Option<Vec<f64>>,
-    /// Federated arms: the metric after each evaluated round.
+    /// Federated arms: the plug-in's perplexity after each evaluated round.
     pub rounds: Vec<(u64, f64)>,
 }
 
@@ -79,9 +83,25 @@ pub(crate) struct Ctx {
     pub full_emulator: Option<PathBuf>,
 }
 
+/// The held-out data of every arm: examples for perplexity, prompts for metrics by generation.
+struct EvalSet {
+    examples: Vec<Example>,
+    /// Empty unless the metric generates.
+    prompts: Vec<PromptRecord>,
+    tokenizer: Tokenizer,
+}
+
+/// A model's scores on the [`EvalSet`].
+#[derive(Debug, Clone, Copy)]
+struct Score {
+    metric: f64,
+    perplexity: f64,
+    generation_tokens_per_s: Option<f64>,
+}
+
 /// A run's measurements before they become arms.
 struct Outcome {
-    perplexity: f64,
+    score: Score,
     client_rss: Option<u64>,
     trainable: Option<u64>,
     examples: u64,
@@ -110,24 +130,95 @@ impl Ctx {
         Emulator::open(path).with_context(|| format!("opening emulator {}", path.display()))
     }
 
-    fn eval_examples(&self, checkpoint: &Checkpoint) -> Result<Vec<Example>> {
+    fn eval_set(&self, checkpoint: &Checkpoint) -> Result<EvalSet> {
         let eval = self
             .file
             .fed
             .eval
             .as_ref()
             .context("a bench config needs an [eval] table")?;
-        crate::fed_cmd::eval_examples(
-            &self.file.fed.data,
-            &eval.data,
-            &checkpoint.tokenizer()?,
-            eval.max_examples,
-        )
+        let tokenizer = checkpoint.tokenizer()?;
+        let data = &self.file.fed.data;
+        let examples = crate::fed_cmd::eval_examples(data, &eval.data, &tokenizer, eval.max_examples)?;
+        let prompts = match self.file.bench.metric {
+            Metric::Perplexity => Vec::new(),
+            Metric::RougeL | Metric::ExactMatch => {
+                let all = data.load_all_prompts(&eval.data, &tokenizer)?;
+                crate::eval_cmd::spread(all, eval.max_examples)
+            }
+        };
+        Ok(EvalSet {
+            examples,
+            prompts,
+            tokenizer,
+        })
     }
 
-    fn eval(&self, label: &str, model: &LlamaForCausalLM, examples: &[Example]) -> Result<f64> {
-        let batch = self.file.fed.eval.as_ref().map_or(4, |e| e.batch_size);
-        Ok(crate::fed_cmd::measure(label, model, examples, batch)?.perplexity)
+    fn batch(&self) -> usize {
+        self.file.fed.eval.as_ref().map_or(4, |e| e.batch_size)
+    }
+
+    fn perplexity(&self, label: &str, model: &LlamaForCausalLM, eval: &EvalSet) -> Result<f64> {
+        Ok(crate::fed_cmd::measure(label, model, &eval.examples, self.batch())?.perplexity)
+    }
+
+    /// The model's metric and perplexity (`perplexity` when already measured).
+    fn score(&self, label: &str, model: &LlamaForCausalLM, eval: &EvalSet, perplexity: Option<f64>) -> Result<Score> {
+        let perplexity = match perplexity {
+            Some(p) => p,
+            None => self.perplexity(label, model, eval)?,
+        };
+        let scorer: fn(&str, &[String]) -> f64 = match self.file.bench.metric {
+            Metric::Perplexity => {
+                return Ok(Score {
+                    metric: perplexity,
+                    perplexity,
+                    generation_tokens_per_s: None,
+                })
+            }
+            Metric::RougeL => rouge_l,
+            Metric::ExactMatch => exact_match,
+        };
+        let (metric, tps) = self.generated(label, model, eval, scorer)?;
+        Ok(Score {
+            metric,
+            perplexity,
+            generation_tokens_per_s: Some(tps),
+        })
+    }
+
+    /// The mean score (%) of greedy generations for the prompts against their references, and tokens generated
+    /// per second.
+    fn generated(
+        &self,
+        label: &str,
+        model: &LlamaForCausalLM,
+        eval: &EvalSet,
+        scorer: fn(&str, &[String]) -> f64,
+    ) -> Result<(f64, f64)> {
+        let start = Instant::now();
+        let prompts: Vec<Vec<u32>> = eval.prompts.iter().map(|p| p.ids.clone()).collect();
+        let eos = eval.tokenizer.eos_ids();
+        let out = offsite::generate::greedy_batch(model, &prompts, eos, self.file.bench.max_new_tokens, self.batch())?;
+        let seconds = start.elapsed().as_secs_f64();
+        let mut total = 0.0;
+        for (record, ids) in eval.prompts.iter().zip(&out) {
+            let answer: Vec<u32> = ids.iter().copied().filter(|t| !eos.contains(t)).collect();
+            let text = eval.tokenizer.decode(&answer, true)?;
+            total += scorer(&text, &record.references);
+        }
+        let score = 100.0 * total / eval.prompts.len().max(1) as f64;
+        let tokens: usize = out.iter().map(Vec::len).sum();
+        let tps = tokens as f64 / seconds.max(1e-9);
+        info!(
+            model = label,
+            metric = self.file.bench.metric.name(),
+            score = format!("{score:.2}"),
+            tokens_per_s = format!("{tps:.1}"),
+            seconds = format!("{seconds:.1}"),
+            "generated"
+        );
+        Ok((score, tps))
     }
 
     /// The emulator's adapter layers, from `[emulator]` (the same as any emulator built from it).
@@ -201,7 +292,7 @@ fn count(model: &LlamaForCausalLM) -> u64 {
 pub(crate) fn run(ctx: &Ctx, run: &str) -> Result<BTreeMap<Arm, ArmResult>> {
     let start = Instant::now();
     let checkpoint = ctx.checkpoint()?;
-    let eval = ctx.eval_examples(&checkpoint)?;
+    let eval = ctx.eval_set(&checkpoint)?;
     let tokenizer = checkpoint.tokenizer()?;
     let clients = client_examples(&ctx.file.fed, ctx.sim()?, &tokenizer)?;
     let pooled: Vec<Example> = clients.iter().flatten().cloned().collect();
@@ -215,11 +306,16 @@ pub(crate) fn run(ctx: &Ctx, run: &str) -> Result<BTreeMap<Arm, ArmResult>> {
     };
     Ok(match run {
         "zero_shot" => {
-            let p = ctx.eval("zero-shot full model", &checkpoint.load_model(&ctx.device)?, &eval)?;
+            let score = ctx.score(
+                "zero-shot full model",
+                &checkpoint.load_model(&ctx.device)?,
+                &eval,
+                None,
+            )?;
             single(
                 Arm::ZeroShot,
                 Outcome {
-                    perplexity: p,
+                    score,
                     client_rss: None,
                     trainable: None,
                     examples: 0,
@@ -228,11 +324,11 @@ pub(crate) fn run(ctx: &Ctx, run: &str) -> Result<BTreeMap<Arm, ArmResult>> {
         }
         "emulator_zero_shot" => {
             let emu = Ctx::emulator(ctx.ot_emulator.as_ref())?;
-            let p = ctx.eval("emulator", &emu.load_model(&ctx.device)?, &eval)?;
+            let score = ctx.score("emulator", &emu.load_model(&ctx.device)?, &eval, None)?;
             single(
                 Arm::EmulatorZeroShot,
                 Outcome {
-                    perplexity: p,
+                    score,
                     client_rss: None,
                     trainable: None,
                     examples: 0,
@@ -267,11 +363,11 @@ pub(crate) fn run(ctx: &Ctx, run: &str) -> Result<BTreeMap<Arm, ArmResult>> {
             let trainable = count(&model);
             let (model, examples) = train(arm.name(), model, &pooled, ctx.file.central_train(n, lr, min)?)?;
             let client_rss = mib();
-            let p = ctx.eval(arm.name(), &model.without_autodiff(), &eval)?;
+            let score = ctx.score(arm.name(), &model.without_autodiff(), &eval, None)?;
             single(
                 arm,
                 Outcome {
-                    perplexity: p,
+                    score,
                     client_rss,
                     trainable: Some(trainable),
                     examples,
@@ -296,11 +392,11 @@ pub(crate) fn run(ctx: &Ctx, run: &str) -> Result<BTreeMap<Arm, ArmResult>> {
                 lora.as_ref(),
             )?;
             let state = adapter_state(&model)?;
-            let emu_p = ctx.eval("emulator + adapter", &model.without_autodiff(), &eval)?;
+            let emu_p = ctx.perplexity("emulator + adapter", &model.without_autodiff(), &eval)?;
             let plugged = plug_state(checkpoint.load_model(&ctx.device)?, &layers, spec, &state)?;
-            let p = ctx.eval("plug-in", &plugged, &eval)?;
+            let score = ctx.score("plug-in", &plugged, &eval, None)?;
             let o = Outcome {
-                perplexity: p,
+                score,
                 client_rss,
                 trainable: Some(trainable),
                 examples,
@@ -324,8 +420,9 @@ fn arm_result(
     rounds: Vec<(u64, f64)>,
 ) -> ArmResult {
     ArmResult {
-        metric: o.perplexity,
-        perplexity: o.perplexity,
+        metric: o.score.metric,
+        perplexity: o.score.perplexity,
+        generation_tokens_per_s: o.score.generation_tokens_per_s,
         wall_s: start.elapsed().as_secs_f64(),
         client_peak_rss_mib: o.client_rss,
         process_peak_rss_mib: mib(),
@@ -345,7 +442,7 @@ fn local_only(
     ctx: &Ctx,
     checkpoint: &Checkpoint,
     clients: &[Vec<Example>],
-    eval: &[Example],
+    eval: &EvalSet,
     start: Instant,
 ) -> Result<BTreeMap<Arm, ArmResult>> {
     let emu = Ctx::emulator(ctx.ot_emulator.as_ref())?;
@@ -369,14 +466,19 @@ fn local_only(
         states.push(adapter_state(&model)?);
     }
     let full = checkpoint.load_model(&ctx.device)?;
-    let mut per_client = Vec::new();
+    let mut scores = Vec::new();
     for (i, state) in states.iter().enumerate() {
         let plugged = plug_state(full.clone(), &layers, spec, state)?;
-        per_client.push(ctx.eval(&format!("local_only client {i} plug-in"), &plugged, eval)?);
+        scores.push(ctx.score(&format!("local_only client {i} plug-in"), &plugged, eval, None)?);
     }
-    let mean = per_client.iter().sum::<f64>() / per_client.len().max(1) as f64;
+    let mean = |f: fn(&Score) -> f64| scores.iter().map(f).sum::<f64>() / scores.len().max(1) as f64;
+    let per_client = scores.iter().map(|s| s.metric).collect();
     let o = Outcome {
-        perplexity: mean,
+        score: Score {
+            metric: mean(|s| s.metric),
+            perplexity: mean(|s| s.perplexity),
+            generation_tokens_per_s: scores.last().and_then(|s| s.generation_tokens_per_s),
+        },
         client_rss,
         trainable,
         examples,
@@ -394,7 +496,7 @@ fn federated(
     run: &str,
     checkpoint: &Checkpoint,
     clients: Vec<Vec<Example>>,
-    eval: &[Example],
+    eval: &EvalSet,
     start: Instant,
 ) -> Result<BTreeMap<Arm, ArmResult>> {
     let mut file = ctx.file.fed.clone();
@@ -419,7 +521,13 @@ fn federated(
     let layers = emu.manifest().adapter_layers.clone();
     let full = checkpoint.load_model(&ctx.device)?;
     let batch = file.eval.as_ref().map_or(4, |e| e.batch_size);
-    let evaluator = crate::fed_cmd::evaluator(full.clone(), layers.clone(), file.adapter.clone(), eval.to_vec(), batch);
+    let evaluator = crate::fed_cmd::evaluator(
+        full.clone(),
+        layers.clone(),
+        file.adapter.clone(),
+        eval.examples.clone(),
+        batch,
+    );
     let initial = crate::fed_cmd::initial_state(&emu, &file.adapter, file.federation.seed)?;
     let trainable = initial.values().map(|t| t.values.len() as u64).sum();
     let mut reports: Vec<RoundReport> = Vec::new();
@@ -440,14 +548,13 @@ fn federated(
         .filter_map(|r| r.eval_perplexity.map(|p| (r.round, p)))
         .collect();
     let last = reports.last().map(|r| r.round);
-    let plug = match rounds.last() {
-        Some(&(round, p)) if Some(round) == last => p,
-        _ => ctx.eval(
-            "plug-in",
-            &plug_state(full, &layers, &file.adapter, &state.global)?,
-            eval,
-        )?,
+    let known = match rounds.last() {
+        Some(&(round, p)) if Some(round) == last => Some(p),
+        _ => None,
     };
+    let plugged = plug_state(full, &layers, &file.adapter, &state.global)?;
+    let plug = ctx.score("plug-in", &plugged, eval, known)?;
+    drop(plugged);
     let (up, down, participants, sampled) = reports.iter().fold((0u64, 0u64, 0u64, 0u64), |a, r| {
         (
             a.0 + r.bytes_in,
@@ -458,12 +565,12 @@ fn federated(
     });
     let local = &file.local;
     let examples = participants * (local.steps * local.batch_size * local.grad_accum.max(1)) as u64;
-    let result = |metric: f64, emu_p: Option<f64>, rounds: Vec<(u64, f64)>| ArmResult {
+    let result = |score: Score, emu_p: Option<f64>, rounds: Vec<(u64, f64)>| ArmResult {
         bytes_up_per_client_round: Some(up as f64 / participants.max(1) as f64),
         bytes_down_per_client_round: Some(down as f64 / sampled.max(1) as f64),
         ..arm_result(
             Outcome {
-                perplexity: metric,
+                score,
                 client_rss: None,
                 trainable: Some(trainable),
                 examples,
@@ -474,19 +581,18 @@ fn federated(
             rounds,
         )
     };
+    let emulator_model = || plug_state(emu.load_model(&ctx.device)?, &layers, &file.adapter, &state.global);
     Ok(match run {
         "fed_ot" => {
-            let emu_model = plug_state(emu.load_model(&ctx.device)?, &layers, &file.adapter, &state.global)?;
-            let emu_p = ctx.eval("emulator + global adapter", &emu_model, eval)?;
+            let emu_score = ctx.score("emulator + global adapter", &emulator_model()?, eval, None)?;
             BTreeMap::from([
-                (Arm::FedOtPlugin, result(plug, Some(emu_p), rounds)),
-                (Arm::FedOtEmulator, result(emu_p, None, Vec::new())),
+                (Arm::FedOtPlugin, result(plug, Some(emu_score.perplexity), rounds)),
+                (Arm::FedOtEmulator, result(emu_score, None, Vec::new())),
             ])
         }
         "fed_lora" => BTreeMap::from([(Arm::FedLora, result(plug, None, rounds))]),
         _ => {
-            let emu_model = plug_state(emu.load_model(&ctx.device)?, &layers, &file.adapter, &state.global)?;
-            let emu_p = ctx.eval("emulator + global adapter", &emu_model, eval)?;
+            let emu_p = ctx.perplexity("emulator + global adapter", &emulator_model()?, eval)?;
             BTreeMap::from([(Arm::FedOtLoraPlugin, result(plug, Some(emu_p), rounds))])
         }
     })

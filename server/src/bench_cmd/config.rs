@@ -98,18 +98,27 @@ impl Arm {
 pub(crate) enum Metric {
     /// Perplexity of the `[eval]` data (lower is better).
     Perplexity,
+    /// ROUGE-L F1 (in %) of greedy generations for the `[eval]` JSONL prompts against their reference answers (the
+    /// best of them), as Natural Instructions scores (higher is better).
+    RougeL,
+    /// Exact match (in %) of the final number of greedy generations for the `[eval]` JSONL prompts against their
+    /// reference (the number after "the answer is", otherwise the last one), as FederatedScope-LLM scores GSM8K.
+    ExactMatch,
 }
 
 impl Metric {
     pub(crate) fn name(self) -> &'static str {
         match self {
             Metric::Perplexity => "perplexity",
+            Metric::RougeL => "rouge_l",
+            Metric::ExactMatch => "exact_match",
         }
     }
 
     pub(crate) fn higher_is_better(self) -> bool {
         match self {
             Metric::Perplexity => false,
+            Metric::RougeL | Metric::ExactMatch => true,
         }
     }
 }
@@ -138,6 +147,9 @@ pub(crate) struct BenchSection {
     pub task: String,
     /// What the arms are scored by.
     pub metric: Metric,
+    /// Metrics by generation: tokens generated per prompt at most (greedy, batches of `[eval] batch_size`).
+    #[serde(default = "max_new_tokens")]
+    pub max_new_tokens: usize,
     /// The arms run unless `--arms` names others (default: every arm).
     #[serde(default = "all_arms")]
     pub arms: Vec<Arm>,
@@ -147,6 +159,10 @@ pub(crate) struct BenchSection {
     pub lora: LoraConfig,
     /// Peak learning rate of the LoRA arms, central and federated (cosine to a tenth).
     pub lora_lr: f64,
+}
+
+fn max_new_tokens() -> usize {
+    32
 }
 
 fn all_arms() -> Vec<Arm> {
@@ -178,6 +194,12 @@ impl BenchFile {
         let fed: FedFile = table
             .try_into()
             .map_err(|e: toml::de::Error| anyhow::anyhow!("{}: {}", path.display(), e.message()))?;
+        if bench.metric != Metric::Perplexity && bench.max_new_tokens == 0 {
+            bail!(
+                "{}: [bench] max_new_tokens must be positive for a metric by generation",
+                path.display()
+            );
+        }
         if bench.central.batch_size == 0 {
             bail!("{}: [bench.central] batch_size must be positive", path.display());
         }
@@ -216,5 +238,77 @@ impl BenchFile {
             seed: self.fed.federation.seed,
             ..self.fed.local.clone()
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_bench_config_gives_every_arm_the_same_examples() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("shakespeare.toml");
+        std::fs::write(&path, include_str!("../../../configs/bench/shakespeare.toml")).unwrap();
+        let file = BenchFile::load(&path).unwrap();
+        assert_eq!(file.bench.arms, Arm::ALL.to_vec());
+        let clients = file.fed.sim.as_ref().unwrap().data.len();
+        assert_eq!(clients, 6);
+        // 5 rounds × 6 clients × 8 local steps × 1 block = 240 blocks = 60 central steps of 4.
+        assert_eq!(file.budget_examples(clients), 240);
+        let central = file.central_train(clients, 1e-4, 1e-5).unwrap();
+        assert_eq!((central.steps, central.batch_size), (60, 4));
+    }
+
+    #[test]
+    fn the_generation_tasks_give_every_arm_the_same_examples() {
+        let dir = tempfile::tempdir().unwrap();
+        for (text, metric, clients, budget, steps) in [
+            (
+                include_str!("../../../configs/bench/natural-instructions.toml"),
+                Metric::RougeL,
+                8,
+                160,
+                40,
+            ),
+            (
+                include_str!("../../../configs/bench/gsm-symbolic.toml"),
+                Metric::ExactMatch,
+                10,
+                200,
+                50,
+            ),
+        ] {
+            let path = dir.path().join("task.toml");
+            std::fs::write(&path, text).unwrap();
+            let file = BenchFile::load(&path).unwrap();
+            assert_eq!(file.bench.metric, metric);
+            assert!(file.bench.max_new_tokens > 0);
+            assert_eq!(file.fed.sim.as_ref().unwrap().data.len(), clients);
+            assert_eq!(file.budget_examples(clients), budget);
+            let central = file.central_train(clients, 1e-4, 1e-5).unwrap();
+            assert_eq!((central.steps, central.batch_size), (steps, 4));
+            std::fs::write(&path, text.replace("max_new_tokens = ", "max_new_tokens = 0 #")).unwrap();
+            let err = BenchFile::load(&path).unwrap_err().to_string();
+            assert!(err.contains("max_new_tokens"), "{err}");
+        }
+    }
+
+    #[test]
+    fn bench_tables_name_unknown_keys_and_uneven_budgets() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("b.toml");
+        let text = include_str!("../../../configs/bench/shakespeare.toml");
+        std::fs::write(&path, text.replace("lora_lr = 4e-4", "lora_lr = 4e-4\nlora_rate = 1")).unwrap();
+        let err = BenchFile::load(&path).unwrap_err().to_string();
+        assert!(err.contains("lora_rate"), "{err}");
+        std::fs::write(
+            &path,
+            text.replace("batch_size = 4\nlr = 1e-4", "batch_size = 7\nlr = 1e-4"),
+        )
+        .unwrap();
+        let file = BenchFile::load(&path).unwrap();
+        let err = file.central_train(6, 1e-4, 1e-5).unwrap_err().to_string();
+        assert!(err.contains("not a multiple"), "{err}");
     }
 }

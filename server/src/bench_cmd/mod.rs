@@ -226,7 +226,12 @@ pub(crate) fn run(args: BenchArgs) -> Result<()> {
         if let Some((p, _)) = &full {
             cmd.arg("--full-emulator").arg(p);
         }
-        let status = cmd.status().with_context(|| format!("starting run {run}"))?;
+        let status = cmd.status().with_context(|| {
+            format!(
+                "starting run {run} ({}: was the binary rebuilt or removed during the bench? rerun to resume)",
+                exe.display()
+            )
+        })?;
         if !status.success() {
             bail!("run {run} failed ({status}); rerun the same command to resume from it");
         }

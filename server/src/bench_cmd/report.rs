@@ -1,5 +1,5 @@
-//! The bench's report: `report.json`, `report.md` (the table) and two plots, `rounds.svg` (the metric after each
-//! round of the federated arms) and `arms.svg` (every arm's final metric).
+//! The bench's report: `report.json`, `report.md` (the table) and two plots, `rounds.svg` (the plug-in's perplexity
+//! after each round of the federated arms) and `arms.svg` (every arm's final metric).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -74,25 +74,35 @@ impl Report<'_> {
             "lower"
         };
         let _ = writeln!(md, "# Bench `{}`\n", self.task);
+        let what = match self.metric {
+            Metric::Perplexity => "perplexity of the held-out data".to_string(),
+            Metric::RougeL => "ROUGE-L F1 (%) of greedy generations for the held-out prompts against the best of \
+                               their reference answers (rouge_score's tokens, no stemming)"
+                .to_string(),
+            Metric::ExactMatch => "exact match (%) of the final number of greedy generations for the held-out \
+                                   problems (after \"the answer is\", otherwise the last number)"
+                .to_string(),
+        };
         let _ = writeln!(
             md,
-            "Metric: perplexity of the held-out data ({dir} is better). Every training arm sees {} examples of at \
-             most {} tokens.\n",
+            "Metric: {what} ({dir} is better). Every training arm sees {} examples of at most {} tokens.\n",
             self.budget.0, self.budget.1
         );
         let _ = writeln!(
             md,
-            "| arm | metric | emulator + adapter | wall s | client peak RSS MiB | bytes up / client / round | \
-             bytes down / client / round | trainable params | examples |"
+            "| arm | {} | perplexity | emulator + adapter perplexity | wall s | client peak RSS MiB | bytes up / \
+             client / round | bytes down / client / round | trainable params | examples |",
+            self.metric.name()
         );
-        let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|");
+        let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|");
         let opt = |v: Option<f64>, digits: usize| v.map_or("–".to_string(), |v| format!("{v:.digits$}"));
         for (arm, r) in &self.arms {
             let _ = writeln!(
                 md,
-                "| {} | {:.3} | {} | {:.0} | {} | {} | {} | {} | {} |",
+                "| {} | {:.3} | {:.3} | {} | {:.0} | {} | {} | {} | {} | {} |",
                 arm.name(),
                 r.metric,
+                r.perplexity,
                 opt(r.emulator_perplexity, 3),
                 r.wall_s,
                 r.client_peak_rss_mib.map_or("–".into(), |m| m.to_string()),
@@ -120,6 +130,15 @@ impl Report<'_> {
         }
         if let Some(p) = j["fed_vs_central_ot_plugin"].as_f64() {
             let _ = writeln!(md, "- `fed_ot_plugin` / `central_ot_plugin` perplexity: {p:.3}");
+        }
+        let rates: Vec<f64> = self.arms.values().filter_map(|r| r.generation_tokens_per_s).collect();
+        if !rates.is_empty() {
+            let _ = writeln!(
+                md,
+                "- generation (batched greedy with the KV cache, prompts bucketed by length): {:.1} tokens/s, mean \
+                 over the arms",
+                rates.iter().sum::<f64>() / rates.len() as f64
+            );
         }
         let _ = writeln!(
             md,
@@ -156,7 +175,7 @@ impl Report<'_> {
             .collect();
         let refs: Vec<(Arm, f64)> = [Arm::ZeroShot, Arm::CentralAdapterCeiling, Arm::CentralFullFt]
             .into_iter()
-            .filter_map(|a| Some((a, self.metric_of(a)?)))
+            .filter_map(|a| Some((a, self.arms.get(&a)?.perplexity)))
             .collect();
         let values = series
             .iter()
@@ -229,7 +248,16 @@ impl Report<'_> {
         let names: Vec<&str> = arms.iter().map(|a| a.0.name()).collect();
         let mut chart = ChartBuilder::on(&root)
             .caption(
-                format!("{}: perplexity per arm (lower is better)", self.task),
+                format!(
+                    "{}: {} per arm ({} is better)",
+                    self.task,
+                    self.metric.name(),
+                    if self.metric.higher_is_better() {
+                        "higher"
+                    } else {
+                        "lower"
+                    }
+                ),
                 ("sans-serif", 18),
             )
             .margin(12)

@@ -126,3 +126,17 @@ impl FedFile {
         toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.message()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_federation_config_parses() {
+        let file: FedFile = toml::from_str(include_str!("../../../configs/federation-shakespeare.toml")).unwrap();
+        let distill = file.distill.unwrap();
+        assert_eq!(distill.kd_at, offsite::emulator::KdAt::EveryLayer);
+        assert_eq!(file.sim.unwrap().data.len(), 3);
+        assert_eq!(file.emulator.unwrap().choose_layers(30).unwrap().len(), 22);
+    }
+}

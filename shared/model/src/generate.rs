@@ -1,4 +1,5 @@
-//! Autoregressive generation with a KV cache: greedy, or sampling with temperature, top-k and top-p.
+//! Autoregressive generation with a KV cache: greedy, or sampling with temperature, top-k and top-p; and greedy
+//! decoding of many prompts at once (evaluation by generation).
 
 use burn::tensor::{Int, Tensor, TensorData};
 use rand::rngs::StdRng;
@@ -80,6 +81,70 @@ pub fn generate(
             break;
         }
         input = vec![next];
+    }
+    Ok(out)
+}
+
+/// Greedy continuations of many prompts, `batch_size` at a time: prompts are sorted by length so each batch pads
+/// little (length bucketing), left-padded (padding masked, positions counting real tokens) and decoded together with
+/// one KV cache; a row stops after any of `eos_ids` (kept in its output, as [`generate`] does) or `max_new_tokens`.
+/// Row `i` of the result continues `prompts[i]` and equals what [`generate`] gives for it alone.
+pub fn greedy_batch(
+    model: &LlamaForCausalLM,
+    prompts: &[Vec<u32>],
+    eos_ids: &[u32],
+    max_new_tokens: usize,
+    batch_size: usize,
+) -> Result<Vec<Vec<u32>>, ModelError> {
+    if batch_size == 0 {
+        return Err(ModelError::Input("the generation batch size must be positive".into()));
+    }
+    for (i, p) in prompts.iter().enumerate() {
+        if p.is_empty() {
+            return Err(ModelError::Input(format!("prompt {i} is empty")));
+        }
+        model.check_ids(p)?;
+    }
+    let mut order: Vec<usize> = (0..prompts.len()).collect();
+    order.sort_by_key(|&i| prompts[i].len());
+    let mut out = vec![Vec::new(); prompts.len()];
+    let device = model.device();
+    for rows in order.chunks(batch_size) {
+        let b = rows.len();
+        let width = rows.iter().map(|&i| prompts[i].len()).max().unwrap_or(0);
+        let mut ids = Vec::with_capacity(b * width);
+        let mut mask = Vec::with_capacity(b);
+        for &i in rows {
+            let pad = width - prompts[i].len();
+            ids.extend(std::iter::repeat_n(0i64, pad).chain(prompts[i].iter().map(|&t| t as i64)));
+            mask.push((0..width).map(|p| p >= pad).collect::<Vec<bool>>());
+        }
+        let mut cache = KvCache::new(model.config().num_hidden_layers, b);
+        let mut input = Tensor::<2, Int>::from_data(TensorData::new(ids, [b, width]), &device);
+        let mut step_mask = Some(mask);
+        let mut done = vec![max_new_tokens == 0; b];
+        while !done.iter().all(|&d| d) {
+            let hidden = model.forward_hidden(input, step_mask.as_deref(), Some(&mut cache))?;
+            let [_, s, h] = hidden.dims();
+            let logits: Vec<f32> = model
+                .lm_head(hidden.slice([0..b, s - 1..s, 0..h]))
+                .into_data()
+                .try_into_vec()
+                .map_err(|e| ModelError::Input(format!("cannot read logits: {e:?}")))?;
+            let vocab = logits.len() / b;
+            let mut next = Vec::with_capacity(b);
+            for (r, &i) in rows.iter().enumerate() {
+                let token = argmax(&logits[r * vocab..(r + 1) * vocab]);
+                if !done[r] {
+                    out[i].push(token);
+                    done[r] = eos_ids.contains(&token) || out[i].len() >= max_new_tokens;
+                }
+                // A finished row keeps decoding its own argmax (its output is no longer read).
+                next.push(token as i64);
+            }
+            input = Tensor::<2, Int>::from_data(TensorData::new(next, [b, 1]), &device);
+            step_mask = None;
+        }
     }
     Ok(out)
 }

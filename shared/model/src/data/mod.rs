@@ -77,6 +77,9 @@ pub struct DataConfig {
     pub output_field: String,
     /// JSONL field holding an optional category (for splits by category).
     pub category_field: String,
+    /// JSONL field holding the acceptable answers (an array of strings) that generated text is scored against;
+    /// without it, the response field is the one reference.
+    pub references_field: String,
     /// Prompt for records with an input; `{instruction}` and `{input}` are replaced.
     pub prompt_template: String,
     /// Prompt for records without an input.
@@ -92,6 +95,7 @@ impl Default for DataConfig {
             input_field: "input".into(),
             output_field: "output".into(),
             category_field: "category".into(),
+            references_field: "references".into(),
             prompt_template: "Below is an instruction that describes a task, paired with an input that provides \
                 further context. Write a response that appropriately completes the request.\n\n\
                 ### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
@@ -101,6 +105,25 @@ impl Default for DataConfig {
                 .into(),
         }
     }
+}
+
+/// One evaluation prompt: what a model is asked to continue, and the answers its continuation is scored against.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PromptRecord {
+    /// Token ids of the rendered prompt (BOS included), as in training.
+    pub ids: Vec<u32>,
+    /// Acceptable answers.
+    pub references: Vec<String>,
+    /// The record's category, when it has one.
+    pub category: Option<String>,
+}
+
+/// A parsed, tokenized instruction record.
+struct Rendered {
+    ids: Vec<u32>,
+    prompt_len: usize,
+    category: Option<String>,
+    references: Vec<String>,
 }
 
 /// One tokenized example.
@@ -124,6 +147,15 @@ impl DataConfig {
         Ok(examples)
     }
 
+    /// How `path` is read: `format`, or by its extension.
+    fn format(&self, path: &Path) -> DataFormat {
+        self.format
+            .unwrap_or_else(|| match path.extension().and_then(|e| e.to_str()) {
+                Some("jsonl" | "json") => DataFormat::Jsonl,
+                _ => DataFormat::Text,
+            })
+    }
+
     /// Reads and tokenizes a data file.
     pub fn load(&self, path: &Path, tokenizer: &Tokenizer) -> Result<Vec<Example>, DataError> {
         if self.max_len < 2 {
@@ -136,13 +168,7 @@ impl DataConfig {
             path: path.into(),
             source,
         })?;
-        let format = self
-            .format
-            .unwrap_or_else(|| match path.extension().and_then(|e| e.to_str()) {
-                Some("jsonl" | "json") => DataFormat::Jsonl,
-                _ => DataFormat::Text,
-            });
-        let examples = match format {
+        let examples = match self.format(path) {
             DataFormat::Jsonl => self.instructions(path, &text, tokenizer)?,
             DataFormat::Text => self.blocks(path, &text, tokenizer)?,
         };
@@ -156,6 +182,65 @@ impl DataConfig {
     }
 
     fn instructions(&self, path: &Path, text: &str, tokenizer: &Tokenizer) -> Result<Vec<Example>, DataError> {
+        Ok(self
+            .records(path, text, tokenizer)?
+            .into_iter()
+            .map(|r| {
+                let labels = r
+                    .ids
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &id)| if i < r.prompt_len { IGNORE_INDEX } else { id as i64 })
+                    .collect();
+                Example {
+                    ids: r.ids,
+                    labels,
+                    category: r.category,
+                }
+            })
+            .collect())
+    }
+
+    /// Reads a JSONL instruction file for evaluation by generation: each record's prompt (as training renders it)
+    /// and its reference answers. The records are those [`DataConfig::load`] keeps, in the same order, so the
+    /// n-th prompt is the n-th example's.
+    pub fn load_prompts(&self, path: &Path, tokenizer: &Tokenizer) -> Result<Vec<PromptRecord>, DataError> {
+        let text = std::fs::read_to_string(path).map_err(|source| DataError::Io {
+            path: path.into(),
+            source,
+        })?;
+        if self.format(path) != DataFormat::Jsonl {
+            return Err(DataError::Config(format!(
+                "{}: evaluation by generation needs JSONL instruction records (prompt and reference answers), not \
+                 plain text",
+                path.display()
+            )));
+        }
+        Ok(self
+            .records(path, &text, tokenizer)?
+            .into_iter()
+            .map(|mut r| {
+                r.ids.truncate(r.prompt_len);
+                PromptRecord {
+                    ids: r.ids,
+                    references: r.references,
+                    category: r.category,
+                }
+            })
+            .collect())
+    }
+
+    /// Several files' prompts, pooled in order (as [`DataConfig::load_all`]).
+    pub fn load_all_prompts(&self, paths: &[PathBuf], tokenizer: &Tokenizer) -> Result<Vec<PromptRecord>, DataError> {
+        let mut out = Vec::new();
+        for path in paths {
+            out.extend(self.load_prompts(path, tokenizer)?);
+        }
+        Ok(out)
+    }
+
+    /// The records of a JSONL file that leave something of the response within `max_len` tokens.
+    fn records(&self, path: &Path, text: &str, tokenizer: &Tokenizer) -> Result<Vec<Rendered>, DataError> {
         let mut out = Vec::new();
         for (n, line) in text.lines().enumerate() {
             if line.trim().is_empty() {
@@ -180,6 +265,20 @@ impl DataConfig {
             let input = field(&self.input_field, false)?.unwrap_or_default();
             let output = field(&self.output_field, true)?.unwrap_or_default();
             let category = field(&self.category_field, false)?;
+            let references = match object.get(&self.references_field) {
+                None | Some(serde_json::Value::Null) => vec![output.clone()],
+                Some(serde_json::Value::Array(items)) if !items.is_empty() => items
+                    .iter()
+                    .map(|v| v.as_str().map(str::to_string))
+                    .collect::<Option<Vec<String>>>()
+                    .ok_or_else(|| bad(format!("field `{}` must hold strings only", self.references_field)))?,
+                Some(other) => {
+                    return Err(bad(format!(
+                        "field `{}` must be a non-empty array of strings, found {other}",
+                        self.references_field
+                    )))
+                }
+            };
             let prompt = if input.trim().is_empty() {
                 self.prompt_template_no_input.replace("{instruction}", &instruction)
             } else {
@@ -203,12 +302,12 @@ impl DataConfig {
                 // The prompt fills max_len: nothing of the response is left to learn from.
                 continue;
             }
-            let labels = ids
-                .iter()
-                .enumerate()
-                .map(|(i, &id)| if i < prompt_len { IGNORE_INDEX } else { id as i64 })
-                .collect();
-            out.push(Example { ids, labels, category });
+            out.push(Rendered {
+                ids,
+                prompt_len,
+                category,
+                references,
+            });
         }
         Ok(out)
     }

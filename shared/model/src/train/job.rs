@@ -110,7 +110,10 @@ mod tests {
             TrainJob::from_toml(text).unwrap();
         }
         let emu = include_str!("../../../../configs/emulator-smollm2.toml");
+        let distill = crate::emulator::DistillConfig::from_toml(emu).unwrap().unwrap();
+        assert_eq!(distill.kd_at, crate::emulator::KdAt::EveryLayer);
         let emu = crate::emulator::EmulatorConfig::from_toml(emu).unwrap();
-        assert_eq!(emu.choose_layers(30).unwrap().len(), 17);
+        // 2 + 2 adapter layers and 18 of the 26 middle ones.
+        assert_eq!(emu.choose_layers(30).unwrap().len(), 22);
     }
 }

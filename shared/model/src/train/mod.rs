@@ -1,21 +1,25 @@
 //! Training: the causal language-modelling loss, AdamW with a warmup + cosine schedule, the local training loop and
-//! evaluation (loss, perplexity).
+//! evaluation (loss, perplexity; ROUGE-L and exact match of generated text).
 
+mod answer;
 mod eval;
 mod job;
 mod loss;
 mod optim;
+mod rouge;
 mod scaler;
 mod trainer;
 mod xent;
 
 use std::path::PathBuf;
 
+pub use answer::{exact_match, final_number};
 pub use eval::{evaluate, EvalReport};
 pub use job::TrainJob;
 pub use loss::{causal_lm_loss, IGNORE_INDEX};
 pub use offsite_protocol::{AdamWConfig, Precision, TrainConfig};
 pub use optim::{AdamW, Moments, Schedule};
+pub use rouge::rouge_l;
 pub use trainer::{Objective, StepReport, Trainer};
 
 use crate::model::ModelError;
