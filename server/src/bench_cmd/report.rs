@@ -33,14 +33,20 @@ impl Report<'_> {
         self.arms.get(&arm).map(|r| r.metric)
     }
 
-    /// `(fed_ot_plugin − zero_shot) / (reference − zero_shot)` on the metric.
+    /// `(fed_ot_plugin − zero_shot) / (reference − zero_shot)` on the metric; None where the reference does not
+    /// improve on zero-shot (there is no gap to close, and the ratio would mislead).
     fn gap_closed(&self, reference: Arm) -> Option<f64> {
         let (fed, zero, r) = (
             self.metric_of(Arm::FedOtPlugin)?,
             self.metric_of(Arm::ZeroShot)?,
             self.metric_of(reference)?,
         );
-        (r != zero).then(|| (fed - zero) / (r - zero))
+        let improves = if self.metric.higher_is_better() {
+            r > zero
+        } else {
+            r < zero
+        };
+        improves.then(|| (fed - zero) / (r - zero))
     }
 
     fn json(&self) -> serde_json::Value {
@@ -60,6 +66,7 @@ impl Report<'_> {
             "gap_closed": {
                 "vs_full_ft": self.gap_closed(Arm::CentralFullFt),
                 "vs_adapter_ceiling": self.gap_closed(Arm::CentralAdapterCeiling),
+                "vs_fed_lora": self.gap_closed(Arm::FedLora),
             },
             "protection": ratio(Arm::FedOtEmulator, Arm::FedOtPlugin),
             "fed_vs_central_ot_plugin": ratio(Arm::FedOtPlugin, Arm::CentralOtPlugin),
@@ -88,21 +95,33 @@ impl Report<'_> {
             "Metric: {what} ({dir} is better). Every training arm sees {} examples of at most {} tokens.\n",
             self.budget.0, self.budget.1
         );
+        // A metric by generation has the perplexity beside it.
+        let by_generation = self.metric != Metric::Perplexity;
         let _ = writeln!(
             md,
-            "| arm | {} | perplexity | emulator + adapter perplexity | wall s | client peak RSS MiB | bytes up / \
-             client / round | bytes down / client / round | trainable params | examples |",
-            self.metric.name()
+            "| arm | {}{} | emulator + adapter perplexity | wall s | client peak RSS MiB | bytes up / client / round \
+             | bytes down / client / round | trainable params | examples |",
+            self.metric.name(),
+            if by_generation { " | perplexity" } else { "" }
         );
-        let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|");
+        let _ = writeln!(
+            md,
+            "|---|---|---|---|---|---|---|---|---|{}",
+            if by_generation { "---|" } else { "" }
+        );
         let opt = |v: Option<f64>, digits: usize| v.map_or("–".to_string(), |v| format!("{v:.digits$}"));
         for (arm, r) in &self.arms {
+            let perplexity = if by_generation {
+                format!(" | {:.3}", r.perplexity)
+            } else {
+                String::new()
+            };
             let _ = writeln!(
                 md,
-                "| {} | {:.3} | {:.3} | {} | {:.0} | {} | {} | {} | {} | {} |",
+                "| {} | {:.3}{} | {} | {:.0} | {} | {} | {} | {} | {} |",
                 arm.name(),
                 r.metric,
-                r.perplexity,
+                perplexity,
                 opt(r.emulator_perplexity, 3),
                 r.wall_s,
                 r.client_peak_rss_mib.map_or("–".into(), |m| m.to_string()),
@@ -112,14 +131,17 @@ impl Report<'_> {
                 r.train_examples
             );
         }
+        // "–": the arm did not run, or does not improve on zero_shot.
         let pct = |v: Option<f64>| v.map_or("–".to_string(), |v| format!("{:.1}%", 100.0 * v));
         let _ = writeln!(md);
         let _ = writeln!(
             md,
             "- gap closed by `fed_ot_plugin`, `(fed_ot_plugin − zero_shot) / (reference − zero_shot)`: {} of the way \
-             to `central_adapter_ceiling`, {} of the way to `central_full_ft`",
+             to `central_adapter_ceiling`, {} of the way to `central_full_ft`, {} of `fed_lora`'s gain (clients \
+             holding the full model); – where the reference did not run or does not beat zero_shot",
             pct(self.gap_closed(Arm::CentralAdapterCeiling)),
-            pct(self.gap_closed(Arm::CentralFullFt))
+            pct(self.gap_closed(Arm::CentralFullFt)),
+            pct(self.gap_closed(Arm::FedLora))
         );
         let j = self.json();
         if let Some(p) = j["protection"].as_f64() {
