@@ -17,15 +17,20 @@ fn build(dir: &Path, quant: QuantFormat) -> (PathBuf, PathBuf) {
     build_from(&model, dir, quant, false)
 }
 
-fn build_from(model: &Path, dir: &Path, quant: QuantFormat, quantize_embeddings: bool) -> (PathBuf, PathBuf) {
-    let config = EmulatorConfig {
+/// 1 + 1 adapter layers, half the middle dropped, the middle in `quant`.
+fn settings(quant: QuantFormat, quantize_embeddings: bool) -> EmulatorConfig {
+    EmulatorConfig {
         bottom_layers: 1,
         top_layers: 1,
         drop_ratio: 0.5,
         quant,
         scale_dtype: ScaleDType::F32,
         quantize_embeddings,
-    };
+    }
+}
+
+fn build_from(model: &Path, dir: &Path, quant: QuantFormat, quantize_embeddings: bool) -> (PathBuf, PathBuf) {
+    let config = settings(quant, quantize_embeddings);
     let out = dir.join(format!("{quant:?}-{quantize_embeddings}.emu"));
     let ckpt = Checkpoint::open(model).unwrap();
     let mut calls = 0;
@@ -288,27 +293,11 @@ fn distillation_pulls_the_middle_towards_the_full_model_and_touches_nothing_else
     let (model_dir, plain_path) = build(dir.path(), QuantFormat::F32);
     let ckpt = Checkpoint::open(&model_dir).unwrap();
     let seq = |i: u32, n: u32| -> Vec<u32> { (0..n).map(|t| (i * 11 + t * 17 + t * t) % 250 + 3).collect() };
-    let examples: Vec<Example> = (0..24)
-        .map(|i| {
-            let ids = seq(i, 16);
-            Example {
-                labels: ids.iter().map(|&x| x as i64).collect(),
-                ids,
-                category: None,
-            }
-        })
-        .collect();
+    let examples: Vec<Example> = (0..24).map(|i| offsite_tests::lm_example(seq(i, 16))).collect();
     let held: Vec<Vec<i64>> = (100..106)
         .map(|i| seq(i, 16).iter().map(|&x| x as i64).collect())
         .collect();
-    let config = EmulatorConfig {
-        bottom_layers: 1,
-        top_layers: 1,
-        drop_ratio: 0.5,
-        quant: QuantFormat::F32,
-        scale_dtype: ScaleDType::F32,
-        quantize_embeddings: false,
-    };
+    let config = settings(QuantFormat::F32, false);
     let full = ckpt.load_model(&Device::flex()).unwrap();
     let plain = Emulator::open(&plain_path).unwrap();
     let before = boundary_nmse(&plain.load_model(&Device::flex()).unwrap(), &full, &held);
@@ -385,23 +374,9 @@ fn a_killed_distillation_resumes_from_its_last_save_and_ends_as_the_uninterrupte
     let (model_dir, _) = build(dir.path(), QuantFormat::F32);
     let ckpt = Checkpoint::open(&model_dir).unwrap();
     let examples: Vec<Example> = (0..16u32)
-        .map(|i| {
-            let ids: Vec<u32> = (0..16u32).map(|t| (i * 13 + t * 7 + t * t) % 250 + 3).collect();
-            Example {
-                labels: ids.iter().map(|&x| x as i64).collect(),
-                ids,
-                category: None,
-            }
-        })
+        .map(|i| offsite_tests::lm_example((0..16u32).map(|t| (i * 13 + t * 7 + t * t) % 250 + 3).collect()))
         .collect();
-    let config = EmulatorConfig {
-        bottom_layers: 1,
-        top_layers: 1,
-        drop_ratio: 0.5,
-        quant: QuantFormat::F32,
-        scale_dtype: ScaleDType::F32,
-        quantize_embeddings: false,
-    };
+    let config = settings(QuantFormat::F32, false);
     let settings = DistillConfig {
         steps: 6,
         batch_size: 4,

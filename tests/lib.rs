@@ -233,6 +233,15 @@ pub fn word_tokenizer(dir: &Path) {
     std::fs::write(dir.join("tokenizer.json"), json.to_string()).unwrap();
 }
 
+/// A language-modelling example: the loss on every token of `ids`.
+pub fn lm_example(ids: Vec<u32>) -> offsite::data::Example {
+    offsite::data::Example {
+        labels: ids.iter().map(|&x| x as i64).collect(),
+        ids,
+        category: None,
+    }
+}
+
 /// A text of `words` tiny-tokenizer words following a pattern of its own (`seed`).
 pub fn word_text(seed: u32, words: u32) -> String {
     (0..words)

@@ -74,14 +74,7 @@ fn mixed_precision_training_on_wgpu_tracks_the_cpu_in_f32() {
     let (_, emu_path) = offsite_tests::tiny_emulator(dir.path());
     let emu = Emulator::open(&emu_path).unwrap();
     let data: Vec<Example> = (0..8u32)
-        .map(|i| {
-            let ids: Vec<u32> = (0..12).map(|t| (i * 7 + t * 13) % 250 + 3).collect();
-            Example {
-                labels: ids.iter().map(|&x| x as i64).collect(),
-                ids,
-                category: None,
-            }
-        })
+        .map(|i| offsite_tests::lm_example((0..12).map(|t| (i * 7 + t * 13) % 250 + 3).collect()))
         .collect();
     let spec = AdapterSpec {
         method: Method::Layers,
