@@ -115,6 +115,44 @@ fn info_tokenize_and_generate_on_smollm2() {
         .args(["--prompt", "What is the capital of France?", "--model"])
         .arg(&model));
     assert_eq!(text.trim_end(), "The capital of France is Paris.<|im_end|>");
+
+    // The prompt from stdin; a stop string ends the (same greedy) text before itself.
+    let mut child = server()
+        .args([
+            "model",
+            "generate",
+            "--chat",
+            "--device",
+            "cpu",
+            "--max-new-tokens",
+            "24",
+            "--stop",
+            " Paris",
+        ])
+        .arg("--model")
+        .arg(&model)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"What is the capital of France?")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), "The capital of France is\n");
+
+    let info: serde_json::Value =
+        serde_json::from_str(&run(server().args(["model", "info", "--json", "--model"]).arg(&model))).unwrap();
+    assert_eq!(info["num_hidden_layers"], 30);
+    assert_eq!(info["hidden_size"], 576);
+    assert!(info["tensor_types"]["Q4_1"]["tensors"].as_u64().unwrap() > 0, "{info}");
+    assert_eq!(info["tokenizer"]["chat_template"], true);
 }
 
 #[test]
@@ -152,10 +190,11 @@ fn exit_statuses_tell_bad_input_from_an_unreachable_server() {
             "--max-reconnects",
             "0",
         ])
-        .args(["--fingerprint", &"ab".repeat(32), "--token", "ofs_x", "--data"])
+        .args(["--fingerprint", &"ab".repeat(32), "--data"])
         .arg(&text)
         .arg("--cache")
         .arg(dir.path().join("cache"))
+        .env("OFFSITE_TOKEN", "ofs_x")
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(4), "{}", String::from_utf8_lossy(&out.stderr));
@@ -207,10 +246,17 @@ fn emulator_build_info_and_eval_on_smollm2() {
         .arg(&config)
         .arg("--out")
         .arg(&emu));
-    let info: serde_json::Value =
-        serde_json::from_str(&run(server().args(["emulator", "info", "--emulator"]).arg(&emu))).unwrap();
+    let info: serde_json::Value = serde_json::from_str(&run(server()
+        .args(["emulator", "info", "--json", "--emulator"])
+        .arg(&emu)))
+    .unwrap();
     assert_eq!(info["adapter_layers"], serde_json::json!([0, 29]));
     assert_eq!(info["layers"].as_array().unwrap().len(), 30);
+    let summary = run(server().args(["emulator", "info", "--emulator"]).arg(&emu));
+    assert!(
+        summary.contains("layers kept:     30 of 30") && summary.contains("[0, 29]"),
+        "{summary}"
+    );
 
     let data = dir.path().join("text.txt");
     std::fs::write(
@@ -234,6 +280,29 @@ fn emulator_build_info_and_eval_on_smollm2() {
         .arg(&json));
     assert!(table.contains("perplexity"), "{table}");
     let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let on_stdout = run(server()
+        .args([
+            "eval",
+            "--device",
+            "cpu",
+            "--max-examples",
+            "3",
+            "--json",
+            "-",
+            "--model",
+        ])
+        .arg(&model)
+        .arg("--emulator")
+        .arg(&emu)
+        .arg("--data")
+        .arg(&data)
+        .arg("--config")
+        .arg(&job));
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&on_stdout).unwrap(),
+        r,
+        "--json - prints the same JSON"
+    );
     let (full, emu_ppl) = (
         r["zero-shot full model"]["perplexity"].as_f64().unwrap(),
         r["emulator"]["perplexity"].as_f64().unwrap(),
@@ -386,7 +455,35 @@ fn serve_and_join_through_the_binaries_with_issued_and_revoked_tokens() {
         .trim()
         .to_string()
     };
-    let (t1, t2, t3) = (issue("one"), issue("two"), issue("three"));
+    let (t1, t3) = (issue("one"), issue("three"));
+    // A token written to a file for the client; stdout is then the client's join command.
+    let token_file = dir.path().join("two.token");
+    let command = run(server()
+        .args([
+            "token",
+            "issue",
+            "--client",
+            "two",
+            "--server",
+            "10.0.0.1:4433",
+            "--out",
+        ])
+        .arg(&token_file)
+        .arg("--state-dir")
+        .arg(&state));
+    assert!(
+        command.starts_with("offsite-edge join --server 10.0.0.1:4433 --fingerprint ")
+            && command
+                .trim_end()
+                .ends_with(&format!("--token-file {}", token_file.display())),
+        "{command}"
+    );
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&token_file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o077, 0, "the token file is the owner's only: {mode:o}");
+    }
     run(server()
         .args(["token", "revoke", "--client", "three", "--state-dir"])
         .arg(&state));
@@ -398,6 +495,18 @@ fn serve_and_join_through_the_binaries_with_issued_and_revoked_tokens() {
     assert!(!std::fs::read_to_string(state.join("tokens.json"))
         .unwrap()
         .contains(&t1));
+    let listed: serde_json::Value = serde_json::from_str(&run(server()
+        .args(["token", "list", "--json", "--state-dir"])
+        .arg(&state)))
+    .unwrap();
+    assert_eq!(
+        listed,
+        serde_json::json!([
+            {"client": "one", "revoked": false},
+            {"client": "three", "revoked": true},
+            {"client": "two", "revoked": false},
+        ])
+    );
 
     let (mut srv, addr, fp) =
         offsite_tests::spawn_serve(server().args(["serve", "--device", "cpu", "--config"]).arg(&config));
@@ -426,7 +535,7 @@ fn serve_and_join_through_the_binaries_with_issued_and_revoked_tokens() {
         "a refused client received no emulator"
     );
     let mut a = join(&t1, "a").spawn().unwrap();
-    let mut b = join(&t2, "b").spawn().unwrap();
+    let mut b = join("", "b").arg("--token-file").arg(&token_file).spawn().unwrap();
     assert!(a.wait().unwrap().success() && b.wait().unwrap().success());
     assert!(srv.wait().unwrap().success());
     let metrics = std::fs::read_to_string(state.join("metrics.jsonl")).unwrap();

@@ -370,8 +370,6 @@ pub fn edge_join(
         addr,
         "--fingerprint",
         fp,
-        "--token",
-        token,
         "--name",
         name,
     ])
@@ -380,6 +378,7 @@ pub fn edge_join(
     .arg("--cache")
     .arg(dir.join(format!("cache-{name}")))
     .arg("--config")
-    .arg(config);
+    .arg(config)
+    .env("OFFSITE_TOKEN", token);
     c
 }

@@ -189,3 +189,78 @@ fn batched_greedy_matches_one_by_one_and_the_reference() {
     }
     assert!(greedy_batch(model, &[vec![]], &[], 4, 2).is_err());
 }
+
+/// Chat records: rendered by the model's template (the prompt of the last assistant turn equals transformers'
+/// `apply_chat_template(..., add_generation_prompt=True)` ids), the loss on each assistant turn and its end of turn
+/// only.
+#[test]
+fn chat_records_train_on_the_assistant_turns_only() {
+    let exp = expected_json();
+    let tokenizer = &loaded().tokenizer;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("chat.jsonl");
+    let turn = |role: &str, content: &str| serde_json::json!({"role": role, "content": content});
+    let one = serde_json::json!({"messages": [
+        turn("user", "What is the capital of France?"), turn("assistant", "Paris."),
+    ], "category": "geo"});
+    let two = serde_json::json!({"messages": [
+        turn("user", "Name a colour."), turn("assistant", "Blue."),
+        turn("user", "Another?"), turn("assistant", "Red, or green."),
+    ]});
+    std::fs::write(&path, format!("{one}\n{two}\n")).unwrap();
+    let data = DataConfig::default();
+    let examples = data.load(&path, tokenizer).unwrap();
+    let records = data.load_prompts(&path, tokenizer).unwrap();
+    assert_eq!(
+        records[0].ids,
+        ids(&exp["chat_prompt_ids"]),
+        "the prompt as transformers renders it"
+    );
+    assert_eq!(records[0].references, ["Paris."]);
+    assert_eq!(records[0].category.as_deref(), Some("geo"));
+    assert_eq!(records[1].references, ["Red, or green."]);
+    let runs = |labels: &[i64]| {
+        let mut runs: Vec<Vec<u32>> = Vec::new();
+        let mut last = None;
+        for (i, &l) in labels.iter().enumerate() {
+            if l >= 0 {
+                if last != Some(i.wrapping_sub(1)) {
+                    runs.push(Vec::new());
+                }
+                runs.last_mut().unwrap().push(l as u32);
+                last = Some(i);
+            }
+        }
+        runs.iter()
+            .map(|r| tokenizer.decode(r, false).unwrap())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(runs(&examples[0].labels), ["Paris.<|im_end|>\n"]);
+    assert_eq!(
+        runs(&examples[1].labels),
+        ["Blue.<|im_end|>\n", "Red, or green.<|im_end|>\n"]
+    );
+    assert_eq!(
+        examples[1].ids,
+        tokenizer
+            .encode(
+                &tokenizer
+                    .apply_chat_template(
+                        &serde_json::from_value::<Vec<ChatMessage>>(two["messages"].clone()).unwrap(),
+                        false
+                    )
+                    .unwrap()
+            )
+            .unwrap()
+    );
+    for (e, r) in examples.iter().zip(&records) {
+        assert_eq!(r.ids, e.ids[..r.ids.len()], "the prompt is the example's beginning");
+    }
+
+    std::fs::write(&path, r#"{"messages": [{"role": "user", "content": "hi"}]}"#).unwrap();
+    let err = data.load(&path, tokenizer).unwrap_err().to_string();
+    assert!(err.contains(":1:") && err.contains("assistant"), "{err}");
+    std::fs::write(&path, r#"{"messages": [{"role": "user", "content": 3}]}"#).unwrap();
+    let err = data.load(&path, tokenizer).unwrap_err().to_string();
+    assert!(err.contains("content"), "{err}");
+}

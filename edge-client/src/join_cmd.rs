@@ -2,7 +2,7 @@
 //! local data and uploads only the adapter update; the data never leaves this machine.
 
 use std::net::ToSocketAddrs;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -17,9 +17,11 @@ pub(crate) struct JoinArgs {
     /// The server, HOST:PORT.
     #[arg(long)]
     server: String,
-    /// This client's token (from `offsite-server token issue`); or set OFFSITE_TOKEN.
-    #[arg(long, env = "OFFSITE_TOKEN", hide_env_values = true)]
-    token: String,
+    /// A file holding this client's token (from `offsite-server token issue --out FILE`). Without it the token is
+    /// read from the environment variable OFFSITE_TOKEN; it is never taken as an argument, which the process list
+    /// would show to every user of the machine.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
     /// Local training data: JSONL instruction records or plain text (repeatable).
     #[arg(long, required = true)]
     data: Vec<PathBuf>,
@@ -32,9 +34,10 @@ pub(crate) struct JoinArgs {
     /// The name in the server's certificate.
     #[arg(long, default_value = SERVER_NAME)]
     server_name: String,
-    /// Emulators are cached here by hash.
-    #[arg(long, default_value = "offsite-cache")]
-    cache: PathBuf,
+    /// Emulators are cached here by hash [default: the platform's cache directory + `offsite`, e.g.
+    /// ~/.cache/offsite on Linux, ~/Library/Caches/offsite on macOS, %LOCALAPPDATA%\offsite on Windows].
+    #[arg(long)]
+    cache: Option<PathBuf>,
     /// A TOML file with a [data] table saying how the data is read (defaults otherwise); the same flag as `train
     /// --config` (a job file or the federation config both work).
     #[arg(long = "config", visible_alias = "data-config")]
@@ -59,6 +62,32 @@ pub(crate) struct JoinArgs {
     name: String,
 }
 
+/// The token from `--token-file` (surrounding whitespace trimmed) or OFFSITE_TOKEN.
+fn read_token(file: Option<&Path>) -> Result<String> {
+    let token = match file {
+        Some(path) => std::fs::read_to_string(path)
+            .with_context(|| format!("reading the token file {}", path.display()))?
+            .trim()
+            .to_string(),
+        None => std::env::var("OFFSITE_TOKEN")
+            .map_err(|_| anyhow::anyhow!("no token: give --token-file FILE or set OFFSITE_TOKEN"))?,
+    };
+    if token.is_empty() {
+        bail!("the token is empty");
+    }
+    Ok(token)
+}
+
+/// `--cache`, or `offsite` in the platform's cache directory.
+fn cache_dir(given: Option<PathBuf>) -> Result<PathBuf> {
+    match given {
+        Some(dir) => Ok(dir),
+        None => dirs::cache_dir()
+            .map(|d| d.join("offsite"))
+            .context("this platform has no cache directory: give --cache DIR"),
+    }
+}
+
 fn data_config(path: &Option<PathBuf>) -> Result<DataConfig> {
     let Some(path) = path else {
         return Ok(DataConfig::default());
@@ -69,7 +98,7 @@ fn data_config(path: &Option<PathBuf>) -> Result<DataConfig> {
         data: DataConfig,
     }
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let f: File = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.message()))?;
+    let f: File = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     Ok(f.data)
 }
 
@@ -91,16 +120,16 @@ pub(crate) fn run(args: JoinArgs) -> Result<()> {
         server,
         server_name: args.server_name,
         trust,
-        token: args.token,
+        token: read_token(args.token_file.as_deref())?,
         name: args.name,
-        cache_dir: args.cache,
+        cache_dir: cache_dir(args.cache)?,
         max_reconnects: args.max_reconnects,
         save_updates: args.save_updates,
         client_cert: args.cert.zip(args.key),
     };
     let data = LocalData::Files {
         paths: args.data,
-        config: data_config(&args.data_config)?,
+        config: Box::new(data_config(&args.data_config)?),
     };
     let trainer = Box::new(EmulatorTrainer::new(device, data).with_fast_f16(device::fast_f16(args.device)));
     let runtime = tokio::runtime::Runtime::new()?;

@@ -12,6 +12,8 @@ use offsite::device::{self, gpu_adapters, DeviceChoice};
 #[derive(Parser)]
 #[command(name = "offsite-edge", version, about, after_help = offsite_cli::EXIT_CODES_HELP)]
 struct Cli {
+    #[command(flatten)]
+    log: offsite_cli::LogArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -19,7 +21,11 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// List the GPU adapters wgpu finds and the device `--device auto` would choose.
-    Devices,
+    Devices {
+        /// Print one JSON object ({"adapters": [...], "auto": ...}) instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Train the adapter of an emulator on local data (no network); writes a resumable adapter directory.
     Train(train_cmd::TrainArgs),
     /// Join a federation: download the emulator, train each round on local data, upload only adapter updates.
@@ -41,17 +47,37 @@ static ALLOC: offsite::alloc::MiMalloc = offsite::alloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
     offsite::alloc::keep_freed_pages();
-    offsite_cli::init_logging();
-    offsite_cli::run(run)
+    let cli = Cli::parse();
+    offsite_cli::init_logging(&cli.log);
+    offsite_cli::run(|| run(cli.command))
 }
 
-fn run() -> Result<()> {
-    match Cli::parse().command {
+fn run(command: Command) -> Result<()> {
+    match command {
         Command::Train(args) => train_cmd::run(args),
         Command::Join(args) => join_cmd::run(args),
         Command::Bench(BenchCommand::Kernels(args)) => bench_cmd::run(args),
-        Command::Devices => {
+        Command::Devices { json } => {
             let adapters = gpu_adapters();
+            if json {
+                let (_, chosen) = device::resolve(DeviceChoice::Auto)?;
+                let list: Vec<_> = adapters
+                    .iter()
+                    .enumerate()
+                    .map(|(i, a)| {
+                        serde_json::json!({
+                            "device": format!("gpu:{i}"), "name": a.name, "backend": a.backend.to_string(),
+                            "type": format!("{:?}", a.device_type), "shader_f16": a.shader_f16,
+                            "max_storage_buffer_binding_size": a.max_storage_buffer_binding_size,
+                        })
+                    })
+                    .collect();
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&serde_json::json!({"adapters": list, "auto": chosen.to_string()}))?
+                );
+                return Ok(());
+            }
             if adapters.is_empty() {
                 println!("no wgpu adapters found");
             }

@@ -6,13 +6,13 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use indicatif::{ProgressBar, ProgressStyle};
 use offsite::adapters::{self, AdapterManifest};
 use offsite::data::{split_holdout, Example};
 use offsite::device::{self, DeviceChoice};
 use offsite::emulator::Emulator;
 use offsite::load::peak_rss_bytes;
 use offsite::model::LlamaForCausalLM;
+use offsite::progress::Progress;
 use offsite::train::{evaluate, Precision, StepReport, TrainJob, Trainer};
 use tracing::{info, warn};
 
@@ -104,9 +104,11 @@ pub(crate) fn run(args: TrainArgs) -> Result<()> {
         .truncate(!args.resume)
         .open(&log_path)
         .with_context(|| format!("opening {}", log_path.display()))?;
-    let bar = ProgressBar::new(job.train.steps as u64).with_position(trainer.step() as u64);
-    bar.set_style(
-        ProgressStyle::with_template("{bar:30} {pos}/{len} steps {msg} [{elapsed} < {eta}]").expect("static template"),
+    let mut bar = Progress::new(
+        "train",
+        "{bar:30} {pos}/{len} steps {msg} [{elapsed} < {eta}]",
+        job.train.steps as u64,
+        trainer.step() as u64,
     );
     let (start, first_step) = (Instant::now(), trainer.step());
     let (mut tokens, mut skipped) = (0usize, 0usize);
@@ -114,7 +116,7 @@ pub(crate) fn run(args: TrainArgs) -> Result<()> {
     let mut on_step = |r: &StepReport| {
         tokens += r.tokens;
         skipped += r.skipped as usize;
-        bar.set_message(format!("loss {:.4} lr {:.2e}", r.loss, r.lr));
+        bar.message(&format!("loss {:.4} lr {:.2e}", r.loss, r.lr));
         bar.inc(1);
         let line = serde_json::json!({
             "step": r.step + 1, "loss": r.loss, "grad_norm": r.grad_norm, "lr": r.lr,
@@ -136,7 +138,7 @@ pub(crate) fn run(args: TrainArgs) -> Result<()> {
         adapters::save(&args.out, &model, &manifest, lora.as_ref())?;
         trainer.save(&args.out)?;
     }
-    bar.finish();
+    drop(bar);
     if let Some(e) = log_err {
         return Err(e).with_context(|| format!("writing {}", log_path.display()));
     }

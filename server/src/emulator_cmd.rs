@@ -5,11 +5,11 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::Subcommand;
-use indicatif::{ProgressBar, ProgressStyle};
 use offsite::data::DataConfig;
 use offsite::device::{self, DeviceChoice};
 use offsite::emulator::{self, DistillConfig, DistillStep, DistilledLayers, Emulator, EmulatorConfig};
 use offsite::load::Checkpoint;
+use offsite::progress::Progress;
 use tracing::{info, warn};
 
 #[derive(Subcommand)]
@@ -40,11 +40,14 @@ pub(crate) enum EmulatorCommand {
         #[arg(long, default_value = "auto")]
         device: DeviceChoice,
     },
-    /// Verify an emulator file and print its manifest.
+    /// Verify an emulator file and describe it.
     Info {
         /// The emulator file.
         #[arg(long)]
         emulator: PathBuf,
+        /// Print the whole manifest as JSON (the tokenizer as a presence flag) instead of a summary.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -91,8 +94,24 @@ pub(crate) fn run(command: EmulatorCommand) -> Result<()> {
                 }
             }
         }
-        EmulatorCommand::Info { emulator } => {
+        EmulatorCommand::Info { emulator, json } => {
             let emu = Emulator::open(&emulator).with_context(|| format!("opening {}", emulator.display()))?;
+            if !json {
+                let m = emu.manifest();
+                let layers = m.config["num_hidden_layers"]
+                    .as_u64()
+                    .map(|n| n.to_string())
+                    .unwrap_or("?".into());
+                println!("sha256:          {}", emu.sha256());
+                println!("base model:      {} (sha256 {})", m.base_model, m.base_model_sha256);
+                println!("layers kept:     {} of {layers}: {:?}", m.layers.len(), m.layers);
+                println!("adapter layers:  {:?} (trainable)", m.adapter_layers);
+                println!("middle dropped:  {:.0}%", m.drop_ratio * 100.0);
+                println!("frozen weights:  {:?} (scales {:?})", m.quant, m.scale_dtype);
+                println!("distilled:       {}", if m.distilled { "yes" } else { "no" });
+                println!("format version:  {}", m.format_version);
+                return Ok(());
+            }
             let mut manifest = serde_json::to_value(emu.manifest())?;
             if let Some(m) = manifest.as_object_mut() {
                 // The tokenizer is large and not informative here.
@@ -171,10 +190,11 @@ pub(crate) fn distill_middle(
         .collect();
     let mut log = std::fs::File::create(log_path).with_context(|| format!("creating {}", log_path.display()))?;
     log.write_all(kept.as_bytes())?;
-    let bar = ProgressBar::new(distill.steps as u64).with_position(done as u64);
-    bar.set_style(
-        ProgressStyle::with_template("distill {bar:30} {pos}/{len} steps {msg} [{elapsed} < {eta}]")
-            .expect("static template"),
+    let mut bar = Progress::new(
+        "distill",
+        "{bar:30} {pos}/{len} steps {msg} [{elapsed} < {eta}]",
+        distill.steps as u64,
+        done as u64,
     );
     let mut log_err = None;
     let mut first = None;
@@ -187,7 +207,7 @@ pub(crate) fn distill_middle(
         Some(&resume),
         &mut |s: &DistillStep| {
             first.get_or_insert(s.mse);
-            bar.set_message(format!("nmse {:.4}", s.mse));
+            bar.message(&format!("nmse {:.4}", s.mse));
             bar.inc(1);
             let line = serde_json::to_string(s).unwrap_or_default();
             if let Err(e) = writeln!(log, "{line}") {
@@ -198,7 +218,7 @@ pub(crate) fn distill_middle(
             }
         },
     )?;
-    bar.finish_and_clear();
+    drop(bar);
     if let Some(e) = log_err {
         return Err(e).with_context(|| format!("writing {}", log_path.display()));
     }
@@ -218,19 +238,13 @@ pub(crate) fn build_with_progress(
     if settings.drop_ratio == 0.0 && settings.quant == offsite::quant::QuantFormat::F32 {
         warn!("this emulator drops no layer and keeps f32 weights: it is the full model, no protection for its owner");
     }
-    let bar = ProgressBar::new(0);
-    bar.set_style(
-        ProgressStyle::with_template("emulator {bar:30} {pos}/{len} tensors [{elapsed}]").expect("static template"),
-    );
-    let mut progress = |done, total| {
-        bar.set_length(total as u64);
-        bar.set_position(done as u64);
-    };
+    let mut bar = Progress::new("emulator", "{bar:30} {pos}/{len} tensors [{elapsed}]", 0, 0);
+    let mut progress = |done, total| bar.set(done as u64, total as u64);
     let (manifest, sha) = match distilled {
         Some(d) => emulator::build_distilled(checkpoint, name, settings, d, out, &mut progress)?,
         None => emulator::build(checkpoint, name, settings, out, &mut progress)?,
     };
-    bar.finish_and_clear();
+    drop(bar);
     let bytes = std::fs::metadata(out).map(|m| m.len()).unwrap_or(0);
     info!(
         out = %out.display(),

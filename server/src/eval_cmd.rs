@@ -40,7 +40,7 @@ pub(crate) struct EvalArgs {
     /// auto, cpu, gpu or gpu:N.
     #[arg(long, default_value = "auto")]
     device: DeviceChoice,
-    /// Also write the results as a JSON object to this file.
+    /// Also write the results as a JSON object to this file; `-`: print the JSON on stdout instead of the table.
     #[arg(long)]
     json: Option<PathBuf>,
 }
@@ -108,9 +108,12 @@ pub(crate) fn run(args: EvalArgs) -> Result<()> {
         measure("plug-in (full model + adapter)", model)?;
     }
 
-    println!("{:<32} {:>10} {:>12} {:>8}", "model", "loss", "perplexity", "tokens");
-    for (label, r) in &rows {
-        println!("{label:<32} {:>10.4} {:>12.3} {:>8}", r.loss, r.perplexity, r.tokens);
+    let to_stdout = args.json.as_deref() == Some(std::path::Path::new("-"));
+    if !to_stdout {
+        println!("{:<32} {:>10} {:>12} {:>8}", "model", "loss", "perplexity", "tokens");
+        for (label, r) in &rows {
+            println!("{label:<32} {:>10.4} {:>12.3} {:>8}", r.loss, r.perplexity, r.tokens);
+        }
     }
     if let Some(path) = &args.json {
         let json: serde_json::Map<String, serde_json::Value> = rows
@@ -120,8 +123,12 @@ pub(crate) fn run(args: EvalArgs) -> Result<()> {
                 (label.to_string(), v)
             })
             .collect();
-        std::fs::write(path, serde_json::to_string_pretty(&json)?)
-            .with_context(|| format!("writing {}", path.display()))?;
+        let text = serde_json::to_string_pretty(&json)?;
+        if to_stdout {
+            println!("{text}");
+        } else {
+            std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+        }
     }
     Ok(())
 }

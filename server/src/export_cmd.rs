@@ -3,9 +3,9 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use burn::tensor::Device;
 use clap::{Args, ValueEnum};
 use offsite::adapters::{self, export_peft, export_peft_prompt, import_peft, Method};
+use offsite::device::{self, DeviceChoice};
 use offsite::export::write_merged;
 use offsite::load::Checkpoint;
 use tracing::{info, warn};
@@ -38,13 +38,17 @@ pub(crate) struct ExportArgs {
     /// directory or file name, without `.gguf`), never the server's local path.
     #[arg(long)]
     base_model_name: Option<String>,
+    /// auto, cpu, gpu or gpu:N: where the adapter is applied and merged.
+    #[arg(long, default_value = "auto")]
+    device: DeviceChoice,
 }
 
 pub(crate) fn run(args: ExportArgs) -> Result<()> {
     let checkpoint =
         Checkpoint::open(&args.model).with_context(|| format!("opening model {}", args.model.display()))?;
-    // Exporting is exact arithmetic on the host; the CPU backend avoids GPU start-up for a one-off job.
-    let model = checkpoint.load_model(&Device::flex())?;
+    let (device, described) = device::resolve(args.device)?;
+    info!(device = %described, "loading the base model");
+    let model = checkpoint.load_model(&device)?;
     let manifest = adapters::read_manifest(&args.adapter)?;
     let layers = manifest.as_ref().is_some_and(|m| m.method == Method::Layers);
     let prompt = manifest.as_ref().is_some_and(|m| m.method.prompt_kind().is_some());

@@ -1,6 +1,7 @@
 //! `offsite-server`: the operator's side of Offsite.
 
 mod bench_cmd;
+mod config_cmd;
 mod emulator_cmd;
 mod eval_cmd;
 mod export_cmd;
@@ -14,6 +15,8 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(name = "offsite-server", version, about, after_help = offsite_cli::EXIT_CODES_HELP)]
 struct Cli {
+    #[command(flatten)]
+    log: offsite_cli::LogArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -41,6 +44,11 @@ enum Command {
     /// Run the arms of a benchmark task (zero-shot, central baselines, local-only, federated offsite-tuning over the
     /// real protocol) on the same training budget and write a report with plots.
     Bench(bench_cmd::BenchArgs),
+    /// Show a config file as the binaries read it (defaults filled in, relative paths resolved).
+    Config {
+        #[command(subcommand)]
+        command: config_cmd::ConfigCommand,
+    },
     /// Issue, revoke or list client tokens.
     Token {
         #[command(subcommand)]
@@ -54,8 +62,9 @@ static ALLOC: offsite::alloc::MiMalloc = offsite::alloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
     offsite::alloc::keep_freed_pages();
-    offsite_cli::init_logging();
-    offsite_cli::run(|| match Cli::parse().command {
+    let cli = Cli::parse();
+    offsite_cli::init_logging(&cli.log);
+    offsite_cli::run(|| match cli.command {
         Command::Model { command } => model_cmd::run(command),
         Command::Export(args) => export_cmd::run(args),
         Command::Emulator { command } => emulator_cmd::run(command),
@@ -64,5 +73,6 @@ fn main() -> std::process::ExitCode {
         Command::Sim(args) => fed_cmd::sim::run(args),
         Command::Bench(args) => bench_cmd::run(args),
         Command::Token { command } => fed_cmd::token::run(command),
+        Command::Config { command } => config_cmd::run(command),
     })
 }

@@ -1,5 +1,6 @@
 //! `offsite-server model ...`: info, tokenize, logits, generate.
 
+use std::io::{IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -7,10 +8,10 @@ use anyhow::{bail, Context, Result};
 use burn::tensor::{Int, Tensor, TensorData};
 use clap::{Args, Subcommand};
 use offsite::device::{self, DeviceChoice};
-use offsite::generate::{generate, GenerationConfig};
-use offsite::load::{peak_rss_bytes, Checkpoint};
+use offsite::generate::{generate_streaming, GenerationConfig};
+use offsite::load::{peak_rss_bytes, Checkpoint, TensorInfo};
 use offsite::model::LlamaForCausalLM;
-use offsite::tokenizer::ChatMessage;
+use offsite::tokenizer::{ChatMessage, TextStream};
 use tracing::info;
 
 #[derive(Subcommand)]
@@ -22,6 +23,9 @@ pub(crate) enum ModelCommand {
         /// Also list every tensor.
         #[arg(long)]
         tensors: bool,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// Print the token ids of a text as a JSON array (special tokens in the text are recognised; no BOS).
     Tokenize {
@@ -44,16 +48,22 @@ pub(crate) enum ModelCommand {
         #[command(flatten)]
         device: DeviceArgs,
     },
-    /// Generate a continuation and print only the generated text.
+    /// Generate a continuation and print only the generated text, token by token as it comes.
     Generate {
         #[command(flatten)]
         model: ModelArgs,
-        /// The prompt.
+        /// The prompt; `-` or absent: read it from stdin.
         #[arg(long)]
-        prompt: String,
+        prompt: Option<String>,
         /// Wrap the prompt in the model's chat template (with its default system message).
         #[arg(long)]
         chat: bool,
+        /// A system message for the chat template (implies --chat).
+        #[arg(long)]
+        system: Option<String>,
+        /// Stop before this text (repeatable); the generation ends at the first stop string it produces.
+        #[arg(long)]
+        stop: Vec<String>,
         /// Most tokens to generate.
         #[arg(long, default_value_t = 128)]
         max_new_tokens: usize,
@@ -114,7 +124,15 @@ fn load(checkpoint: &Checkpoint, args: &DeviceArgs) -> Result<LlamaForCausalLM> 
 
 pub(crate) fn run(command: ModelCommand) -> Result<()> {
     match command {
-        ModelCommand::Info { model, tensors } => info_cmd(&open(&model.model)?, tensors),
+        ModelCommand::Info { model, tensors, json } => {
+            let checkpoint = open(&model.model)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&info_json(&checkpoint, tensors)?)?);
+                Ok(())
+            } else {
+                info_cmd(&checkpoint, tensors)
+            }
+        }
         ModelCommand::Tokenize { model, text } => {
             let ids = open(&model.model)?.tokenizer()?.encode(&text)?;
             println!("{}", serde_json::to_string(&ids)?);
@@ -144,6 +162,8 @@ pub(crate) fn run(command: ModelCommand) -> Result<()> {
             model,
             prompt,
             chat,
+            system,
+            stop,
             max_new_tokens,
             temperature,
             top_k,
@@ -153,10 +173,11 @@ pub(crate) fn run(command: ModelCommand) -> Result<()> {
         } => {
             let checkpoint = open(&model.model)?;
             let tokenizer = checkpoint.tokenizer()?;
-            let text = if chat {
-                tokenizer.apply_chat_template(&[ChatMessage::user(prompt)], true)?
-            } else {
-                prompt
+            let prompt = read_prompt(prompt)?;
+            let text = match system {
+                Some(s) => tokenizer.apply_chat_template(&[ChatMessage::system(s), ChatMessage::user(prompt)], true)?,
+                None if chat => tokenizer.apply_chat_template(&[ChatMessage::user(prompt)], true)?,
+                None => prompt,
             };
             let ids = tokenizer.encode(&text)?;
             let model = load(&checkpoint, &device)?;
@@ -168,7 +189,30 @@ pub(crate) fn run(command: ModelCommand) -> Result<()> {
                 seed,
             };
             let start = Instant::now();
-            let out = generate(&model, &ids, tokenizer.eos_ids(), &config)?;
+            let mut stream = TextStream::new(stop);
+            let (mut so_far, mut failed) = (Vec::new(), None);
+            let mut stdout = std::io::stdout().lock();
+            let mut on_token = |id| {
+                so_far.push(id);
+                let step = match tokenizer.decode(&so_far, false) {
+                    Ok(text) => stream.push(&text),
+                    Err(e) => {
+                        failed = Some(anyhow::Error::from(e));
+                        return false;
+                    }
+                };
+                if let Err(e) = stdout.write_all(step.text.as_bytes()).and_then(|()| stdout.flush()) {
+                    failed = Some(anyhow::Error::from(e).context("writing to stdout"));
+                    return false;
+                }
+                !step.stopped
+            };
+            let out = generate_streaming(&model, &ids, tokenizer.eos_ids(), &config, &mut on_token)?;
+            if let Some(e) = failed {
+                return Err(e);
+            }
+            let rest = stream.finish(&tokenizer.decode(&out, false)?);
+            writeln!(stdout, "{rest}").context("writing to stdout")?;
             let secs = start.elapsed().as_secs_f64();
             info!(
                 prompt_tokens = ids.len(),
@@ -176,7 +220,6 @@ pub(crate) fn run(command: ModelCommand) -> Result<()> {
                 tokens_per_s = format!("{:.1}", out.len() as f64 / secs),
                 "generated"
             );
-            println!("{}", tokenizer.decode(&out, false)?);
             Ok(())
         }
     }
@@ -189,18 +232,86 @@ fn write_logits(path: &Path, values: Vec<f32>, len: usize, vocab: usize) -> Resu
     Ok(())
 }
 
-fn info_cmd(checkpoint: &Checkpoint, list: bool) -> Result<()> {
-    let c = checkpoint.config();
-    let tensors = checkpoint.tensors();
+/// The prompt given, or stdin's whole text for `-` or none (refused when stdin is a terminal: nothing was piped).
+fn read_prompt(prompt: Option<String>) -> Result<String> {
+    match prompt {
+        Some(p) if p != "-" => Ok(p),
+        given => {
+            let stdin = std::io::stdin();
+            if given.is_none() && stdin.is_terminal() {
+                bail!("no prompt: give --prompt TEXT, or pipe the prompt on stdin (--prompt - reads a terminal too)");
+            }
+            let mut text = String::new();
+            stdin
+                .lock()
+                .read_to_string(&mut text)
+                .context("reading the prompt from stdin")?;
+            if text.is_empty() {
+                bail!("the prompt read from stdin is empty");
+            }
+            Ok(text)
+        }
+    }
+}
+
+/// Tensor count and bytes per storage type; refuses a checkpoint without tensors.
+fn by_type(tensors: &[TensorInfo]) -> Result<std::collections::BTreeMap<&str, (usize, usize)>> {
     if tensors.is_empty() {
         bail!("the checkpoint holds no tensors");
     }
     let mut types: std::collections::BTreeMap<&str, (usize, usize)> = Default::default();
-    for t in &tensors {
+    for t in tensors {
         let e = types.entry(t.dtype.as_str()).or_default();
         e.0 += 1;
         e.1 += t.bytes;
     }
+    Ok(types)
+}
+
+/// What `model info --json` prints.
+fn info_json(checkpoint: &Checkpoint, list: bool) -> Result<serde_json::Value> {
+    let c = checkpoint.config();
+    let tensors = checkpoint.tensors();
+    let types = by_type(&tensors)?;
+    let tokenizer = checkpoint.tokenizer().ok();
+    let mut v = serde_json::json!({
+        "format": checkpoint.format().to_string(),
+        "model_type": c.model_type,
+        "parameters": c.num_parameters(),
+        "num_hidden_layers": c.num_hidden_layers,
+        "hidden_size": c.hidden_size,
+        "intermediate_size": c.intermediate_size,
+        "num_attention_heads": c.num_attention_heads,
+        "num_key_value_heads": c.num_key_value_heads,
+        "head_dim": c.head_dim,
+        "vocab_size": c.vocab_size,
+        "max_position_embeddings": c.max_position_embeddings,
+        "rope_theta": c.rope_theta,
+        "rope_scaling": c.rope_scaling.as_ref().map(|s| format!("{s:?}")),
+        "rms_norm_eps": c.rms_norm_eps,
+        "tie_word_embeddings": c.tie_word_embeddings,
+        "attention_bias": c.attention_bias,
+        "bos_token_id": c.bos_token_id,
+        "eos_token_ids": c.eos_token_ids,
+        "tensor_types": types.iter().map(|(ty, (n, bytes))| (ty.to_string(), serde_json::json!({"tensors": n, "bytes": bytes}))).collect::<serde_json::Map<_, _>>(),
+        "tokenizer": tokenizer.as_ref().map(|t| serde_json::json!({
+            "vocab_size": t.vocab_size(),
+            "chat_template": t.chat_template().is_some(),
+        })),
+    });
+    if list {
+        v["tensors"] = tensors
+            .iter()
+            .map(|t| serde_json::json!({"name": t.name, "dtype": t.dtype, "shape": t.shape, "bytes": t.bytes}))
+            .collect();
+    }
+    Ok(v)
+}
+
+fn info_cmd(checkpoint: &Checkpoint, list: bool) -> Result<()> {
+    let c = checkpoint.config();
+    let tensors = checkpoint.tensors();
+    let types = by_type(&tensors)?;
     let params = c.num_parameters();
     println!("format:              {}", checkpoint.format());
     println!("architecture:        {} (LlamaForCausalLM)", c.model_type);

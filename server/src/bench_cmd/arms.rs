@@ -7,13 +7,13 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use burn::tensor::Device;
-use indicatif::{ProgressBar, ProgressStyle};
 use offsite::adapters::{self, AdapterManifest, AdapterSpec, Method};
 use offsite::data::{Example, PromptRecord};
 use offsite::emulator::Emulator;
 use offsite::federated::{adapter_state, plug_state};
 use offsite::load::{peak_rss_bytes, Checkpoint};
 use offsite::model::LlamaForCausalLM;
+use offsite::progress::Progress;
 use offsite::tokenizer::Tokenizer;
 use offsite::train::{exact_match, rouge_l, TrainConfig, Trainer};
 use offsite_fed::RoundReport;
@@ -263,19 +263,19 @@ fn train(
     examples: &[Example],
     config: TrainConfig,
 ) -> Result<(LlamaForCausalLM, u64)> {
-    let bar = ProgressBar::new(config.steps as u64);
-    bar.set_style(
-        ProgressStyle::with_template("{prefix} {bar:30} {pos}/{len} steps {msg} [{elapsed} < {eta}]")
-            .expect("static template"),
+    let mut bar = Progress::new(
+        label,
+        "{bar:30} {pos}/{len} steps {msg} [{elapsed} < {eta}]",
+        config.steps as u64,
+        0,
     );
-    bar.set_prefix(label.to_string());
     let seen = (config.steps * config.batch_size * config.grad_accum.max(1)) as u64;
     let mut trainer = Trainer::new(config)?;
     let model = trainer.run(model, examples, &mut |r| {
-        bar.set_message(format!("loss {:.4}", r.loss));
+        bar.message(&format!("loss {:.4}", r.loss));
         bar.inc(1);
     })?;
-    bar.finish_and_clear();
+    drop(bar);
     Ok((model, seen))
 }
 

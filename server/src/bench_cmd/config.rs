@@ -124,7 +124,7 @@ impl Metric {
 }
 
 /// The optimizer settings of the central arms; their steps follow from the token budget.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct CentralSection {
     /// Examples per step.
@@ -140,7 +140,7 @@ pub(crate) struct CentralSection {
 }
 
 /// `[bench]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct BenchSection {
     /// The task's name, written into the report.
@@ -179,21 +179,22 @@ pub(crate) struct BenchFile {
 }
 
 impl BenchFile {
-    /// Reads a bench config; unknown keys are named.
+    /// Reads a bench config; unknown keys are named. Relative paths stay as written: `bench` takes data files from
+    /// `--data-dir` when given, the rest (and data otherwise) from the config's folder.
     pub(crate) fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let mut table: toml::Table = text
-            .parse()
-            .map_err(|e: toml::de::Error| anyhow::anyhow!("{}: {}", path.display(), e.message()))?;
-        let bench = table
+        // Parsed once with spans kept, so an error in either part names its line and column.
+        let located = |mut e: toml::de::Error| {
+            e.set_input(Some(&text));
+            anyhow::anyhow!("{}: {e}", path.display())
+        };
+        let mut root = toml::de::DeTable::parse(&text).map_err(located)?;
+        let bench = root
+            .get_mut()
             .remove("bench")
             .with_context(|| format!("{}: a bench config needs a [bench] table", path.display()))?;
-        let bench: BenchSection = bench
-            .try_into()
-            .map_err(|e: toml::de::Error| anyhow::anyhow!("{}: [bench]: {}", path.display(), e.message()))?;
-        let fed: FedFile = table
-            .try_into()
-            .map_err(|e: toml::de::Error| anyhow::anyhow!("{}: {}", path.display(), e.message()))?;
+        let bench = BenchSection::deserialize(toml::de::ValueDeserializer::from(bench)).map_err(located)?;
+        let fed = FedFile::deserialize(toml::de::Deserializer::from(root)).map_err(located)?;
         if bench.metric != Metric::Perplexity && bench.max_new_tokens == 0 {
             bail!(
                 "{}: [bench] max_new_tokens must be positive for a metric by generation",
@@ -302,6 +303,18 @@ mod tests {
         std::fs::write(&path, text.replace("lora_lr = 4e-4", "lora_lr = 4e-4\nlora_rate = 1")).unwrap();
         let err = BenchFile::load(&path).unwrap_err().to_string();
         assert!(err.contains("lora_rate"), "{err}");
+        let line = text.lines().position(|l| l.starts_with("lora_lr = 4e-4")).unwrap() + 2;
+        assert!(
+            err.contains(&format!("line {line}, column 1")),
+            "the unknown key's place: {err}"
+        );
+        std::fs::write(&path, text.replace("rounds = ", "roundz = ")).unwrap();
+        let err = BenchFile::load(&path).unwrap_err().to_string();
+        let line = text.lines().position(|l| l.starts_with("rounds = ")).unwrap() + 1;
+        assert!(
+            err.contains("roundz") && err.contains(&format!("line {line}")),
+            "outside [bench] too: {err}"
+        );
         std::fs::write(
             &path,
             text.replace("batch_size = 4\nlr = 1e-4", "batch_size = 7\nlr = 1e-4"),

@@ -4,11 +4,11 @@
 //! Each run is a child process writing `DIR/runs/<run>.json`; a killed bench resumes at the first unfinished run.
 
 mod arms;
-mod config;
+pub(crate) mod config;
 mod report;
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -73,31 +73,40 @@ impl BenchArgs {
     fn file(&self) -> Result<BenchFile> {
         let mut file = BenchFile::load(&self.config)?;
         let fed = &mut file.fed;
+        let under = |paths: &mut Vec<PathBuf>| {
+            for p in paths.iter_mut().filter(|p| p.is_relative()) {
+                *p = self.data_dir.as_deref().unwrap_or(Path::new(".")).join(&*p);
+            }
+        };
+        // The config's data files: under --data-dir when given; every other relative path (and the data files
+        // without --data-dir) from the config's folder.
+        if self.data_dir.is_some() {
+            under(&mut fed.model.distill_data);
+            for data in [
+                fed.sim.as_mut().map(|s| &mut s.data),
+                fed.eval.as_mut().map(|e| &mut e.data),
+            ] {
+                data.into_iter().for_each(under);
+            }
+        }
+        fed.resolve_paths(self.config.parent().unwrap_or(Path::new("")));
+        // Files on the command line: under --data-dir when given, otherwise from the working directory.
         if let Some(m) = &self.model {
             fed.model.path = m.clone();
         }
         if !self.data.is_empty() {
-            fed.sim.as_mut().context("--data needs a [sim] table")?.data = self.data.clone();
+            let data = &mut fed.sim.as_mut().context("--data needs a [sim] table")?.data;
+            *data = self.data.clone();
+            under(data);
         }
         if !self.eval_data.is_empty() {
-            fed.eval.as_mut().context("--eval-data needs an [eval] table")?.data = self.eval_data.clone();
+            let data = &mut fed.eval.as_mut().context("--eval-data needs an [eval] table")?.data;
+            *data = self.eval_data.clone();
+            under(data);
         }
         if !self.distill_data.is_empty() {
             fed.model.distill_data = self.distill_data.clone();
-        }
-        if let Some(dir) = &self.data_dir {
-            let under = |paths: &mut Vec<PathBuf>| {
-                for p in paths.iter_mut().filter(|p| p.is_relative()) {
-                    *p = dir.join(&*p);
-                }
-            };
             under(&mut fed.model.distill_data);
-            if let Some(sim) = &mut fed.sim {
-                under(&mut sim.data);
-            }
-            if let Some(eval) = &mut fed.eval {
-                under(&mut eval.data);
-            }
         }
         if fed.sim.is_none() || fed.eval.is_none() {
             bail!("a bench config needs [sim] (the clients' data) and [eval] (the held-out data) tables");

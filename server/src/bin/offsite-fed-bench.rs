@@ -145,6 +145,11 @@ fn serve(args: &Args, n: usize, dir: &Path) -> Result<String> {
         strategy: StrategyConfig::FedAvg { norm_bound: None }.build()?,
         hello_timeout_s: 60.0,
         client_ca: None,
+        // Every simulated client comes from 127.0.0.1.
+        connections: offsite_net::ConnectionLimits {
+            max: 2 * n + 16,
+            per_address: n + 16,
+        },
     };
     let initial = Params::from([(
         "w".to_string(),

@@ -9,10 +9,10 @@ use offsite::data::{DataConfig, Split};
 use offsite::emulator::{DistillConfig, EmulatorConfig};
 use offsite::train::TrainConfig;
 use offsite_fed::{FederationConfig, StrategyConfig};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// The whole file.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct FedFile {
     /// Network and state.
@@ -49,7 +49,7 @@ fn fedavg() -> StrategyConfig {
 }
 
 /// `[server]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct ServerSection {
     /// Address to listen on.
@@ -65,9 +65,36 @@ pub(crate) struct ServerSection {
     /// Seconds a new connection has to authenticate.
     #[serde(default = "hello_timeout")]
     pub hello_timeout_s: f64,
-    /// Emulator download chunk size in KiB.
+    /// Emulator download chunk size in KiB (at most 65536: a client accepts frames up to 512 MiB, and smaller
+    /// chunks resume a broken download with less lost).
     #[serde(default = "chunk_kib")]
     pub chunk_kib: u32,
+    /// Open connections the server holds at most, in all; over half of it, new ones first prove their address.
+    #[serde(default = "max_connections")]
+    pub max_connections: usize,
+    /// Open connections from one IP address at most.
+    #[serde(default = "max_connections_per_address")]
+    pub max_connections_per_address: usize,
+}
+
+fn max_connections() -> usize {
+    offsite_net::ConnectionLimits::default().max
+}
+fn max_connections_per_address() -> usize {
+    offsite_net::ConnectionLimits::default().per_address
+}
+
+impl ServerSection {
+    /// Sizes that the other side or the OS could not honour.
+    pub(crate) fn check(&self) -> Result<(), String> {
+        if self.chunk_kib == 0 || self.chunk_kib > 65536 {
+            return Err(format!("chunk_kib = {} must be in 1..=65536", self.chunk_kib));
+        }
+        if self.max_connections == 0 || self.max_connections_per_address == 0 {
+            return Err("max_connections and max_connections_per_address must be positive".into());
+        }
+        Ok(())
+    }
 }
 
 fn hello_timeout() -> f64 {
@@ -78,7 +105,7 @@ fn chunk_kib() -> u32 {
 }
 
 /// `[model]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct ModelSection {
     /// The full model (Hugging Face directory or GGUF file).
@@ -91,7 +118,7 @@ pub(crate) struct ModelSection {
 }
 
 /// `[eval]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct EvalSection {
     /// Validation files.
@@ -108,7 +135,7 @@ fn eval_batch() -> usize {
 }
 
 /// `[sim]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct SimSection {
     /// The clients' data files.
@@ -120,10 +147,44 @@ pub(crate) struct SimSection {
 }
 
 impl FedFile {
-    /// Reads and parses a config file.
+    /// Reads and parses a config file; its relative paths are taken from the file's folder.
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.message()))
+        let mut file: Self = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        file.resolve_paths(path.parent().unwrap_or(Path::new("")));
+        file.server
+            .check()
+            .map_err(|e| anyhow::anyhow!("{}: [server] {e}", path.display()))?;
+        Ok(file)
+    }
+
+    /// Joins every relative path in the file to `base` (the config's folder), so a config means the same files
+    /// from any working directory. Paths given on the command line stay relative to the working directory.
+    pub fn resolve_paths(&mut self, base: &Path) {
+        let s = &mut self.server;
+        let m = &mut self.model;
+        let singles = [
+            Some(&mut s.state_dir),
+            s.cert.as_mut(),
+            s.key.as_mut(),
+            s.client_ca.as_mut(),
+            Some(&mut m.path),
+            m.emulator.as_mut(),
+        ];
+        let lists = [
+            Some(&mut m.distill_data),
+            self.eval.as_mut().map(|e| &mut e.data),
+            self.sim.as_mut().map(|s| &mut s.data),
+        ];
+        let paths = singles
+            .into_iter()
+            .flatten()
+            .chain(lists.into_iter().flatten().flat_map(|l| l.iter_mut()));
+        for p in paths {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
     }
 }
 
@@ -138,5 +199,34 @@ mod tests {
         assert_eq!(distill.kd_at, offsite::emulator::KdAt::EveryLayer);
         assert_eq!(file.sim.unwrap().data.len(), 3);
         assert_eq!(file.emulator.unwrap().choose_layers(30).unwrap().len(), 22);
+    }
+
+    #[test]
+    fn relative_paths_are_taken_from_the_config_folder_and_errors_say_where() {
+        let dir = tempfile::tempdir().unwrap();
+        let sub = dir.path().join("configs");
+        std::fs::create_dir(&sub).unwrap();
+        let path = sub.join("fed.toml");
+        let text = include_str!("../../../configs/federation-shakespeare.toml");
+        std::fs::write(&path, text).unwrap();
+        let file = FedFile::load(&path).unwrap();
+        assert_eq!(file.model.path, sub.join("SmolLM2-135M-Instruct.Q4_1.gguf"));
+        assert_eq!(file.server.state_dir, sub.join("offsite-state"));
+        assert_eq!(file.sim.unwrap().data[0], sub.join("hamlet_gut.txt"));
+        assert_eq!(file.eval.unwrap().data[0], sub.join("as_you_like_it_gut.txt"));
+        assert_eq!(file.model.distill_data[2], sub.join("tempest_gut.txt"));
+        std::fs::write(&path, text.replace("path = \"", "path = \"/abs/")).unwrap();
+        assert_eq!(
+            FedFile::load(&path).unwrap().model.path,
+            Path::new("/abs/SmolLM2-135M-Instruct.Q4_1.gguf"),
+            "absolute paths stay"
+        );
+        std::fs::write(&path, text.replace("chunk_kib", "chunk_kb")).unwrap();
+        let err = FedFile::load(&path).unwrap_err().to_string();
+        let line = text.lines().position(|l| l.contains("chunk_kib")).unwrap() + 1;
+        assert!(
+            err.contains("chunk_kb") && err.contains(&format!("line {line}")),
+            "{err}"
+        );
     }
 }

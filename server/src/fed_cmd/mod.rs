@@ -122,6 +122,10 @@ pub(crate) fn serve_settings(file: &FedFile, emulator: PathBuf) -> Result<(Serve
         strategy: file.strategy.build()?,
         hello_timeout_s: file.server.hello_timeout_s,
         client_ca: file.server.client_ca.clone(),
+        connections: offsite_net::ConnectionLimits {
+            max: file.server.max_connections,
+            per_address: file.server.max_connections_per_address,
+        },
     };
     Ok((settings, identity))
 }

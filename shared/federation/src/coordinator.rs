@@ -193,15 +193,24 @@ impl Coordinator {
             Some(s) => {
                 check_like(&initial, &s.global)?;
                 strategy.restore(s.strategy.clone())?;
-                info!(round = s.round, global = %hash(&s.global), "resuming from the saved state");
+                info!(
+                    completed = s.round,
+                    next_round = s.round + 1,
+                    of = config.rounds,
+                    global = %hash(&s.global),
+                    "resuming from the saved state at round {}", s.round + 1
+                );
                 s
             }
-            None => ServerState {
-                round: 0,
-                global: initial,
-                strategy: Params::new(),
-                clients: Default::default(),
-            },
+            None => {
+                info!(rounds = config.rounds, global = %hash(&initial), "starting a new federation at round 1");
+                ServerState {
+                    round: 0,
+                    global: initial,
+                    strategy: Params::new(),
+                    clients: Default::default(),
+                }
+            }
         };
         let mut c = Coordinator {
             config,

@@ -42,6 +42,18 @@ pub fn generate(
     eos_ids: &[u32],
     config: &GenerationConfig,
 ) -> Result<Vec<u32>, ModelError> {
+    generate_streaming(model, prompt, eos_ids, config, &mut |_| true)
+}
+
+/// [`generate`], handing each token to `on_token` as soon as it is picked; generation stops early when `on_token`
+/// returns `false` (a stop string was seen), that token kept in the output.
+pub fn generate_streaming(
+    model: &LlamaForCausalLM,
+    prompt: &[u32],
+    eos_ids: &[u32],
+    config: &GenerationConfig,
+    on_token: &mut dyn FnMut(u32) -> bool,
+) -> Result<Vec<u32>, ModelError> {
     if prompt.is_empty() {
         return Err(ModelError::Input("the prompt is empty".into()));
     }
@@ -77,7 +89,7 @@ pub fn generate(
             .map_err(|e| ModelError::Input(format!("cannot read logits: {e:?}")))?;
         let next = pick(&logits, config, &mut rng);
         out.push(next);
-        if eos_ids.contains(&next) {
+        if !on_token(next) || eos_ids.contains(&next) {
             break;
         }
         input = vec![next];

@@ -14,6 +14,7 @@ pub mod federated;
 pub mod generate;
 pub mod load;
 pub mod model;
+pub mod progress;
 pub mod quant;
 #[cfg(test)]
 mod testing;

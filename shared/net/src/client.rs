@@ -8,12 +8,13 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressStyle;
 use offsite_fed::params::{from_wire, to_wire};
 use offsite_fed::{write_safetensors, LocalTask, LocalTrainer};
 use offsite_protocol::{ClientConn, ClientEvent, EmulatorOffer, Hello, Limits, Task, Update};
 use sha2::{Digest, Sha256};
 use tracing::{info, warn};
+use tracing_indicatif::span_ext::IndicatifSpanExt;
 
 use super::tls::{quic_client, Identity, Trust};
 use super::{NetError, READ_BUF};
@@ -104,7 +105,10 @@ struct Download {
     offer: EmulatorOffer,
     part: PathBuf,
     file: std::fs::File,
-    bar: ProgressBar,
+    /// Bytes in `part` so far.
+    received: u64,
+    /// The progress bar (drawn by the binaries' tracing-indicatif layer while the span lives).
+    bar: tracing::Span,
 }
 
 /// One connection, until goodbye (Ok), refusal or failure.
@@ -146,12 +150,12 @@ async fn session(
                     let path = s.cache_dir.join(format!("{}.emu", w.emulator.sha256));
                     info!(client = %w.client_id, emulator = %w.emulator.sha256, "authenticated");
                     emulator = Some((path.clone(), w.adapter.clone()));
-                    if path.exists() {
-                        info!(path = %path.display(), "emulator cached");
+                    if cached(&path, &w.emulator.sha256).await? {
+                        info!(path = %path.display(), "emulator cached (hash checked)");
                         send.write_all(&sm.ready()?).await.map_err(conn_err)?;
                     } else {
                         let d = start_download(&s.cache_dir, w.emulator)?;
-                        let from = (d.bar.position() / d.offer.chunk_size.max(1) as u64) as u32;
+                        let from = (d.received / d.offer.chunk_size.max(1) as u64) as u32;
                         if from >= d.offer.chunks() {
                             finish_download(d, &path)?;
                             send.write_all(&sm.ready()?).await.map_err(conn_err)?;
@@ -168,7 +172,8 @@ async fn session(
                         ));
                     };
                     d.file.write_all(&c.data).map_err(|e| file_err(&d.part, e))?;
-                    d.bar.inc(c.data.len() as u64);
+                    d.received += c.data.len() as u64;
+                    d.bar.pb_inc(c.data.len() as u64);
                     if c.index + 1 == d.offer.chunks() {
                         if let (Some(d), Some((path, _))) = (download.take(), emulator.as_ref()) {
                             finish_download(d, path)?;
@@ -228,22 +233,54 @@ fn start_download(dir: &Path, offer: EmulatorOffer) -> Result<Download, NetError
     if keep > 0 {
         info!(bytes = keep, of = offer.size, "resuming the emulator download");
     }
-    let bar = ProgressBar::new(offer.size).with_position(keep);
-    bar.set_style(
-        ProgressStyle::with_template("emulator {bar:30} {bytes}/{total_bytes} {bytes_per_sec} [{eta}]")
+    let bar = tracing::info_span!("download", indicatif.pb_show = tracing::field::Empty);
+    bar.pb_set_style(
+        &ProgressStyle::with_template("emulator {bar:30} {bytes}/{total_bytes} {bytes_per_sec} [{eta}]")
             .expect("static template"),
     );
-    Ok(Download { offer, part, file, bar })
+    bar.pb_set_length(offer.size);
+    bar.pb_set_position(keep);
+    bar.pb_start();
+    Ok(Download {
+        offer,
+        part,
+        file,
+        received: keep,
+        bar,
+    })
+}
+
+/// SHA-256 of a file's content.
+fn sha256_file(path: &Path) -> Result<String, NetError> {
+    let mut f = std::fs::File::open(path).map_err(|e| file_err(path, e))?;
+    let mut h = Sha256::new();
+    std::io::copy(&mut f, &mut h).map_err(|e| file_err(path, e))?;
+    Ok(hex::encode(h.finalize()))
+}
+
+/// Whether the cached emulator at `path` is the one offered: its content hashed, not trusted by its name (a file
+/// damaged or replaced in the cache is removed and downloaded again).
+async fn cached(path: &Path, sha256: &str) -> Result<bool, NetError> {
+    if !path.exists() {
+        return Ok(false);
+    }
+    let p = path.to_path_buf();
+    let got = tokio::task::spawn_blocking(move || sha256_file(&p))
+        .await
+        .map_err(|e| NetError::Connection(e.to_string()))??;
+    if got == sha256 {
+        return Ok(true);
+    }
+    warn!(path = %path.display(), got = %got, "the cached emulator does not match its name; downloading it again");
+    std::fs::remove_file(path).map_err(|e| file_err(path, e))?;
+    Ok(false)
 }
 
 /// Checks the whole file's SHA-256 and moves it into the cache.
 fn finish_download(d: Download, path: &Path) -> Result<(), NetError> {
-    d.bar.finish_and_clear();
+    drop(d.bar);
     drop(d.file);
-    let mut f = std::fs::File::open(&d.part).map_err(|e| file_err(&d.part, e))?;
-    let mut h = Sha256::new();
-    std::io::copy(&mut f, &mut h).map_err(|e| file_err(&d.part, e))?;
-    let got = hex::encode(h.finalize());
+    let got = sha256_file(&d.part)?;
     if got != d.offer.sha256 {
         let _ = std::fs::remove_file(&d.part);
         return Err(NetError::Connection(format!(

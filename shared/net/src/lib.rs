@@ -11,7 +11,7 @@ mod tls;
 use std::path::PathBuf;
 
 pub use client::{join, JoinSettings, JoinSummary};
-pub use server::{EmulatorSource, Evaluator, ServeSettings, Server};
+pub use server::{ConnectionLimits, EmulatorSource, Evaluator, ServeSettings, Server};
 pub use tls::{fingerprint, quic_client, Identity, Trust, ALPN, SERVER_NAME};
 
 use offsite_fed::FedError;

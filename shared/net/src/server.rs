@@ -6,7 +6,7 @@ mod conn;
 
 use std::collections::HashMap;
 use std::io::{Read, Seek, SeekFrom};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -16,7 +16,7 @@ use offsite_fed::{
     Action, Coordinator, Event, FederationConfig, Outgoing, Params, RoundReport, ServerState, Strategy, TokenStore,
 };
 use offsite_protocol::{EmulatorOffer, Limits, TrainConfig};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, warn};
 
 use super::tls::Identity;
@@ -81,7 +81,98 @@ pub struct ServeSettings {
     pub hello_timeout_s: f64,
     /// Require client certificates issued by this CA (PEM), in addition to tokens.
     pub client_ca: Option<PathBuf>,
+    /// Caps on open connections.
+    pub connections: ConnectionLimits,
 }
+
+/// How many connections the server holds open at once: over `max` in all, or `per_address` from one IP address,
+/// new ones are refused; over half of `max`, a new connection first proves its address (a QUIC retry).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// Open connections in all.
+    pub max: usize,
+    /// Open connections from one IP address.
+    pub per_address: usize,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        ConnectionLimits {
+            max: 4096,
+            per_address: 64,
+        }
+    }
+}
+
+/// Open connections, in all and by address.
+#[derive(Default)]
+struct Open {
+    total: usize,
+    by_address: HashMap<IpAddr, usize>,
+}
+
+/// One admitted connection's place in the count, given back when the connection task ends.
+struct Slot {
+    shared: Arc<Shared>,
+    address: IpAddr,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Ok(mut open) = self.shared.open.lock() {
+            open.total = open.total.saturating_sub(1);
+            if let Some(n) = open.by_address.get_mut(&self.address) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    open.by_address.remove(&self.address);
+                }
+            }
+        }
+    }
+}
+
+/// What the accept loop does with a new connection.
+enum Admission {
+    Admit(Slot),
+    /// Over half the cap, from an address not yet validated: ask it to prove its address first.
+    Retry,
+    /// Over a cap: refused (the reason is logged).
+    Refuse(&'static str),
+}
+
+impl Shared {
+    fn admit(self: &Arc<Self>, address: IpAddr, validated: bool) -> Admission {
+        let Ok(mut open) = self.open.lock() else {
+            return Admission::Refuse("the connection count is unavailable");
+        };
+        let from = open.by_address.get(&address).copied().unwrap_or(0);
+        if open.total >= self.connection_limits.max {
+            return Admission::Refuse("too many connections");
+        }
+        if from >= self.connection_limits.per_address {
+            return Admission::Refuse("too many connections from this address");
+        }
+        if !validated && open.total >= self.connection_limits.max / 2 {
+            return Admission::Retry;
+        }
+        open.total += 1;
+        *open.by_address.entry(address).or_default() += 1;
+        Admission::Admit(Slot {
+            shared: self.clone(),
+            address,
+        })
+    }
+}
+
+/// An event for the round loop; an update holds its queue permits until the round loop has handled it, which
+/// bounds the updates waiting in memory (one per connection, [`UPDATE_QUEUE`] in all).
+struct Queued {
+    event: Event,
+    _permits: Vec<OwnedSemaphorePermit>,
+}
+
+/// Updates decoded and waiting for the round loop, at most, over every connection.
+const UPDATE_QUEUE: usize = 16;
 
 /// Evaluates the plug-in model (full model + global adapter): round, global state → perplexity.
 pub type Evaluator = Box<dyn FnMut(u64, &Params) -> Result<f64, String> + Send>;
@@ -102,7 +193,15 @@ struct Shared {
     /// Ready clients by id, kept by the connection tasks (so messages find them, and `ready_clients` works before
     /// `run`); the coordinator hears the same through events.
     ready: Mutex<HashMap<String, ClientHandle>>,
-    events: mpsc::UnboundedSender<Event>,
+    /// Authenticated connections by client id: one live session per client (a newer one closes the older), and
+    /// what a revocation closes.
+    sessions: Mutex<HashMap<String, (u64, quinn::Connection)>>,
+    /// Open connections, against `connection_limits`.
+    open: Mutex<Open>,
+    connection_limits: ConnectionLimits,
+    /// Bounds the decoded updates waiting for the round loop.
+    update_queue: Arc<Semaphore>,
+    events: mpsc::UnboundedSender<Queued>,
     bytes_in: AtomicU64,
     bytes_out: AtomicU64,
     next_conn: AtomicU64,
@@ -118,7 +217,7 @@ pub struct Server {
     /// Handed to the coordinator by `run`.
     strategy: Option<Box<dyn Strategy>>,
     shared: Arc<Shared>,
-    events: mpsc::UnboundedReceiver<Event>,
+    events: mpsc::UnboundedReceiver<Queued>,
 }
 
 impl Server {
@@ -138,6 +237,10 @@ impl Server {
             limits: Limits::server(max_update),
             hello_timeout,
             ready: Mutex::new(HashMap::new()),
+            sessions: Mutex::new(HashMap::new()),
+            open: Mutex::new(Open::default()),
+            connection_limits: settings.connections,
+            update_queue: Arc::new(Semaphore::new(UPDATE_QUEUE)),
             events: tx,
             bytes_in: AtomicU64::new(0),
             bytes_out: AtomicU64::new(0),
@@ -147,15 +250,31 @@ impl Server {
         let sh = shared.clone();
         tokio::spawn(async move {
             while let Some(incoming) = ep.accept().await {
+                let peer = incoming.remote_address();
+                let slot = match sh.admit(peer.ip(), incoming.remote_address_validated()) {
+                    Admission::Admit(slot) => slot,
+                    Admission::Retry => {
+                        if let Err(e) = incoming.retry() {
+                            e.into_incoming().ignore();
+                        }
+                        continue;
+                    }
+                    Admission::Refuse(reason) => {
+                        warn!(%peer, reason, "connection refused");
+                        incoming.refuse();
+                        continue;
+                    }
+                };
                 let sh = sh.clone();
                 tokio::spawn(async move {
-                    let peer = incoming.remote_address();
                     if let Err(e) = conn::connection(sh, incoming).await {
                         debug!(%peer, error = %e, "connection ended");
                     }
+                    drop(slot);
                 });
             }
         });
+        tokio::spawn(watch_revocations(Arc::downgrade(&shared)));
         Ok(Server {
             endpoint,
             fingerprint,
@@ -264,10 +383,10 @@ impl Server {
             // Events first: a round starts at its timeout only after every readiness already queued is counted.
             tokio::select! {
                 biased;
-                event = self.events.recv() => {
+                queued = self.events.recv() => {
                     // The sender lives in `shared`, which this server holds: the channel cannot close.
-                    let Some(event) = event else { break };
-                    coordinator.handle(event, Instant::now())?;
+                    let Some(queued) = queued else { break };
+                    coordinator.handle(queued.event, Instant::now())?;
                 }
                 _ = sleep => coordinator.handle_timeout(Instant::now())?,
             }
@@ -300,6 +419,32 @@ impl Drop for Server {
     }
 }
 
+/// Closes the live sessions of clients whose token is revoked (or gone) as soon as the token file says so: checked
+/// every second while the server lives.
+async fn watch_revocations(shared: std::sync::Weak<Shared>) {
+    let mut seen = None;
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let Some(shared) = shared.upgrade() else { return };
+        let modified = std::fs::metadata(&shared.tokens).and_then(|m| m.modified()).ok();
+        if modified == seen {
+            continue;
+        }
+        seen = modified;
+        let Ok(store) = TokenStore::load(&shared.tokens) else {
+            continue;
+        };
+        let Ok(sessions) = shared.sessions.lock() else { return };
+        for (client, (_, connection)) in sessions.iter() {
+            if !store.tokens.iter().any(|t| &t.client_id == client && !t.revoked) {
+                warn!(%client, "token revoked: closing the client's connection");
+                connection.close(3u32.into(), b"token revoked");
+            }
+        }
+    }
+}
+
+/// Appends one JSON line; a torn last line (a crash mid-write) is cut off first, so it cannot glue onto the new one.
 fn append_line(path: &Path, report: &RoundReport) -> Result<(), NetError> {
     use std::io::Write;
     let err = |e: std::io::Error| NetError::File {
@@ -309,8 +454,57 @@ fn append_line(path: &Path, report: &RoundReport) -> Result<(), NetError> {
     let mut f = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
+        .read(true)
         .open(path)
         .map_err(err)?;
+    let len = f.metadata().map_err(err)?.len();
+    if len > 0 {
+        let mut last = [0u8];
+        f.seek(SeekFrom::Start(len - 1)).map_err(err)?;
+        f.read_exact(&mut last).map_err(err)?;
+        if last[0] != b'\n' {
+            let text = std::fs::read(path).map_err(err)?;
+            let keep = text.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+            warn!(path = %path.display(), bytes = len as usize - keep, "cutting off a torn last line");
+            f.set_len(keep as u64).map_err(err)?;
+        }
+    }
     let line = serde_json::to_string(report).map_err(|e| NetError::Config(e.to_string()))?;
     writeln!(f, "{line}").map_err(err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_torn_last_metrics_line_is_cut_off_before_the_next_one_is_appended() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("metrics.jsonl");
+        std::fs::write(&path, "{\"round\":1}\n{\"round\":2,\"samp").unwrap();
+        let report = RoundReport {
+            round: 2,
+            sampled: 3,
+            participants: 3,
+            rejected: 0,
+            bytes_in: 10,
+            bytes_out: 20,
+            train_loss: 1.5,
+            eval_perplexity: None,
+            wall_s: 0.5,
+            global_sha256: "ab".into(),
+        };
+        append_line(&path, &report).unwrap();
+        append_line(&path, &RoundReport { round: 3, ..report }).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let rounds: Vec<u64> = text
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["round"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(rounds, [1, 2, 3], "{text}");
+    }
 }

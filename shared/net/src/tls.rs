@@ -94,12 +94,26 @@ impl Identity {
         let crypto =
             quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| NetError::Config(e.to_string()))?;
         let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-        let mut transport = quinn::TransportConfig::default();
-        transport.keep_alive_interval(Some(std::time::Duration::from_secs(5)));
-        transport.max_idle_timeout(Some(std::time::Duration::from_secs(60).try_into().expect("60 s fits")));
-        config.transport_config(Arc::new(transport));
+        config.transport_config(Arc::new(transport(1, 60)));
         Ok(config)
     }
+}
+
+/// QUIC transport settings for what the protocol uses: `peer_bidi` bidirectional streams the peer may open (a
+/// client opens one; a server none), no unidirectional streams, no datagrams, and flow-control windows that bound
+/// what one connection can make this side buffer (quinn's defaults allow 100 + 100 streams of 1.25 MB each); idle
+/// for `idle_s` seconds (keep-alives every 5 s), the connection is closed.
+fn transport(peer_bidi: u32, idle_s: u64) -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    t.max_concurrent_bidi_streams(peer_bidi.into());
+    t.max_concurrent_uni_streams(0u32.into());
+    t.datagram_receive_buffer_size(None);
+    // 8 MiB in flight per connection: an emulator chunk (1 MiB by default) or an update streams through it.
+    t.stream_receive_window((8u32 << 20).into());
+    t.receive_window((8u32 << 20).into());
+    t.keep_alive_interval(Some(std::time::Duration::from_secs(5)));
+    t.max_idle_timeout(std::time::Duration::from_secs(idle_s).try_into().ok());
+    t
 }
 
 /// The CA certificates of a PEM file.
@@ -206,8 +220,8 @@ pub fn quic_client(trust: &Trust, identity: Option<Identity>) -> Result<quinn::C
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| NetError::Config(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-    let mut transport = quinn::TransportConfig::default();
-    transport.keep_alive_interval(Some(std::time::Duration::from_secs(5)));
-    config.transport_config(Arc::new(transport));
+    // The server opens no stream toward a client.
+    // An unreachable server is given up on after 30 s (quinn's default), a quiet client after 60.
+    config.transport_config(Arc::new(transport(0, 30)));
     Ok(config)
 }

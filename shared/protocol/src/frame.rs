@@ -61,7 +61,11 @@ pub fn encode_frame(msg: &Message) -> Vec<u8> {
 /// Reassembles frames from a byte stream delivered in arbitrary pieces.
 #[derive(Debug)]
 pub struct FrameDecoder {
+    /// Received bytes; those before `start` are decoded already.
     buf: Vec<u8>,
+    /// Where the unread bytes begin: consumed frames are skipped, not shifted out one by one (a read full of small
+    /// frames would shift the rest of the buffer once per frame), and dropped at the next `push`.
+    start: usize,
     limits: Limits,
 }
 
@@ -70,6 +74,7 @@ impl FrameDecoder {
     pub fn new(limits: Limits) -> Self {
         FrameDecoder {
             buf: Vec::new(),
+            start: 0,
             limits,
         }
     }
@@ -81,27 +86,32 @@ impl FrameDecoder {
 
     /// Appends received bytes.
     pub fn push(&mut self, bytes: &[u8]) {
+        if self.start > 0 {
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
         self.buf.extend_from_slice(bytes);
     }
 
     /// The next complete message, `None` when more bytes are needed. A bad header is reported as soon as its 12
     /// bytes are in, before the payload arrives.
     pub fn next_message(&mut self) -> Result<Option<Message>, ProtocolError> {
-        if self.buf.len() < HEADER_LEN {
-            if self.buf.len() >= 4 && self.buf[..4] != MAGIC {
-                return Err(ProtocolError::BadMagic(self.buf[..4].try_into().unwrap_or_default()));
+        let buf = &self.buf[self.start..];
+        if buf.len() < HEADER_LEN {
+            if buf.len() >= 4 && buf[..4] != MAGIC {
+                return Err(ProtocolError::BadMagic(buf[..4].try_into().unwrap_or_default()));
             }
             return Ok(None);
         }
-        let magic: [u8; 4] = [self.buf[0], self.buf[1], self.buf[2], self.buf[3]];
+        let magic: [u8; 4] = [buf[0], buf[1], buf[2], buf[3]];
         if magic != MAGIC {
             return Err(ProtocolError::BadMagic(magic));
         }
-        let version = u16::from_le_bytes([self.buf[4], self.buf[5]]);
+        let version = u16::from_le_bytes([buf[4], buf[5]]);
         if version != PROTOCOL_VERSION {
             return Err(ProtocolError::Version { got: version });
         }
-        let len = u32::from_le_bytes([self.buf[8], self.buf[9], self.buf[10], self.buf[11]]);
+        let len = u32::from_le_bytes([buf[8], buf[9], buf[10], buf[11]]);
         if len > self.limits.max_frame {
             return Err(ProtocolError::Oversized {
                 len: len as u64,
@@ -109,11 +119,11 @@ impl FrameDecoder {
             });
         }
         let end = HEADER_LEN + len as usize;
-        if self.buf.len() < end {
+        if buf.len() < end {
             return Ok(None);
         }
-        let decoded = decode_payload(&self.buf[HEADER_LEN..end]);
-        self.buf.drain(..end);
+        let decoded = decode_payload(&buf[HEADER_LEN..end]);
+        self.start += end;
         match decoded {
             Ok((msg, used)) if used == len as usize => Ok(Some(msg)),
             Ok((_, used)) => Err(ProtocolError::Malformed(format!(
@@ -126,16 +136,17 @@ impl FrameDecoder {
 
     /// Called when the stream ends: an error if it ended inside a frame.
     pub fn finish(&self) -> Result<(), ProtocolError> {
-        if self.buf.is_empty() {
+        let buf = &self.buf[self.start..];
+        if buf.is_empty() {
             return Ok(());
         }
-        let expected = if self.buf.len() >= HEADER_LEN {
-            HEADER_LEN + u32::from_le_bytes([self.buf[8], self.buf[9], self.buf[10], self.buf[11]]) as usize
+        let expected = if buf.len() >= HEADER_LEN {
+            HEADER_LEN + u32::from_le_bytes([buf[8], buf[9], buf[10], buf[11]]) as usize
         } else {
             HEADER_LEN
         };
         Err(ProtocolError::Truncated {
-            got: self.buf.len(),
+            got: buf.len(),
             expected,
         })
     }
@@ -187,6 +198,26 @@ mod tests {
             assert_eq!(got, vec![hello(), Message::Ready], "cut at {cut}");
             d.finish().unwrap();
         }
+    }
+
+    #[test]
+    fn a_read_full_of_small_frames_decodes_every_one_and_keeps_only_the_tail() {
+        let frame = encode_frame(&Message::Ready);
+        let mut bytes: Vec<u8> = frame.repeat(10_000);
+        bytes.extend(&frame[..5]);
+        let mut d = FrameDecoder::new(Limits::default());
+        d.push(&bytes);
+        let mut n = 0;
+        while let Some(m) = d.next_message().unwrap() {
+            assert_eq!(m, Message::Ready);
+            n += 1;
+        }
+        assert_eq!(n, 10_000);
+        assert!(d.finish().is_err(), "five bytes of a frame are left");
+        d.push(&frame[5..]);
+        assert_eq!(d.buf.len(), frame.len(), "consumed frames are dropped at the next push");
+        assert_eq!(d.next_message().unwrap(), Some(Message::Ready));
+        d.finish().unwrap();
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! Training and evaluation data: JSONL instruction records rendered through a prompt template (loss on the response
-//! only), or plain text cut into token blocks; held-out splits and padded batches.
+//! only), JSONL chat records rendered through the model's chat template (loss on the assistant turns only), or plain
+//! text cut into token blocks; held-out splits and padded batches.
 
 mod batch;
+mod chat;
 mod split;
 
 use std::path::{Path, PathBuf};
@@ -55,7 +57,8 @@ pub enum DataError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DataFormat {
-    /// One JSON object per line with instruction, optional input, output and optional category.
+    /// One JSON object per line: an instruction record (instruction, optional input, output, optional category)
+    /// or a chat record (`messages`: [{"role", "content"}, ...], optional category).
     Jsonl,
     /// Plain text, tokenized whole and cut into blocks of `max_len` tokens.
     Text,
@@ -77,6 +80,9 @@ pub struct DataConfig {
     pub output_field: String,
     /// JSONL field holding an optional category (for splits by category).
     pub category_field: String,
+    /// JSONL field holding a conversation (`[{"role", "content"}, ...]`); a record with it is a chat record,
+    /// rendered with the model's chat template, the loss on its assistant turns.
+    pub messages_field: String,
     /// JSONL field holding the acceptable answers (an array of strings) that generated text is scored against;
     /// without it, the response field is the one reference.
     pub references_field: String,
@@ -95,6 +101,7 @@ impl Default for DataConfig {
             input_field: "input".into(),
             output_field: "output".into(),
             category_field: "category".into(),
+            messages_field: "messages".into(),
             references_field: "references".into(),
             prompt_template: "Below is an instruction that describes a task, paired with an input that provides \
                 further context. Write a response that appropriately completes the request.\n\n\
@@ -118,10 +125,13 @@ pub struct PromptRecord {
     pub category: Option<String>,
 }
 
-/// A parsed, tokenized instruction record.
+/// A parsed, tokenized record.
 struct Rendered {
     ids: Vec<u32>,
+    /// Ids of the prompt a model continues (for a chat record: everything before its last assistant turn).
     prompt_len: usize,
+    /// Chat records: per id, whether the loss counts it (assistant turns); instruction records: from `prompt_len`.
+    in_loss: Option<Vec<bool>>,
     category: Option<String>,
     references: Vec<String>,
 }
@@ -186,11 +196,15 @@ impl DataConfig {
             .records(path, text, tokenizer)?
             .into_iter()
             .map(|r| {
+                let counts = |i: usize| match &r.in_loss {
+                    Some(mask) => mask[i],
+                    None => i >= r.prompt_len,
+                };
                 let labels = r
                     .ids
                     .iter()
                     .enumerate()
-                    .map(|(i, &id)| if i < r.prompt_len { IGNORE_INDEX } else { id as i64 })
+                    .map(|(i, &id)| if counts(i) { id as i64 } else { IGNORE_INDEX })
                     .collect();
                 Example {
                     ids: r.ids,
@@ -261,24 +275,46 @@ impl DataConfig {
                     Some(other) => Err(bad(format!("field `{name}` must be a string, found {other}"))),
                 }
             };
-            let instruction = field(&self.instruction_field, true)?.unwrap_or_default();
-            let input = field(&self.input_field, false)?.unwrap_or_default();
-            let output = field(&self.output_field, true)?.unwrap_or_default();
             let category = field(&self.category_field, false)?;
-            let references = match object.get(&self.references_field) {
-                None | Some(serde_json::Value::Null) => vec![output.clone()],
+            let references = |fallback: &str| match object.get(&self.references_field) {
+                None | Some(serde_json::Value::Null) => Ok(vec![fallback.to_string()]),
                 Some(serde_json::Value::Array(items)) if !items.is_empty() => items
                     .iter()
                     .map(|v| v.as_str().map(str::to_string))
                     .collect::<Option<Vec<String>>>()
-                    .ok_or_else(|| bad(format!("field `{}` must hold strings only", self.references_field)))?,
-                Some(other) => {
-                    return Err(bad(format!(
-                        "field `{}` must be a non-empty array of strings, found {other}",
-                        self.references_field
-                    )))
-                }
+                    .ok_or_else(|| bad(format!("field `{}` must hold strings only", self.references_field))),
+                Some(other) => Err(bad(format!(
+                    "field `{}` must be a non-empty array of strings, found {other}",
+                    self.references_field
+                ))),
             };
+            if let Some(value) = object.get(&self.messages_field) {
+                let messages = chat::messages(value, &self.messages_field).map_err(&bad)?;
+                let c = chat::render(&messages, tokenizer).map_err(|reason| DataError::Tokenize {
+                    path: path.into(),
+                    reason: format!("line {}: {reason}", n + 1),
+                })?;
+                let (mut ids, mut in_loss) = (c.ids, c.in_loss);
+                ids.truncate(self.max_len);
+                in_loss.truncate(self.max_len);
+                if c.last_prompt_len >= ids.len() {
+                    // The last assistant turn starts beyond max_len: as for instruction records, a record is kept
+                    // only with its (last) response to learn from, so its prompt is a whole prompt.
+                    continue;
+                }
+                out.push(Rendered {
+                    ids,
+                    prompt_len: c.last_prompt_len,
+                    in_loss: Some(in_loss),
+                    category,
+                    references: references(&c.last_answer)?,
+                });
+                continue;
+            }
+            let instruction = field(&self.instruction_field, true)?.unwrap_or_default();
+            let input = field(&self.input_field, false)?.unwrap_or_default();
+            let output = field(&self.output_field, true)?.unwrap_or_default();
+            let references = references(&output)?;
             let prompt = if input.trim().is_empty() {
                 self.prompt_template_no_input.replace("{instruction}", &instruction)
             } else {
@@ -305,6 +341,7 @@ impl DataConfig {
             out.push(Rendered {
                 ids,
                 prompt_len,
+                in_loss: None,
                 category,
                 references,
             });

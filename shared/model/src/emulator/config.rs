@@ -39,7 +39,7 @@ impl EmulatorConfig {
         struct File {
             emulator: EmulatorConfig,
         }
-        let file: File = toml::from_str(text).map_err(|e| EmulatorError::Config(e.message().to_string()))?;
+        let file: File = toml::from_str(text).map_err(|e| EmulatorError::Config(e.to_string()))?;
         Ok(file.emulator)
     }
 

@@ -82,7 +82,7 @@ impl DistillConfig {
         struct File {
             distill: Option<DistillConfig>,
         }
-        let file: File = toml::from_str(text).map_err(|e| EmulatorError::Config(e.message().to_string()))?;
+        let file: File = toml::from_str(text).map_err(|e| EmulatorError::Config(e.to_string()))?;
         if let Some(d) = &file.distill {
             if d.lm_weight < 0.0 || !d.lm_weight.is_finite() {
                 return Err(EmulatorError::Config(format!(

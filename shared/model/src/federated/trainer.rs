@@ -6,7 +6,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use burn::tensor::Device;
-use indicatif::{ProgressBar, ProgressStyle};
 use offsite_fed::{FedError, LocalOutcome, LocalTask, LocalTrainer};
 use tracing::{info, warn};
 
@@ -15,6 +14,7 @@ use crate::adapters::AdapterSpec;
 use crate::data::{DataConfig, Example};
 use crate::emulator::Emulator;
 use crate::model::LlamaForCausalLM;
+use crate::progress::Progress;
 use crate::train::Precision;
 
 /// Where a client's training examples come from.
@@ -25,7 +25,7 @@ pub enum LocalData {
         /// JSONL or text files.
         paths: Vec<PathBuf>,
         /// How to read them.
-        config: DataConfig,
+        config: Box<DataConfig>,
     },
     /// Examples already tokenized (simulation).
     Examples(Vec<Example>),
@@ -97,12 +97,12 @@ impl LocalTrainer for EmulatorTrainer {
             Some(l) if l.key == key => l,
             _ => self.load(task)?,
         };
-        let bar = ProgressBar::new(task.settings.steps as u64);
-        bar.set_style(
-            ProgressStyle::with_template("round {prefix} {bar:30} {pos}/{len} steps {msg} [{eta}]")
-                .expect("static template"),
+        let mut bar = Progress::new(
+            &format!("round {}", task.round),
+            "{bar:30} {pos}/{len} steps {msg} [{eta}]",
+            task.settings.steps as u64,
+            0,
         );
-        bar.set_prefix(task.round.to_string());
         let mut settings = task.settings.clone();
         if settings.precision == Precision::MixedF16 && !self.fast_f16 {
             warn!(
@@ -118,11 +118,11 @@ impl LocalTrainer for EmulatorTrainer {
             task.proximal_mu,
             &loaded.examples,
             &mut |r| {
-                bar.set_message(format!("loss {:.4}", r.loss));
+                bar.message(&format!("loss {:.4}", r.loss));
                 bar.inc(1);
             },
         )?;
-        bar.finish_and_clear();
+        drop(bar);
         self.loaded = Some(Loaded { model, ..loaded });
         info!(
             round = task.round,

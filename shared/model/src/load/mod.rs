@@ -7,9 +7,11 @@
 mod build;
 mod gguf;
 pub(crate) mod hf;
+mod peak;
 mod reader;
 
 pub(crate) use build::{build_layers, transpose, FrozenSource};
+pub use peak::peak_rss_bytes;
 pub(crate) use reader::{bf16s as decode_bf16, f16s as decode_f16, f32s as decode_f32};
 
 use std::fmt;
@@ -280,12 +282,4 @@ pub(crate) fn read_f32_safetensors(path: &Path) -> Result<Vec<(String, F32Tensor
         .into_iter()
         .map(|i| Ok((i.name.clone(), shard.read_f32(&i.name)?)))
         .collect()
-}
-
-/// Highest resident memory of this process so far, in bytes (Linux `VmHWM`); `None` elsewhere.
-pub fn peak_rss_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
 }

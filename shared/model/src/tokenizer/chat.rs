@@ -27,6 +27,14 @@ impl ChatMessage {
             content: content.into(),
         }
     }
+
+    /// A `system` turn.
+    pub fn system(content: impl Into<String>) -> Self {
+        Self {
+            role: "system".into(),
+            content: content.into(),
+        }
+    }
 }
 
 /// Special-token strings templates may reference.

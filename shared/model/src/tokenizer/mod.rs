@@ -1,8 +1,10 @@
 //! Text ↔ token ids (Hugging Face `tokenizers`) and the model's chat template (rendered with minijinja).
 
 mod chat;
+mod stream;
 
 pub use chat::ChatMessage;
+pub use stream::{StreamStep, TextStream};
 
 /// Errors from tokenization or chat templating.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -17,6 +19,9 @@ pub enum TokenizerError {
     #[error("chat template: {0}")]
     Template(String),
 }
+
+/// Token ids and each id's byte range in the text they encode.
+pub type IdsAndOffsets = (Vec<u32>, Vec<(usize, usize)>);
 
 /// A tokenizer with the special ids and chat template of its model.
 #[derive(Clone)]
@@ -90,6 +95,15 @@ impl Tokenizer {
             .encode(text, false)
             .map_err(|e| TokenizerError::Encode(e.to_string()))?;
         Ok(enc.get_ids().to_vec())
+    }
+
+    /// [`Tokenizer::encode`] with each id's byte range in `text`.
+    pub fn encode_with_offsets(&self, text: &str) -> Result<IdsAndOffsets, TokenizerError> {
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| TokenizerError::Encode(e.to_string()))?;
+        Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
     }
 
     /// Text of `ids`; special tokens are kept unless `skip_special`.

@@ -1,6 +1,9 @@
 //! One client connection: moves bytes between the QUIC stream and its `ServerConn` state machine, checks the token,
 //! streams emulator chunks, and tells the round loop what happened (ready, update, gone). However the connection
-//! ends, the client's ready entry goes with it and the coordinator hears of it ([`Departure`]).
+//! ends, the client's ready entry and session go with it and the coordinator hears of it ([`Departure`]). One hello
+//! window runs from the connection's arrival to its authentication (handshake, stream and hello together); a client
+//! has one live session (a newer connection closes the older); the emulator is sent once per connection; an update
+//! waits for a place in the round loop's bounded queue before the next bytes are read.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -11,7 +14,7 @@ use offsite_protocol::{ProtocolError, ServerConn, ServerInput, Welcome};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use super::{ClientHandle, Shared};
+use super::{ClientHandle, Queued, Shared};
 use crate::{NetError, READ_BUF};
 
 async fn write(shared: &Shared, send: &mut quinn::SendStream, bytes: &[u8]) -> Result<(), NetError> {
@@ -32,27 +35,48 @@ struct Departure {
 impl Drop for Departure {
     fn drop(&mut self) {
         let Some(client) = self.client.take() else { return };
+        if let Ok(mut m) = self.shared.sessions.lock() {
+            if m.get(&client).is_some_and(|(c, _)| *c == self.conn) {
+                m.remove(&client);
+            }
+        }
         if let Ok(mut m) = self.shared.ready.lock() {
             if m.get(&client).is_some_and(|h| h.conn == self.conn) {
                 m.remove(&client);
             }
         }
-        let _ = self.shared.events.send(Event::Disconnected {
+        let event = Event::Disconnected {
             client,
             conn: self.conn,
+        };
+        let _ = self.shared.events.send(Queued {
+            event,
+            _permits: Vec::new(),
         });
     }
 }
 
+/// A client-chosen name as it goes into the logs: at most 64 characters, control characters escaped (no forged
+/// log lines).
+fn printable(name: &str) -> String {
+    name.chars().take(64).flat_map(char::escape_debug).collect()
+}
+
 /// One client connection: the protocol state machine between the stream and the round loop.
 pub(super) async fn connection(shared: Arc<Shared>, incoming: quinn::Incoming) -> Result<(), NetError> {
-    let conn = incoming.await.map_err(|e| NetError::Connection(e.to_string()))?;
-    let conn_id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
-    let (mut send, mut recv) = tokio::time::timeout(shared.hello_timeout, conn.accept_bi())
+    let deadline = tokio::time::Instant::now() + shared.hello_timeout;
+    let late = |what: &str| NetError::Connection(format!("{what} before the hello deadline"));
+    let conn = tokio::time::timeout_at(deadline, incoming)
         .await
-        .map_err(|_| NetError::Connection("no stream opened before the hello deadline".into()))?
+        .map_err(|_| late("no TLS handshake"))?
         .map_err(|e| NetError::Connection(e.to_string()))?;
-    let mut sm = ServerConn::new(shared.limits, Instant::now(), shared.hello_timeout);
+    let conn_id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
+    let (mut send, mut recv) = tokio::time::timeout_at(deadline, conn.accept_bi())
+        .await
+        .map_err(|_| late("no stream opened"))?
+        .map_err(|e| NetError::Connection(e.to_string()))?;
+    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+    let mut sm = ServerConn::new(shared.limits, Instant::now(), left);
     let (tx, mut rx) = mpsc::unbounded_channel();
     let mut tx = Some(tx);
     let mut client: Option<String> = None;
@@ -61,7 +85,10 @@ pub(super) async fn connection(shared: Arc<Shared>, incoming: quinn::Incoming) -
         conn: conn_id,
         client: None,
     };
-    let hello_deadline = tokio::time::sleep(shared.hello_timeout);
+    let mut emulator_sent = false;
+    // At most one decoded update of this connection waits for the round loop.
+    let own_queue = Arc::new(tokio::sync::Semaphore::new(1));
+    let hello_deadline = tokio::time::sleep_until(deadline);
     tokio::pin!(hello_deadline);
     let mut buf = vec![0u8; READ_BUF];
     let result: Result<(), NetError> = loop {
@@ -96,12 +123,20 @@ pub(super) async fn connection(shared: Arc<Shared>, incoming: quinn::Incoming) -
                                 .ok()
                                 .and_then(|s| s.authenticate(&h.token).map(str::to_string));
                             let Some(id) = id else {
-                                warn!(name = %h.client_name, "unknown or revoked token");
+                                warn!(name = %printable(&h.client_name), "unknown or revoked token");
                                 let _ = write(&shared, &mut send, &sm.reject("unknown or revoked token")).await;
                                 stop = Some(Err(NetError::Refused("unknown or revoked token".into())));
                                 break;
                             };
-                            info!(client = %id, name = %h.client_name, "client authenticated");
+                            info!(client = %id, name = %printable(&h.client_name), "client authenticated");
+                            // One live session per client: a newer connection (a reconnect, or a stolen token)
+                            // closes the older, and the logs say so.
+                            let older = shared.sessions.lock().ok().and_then(|mut m| m.insert(id.clone(), (conn_id, conn.clone())));
+                            if let Some((_, older)) = older {
+                                warn!(client = %id, "a second connection of this client: closing the older one");
+                                older.close(2u32.into(), b"replaced by a newer connection of the same client");
+                            }
+                            departure.client = Some(id.clone());
                             let welcome = Welcome {
                                 client_id: id.clone(),
                                 emulator: shared.emulator.offer.clone(),
@@ -111,6 +146,13 @@ pub(super) async fn connection(shared: Arc<Shared>, incoming: quinn::Incoming) -
                             client = Some(id);
                         }
                         ServerInput::FetchEmulator { from_chunk } => {
+                            if std::mem::replace(&mut emulator_sent, true) {
+                                let reason = "the emulator was already sent on this connection";
+                                warn!(client = ?client, reason);
+                                let _ = write(&shared, &mut send, &sm.reject(reason)).await;
+                                stop = Some(Err(NetError::Connection(reason.into())));
+                                break;
+                            }
                             let chunks = shared.emulator.offer.chunks();
                             info!(client = ?client, from_chunk, chunks, "sending the emulator");
                             for i in from_chunk..chunks {
@@ -127,14 +169,21 @@ pub(super) async fn connection(shared: Arc<Shared>, incoming: quinn::Incoming) -
                             if let Ok(mut m) = shared.ready.lock() {
                                 m.insert(id.clone(), ClientHandle { conn: conn_id, tx });
                             }
-                            departure.client = Some(id.clone());
-                            let _ = shared.events.send(Event::Ready { client: id, conn: conn_id });
+                            let event = Event::Ready { client: id, conn: conn_id };
+                            let _ = shared.events.send(Queued { event, _permits: Vec::new() });
                         }
                         ServerInput::Update(u) => {
                             if let Some(id) = &client {
                                 debug!(client = %id, round = u.round, bytes = n, "update received");
+                                // Wait for room in the queue (this connection's one place, then one of all):
+                                // nothing more is read from this client meanwhile.
+                                let permits = match (own_queue.clone().acquire_owned().await, shared.update_queue.clone().acquire_owned().await) {
+                                    (Ok(a), Ok(b)) => vec![a, b],
+                                    // The queues are never closed while the server lives.
+                                    _ => { stop = Some(Ok(())); break; }
+                                };
                                 let event = Event::Update { client: id.clone(), conn: conn_id, update: u };
-                                let _ = shared.events.send(event);
+                                let _ = shared.events.send(Queued { event, _permits: permits });
                             }
                         }
                         ServerInput::Goodbye(reason) => {
