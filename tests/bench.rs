@@ -336,3 +336,39 @@ fn a_task_scored_by_generation_reports_rouge_l_as_one_by_one_generation_gives() 
     let md = std::fs::read_to_string(dir.join("out/report.md")).unwrap();
     assert!(md.contains("ROUGE-L") && md.contains("tokens/s"), "{md}");
 }
+
+/// The differential-privacy arms: the federation spends what the arm names (to the noise solver's 0.1%), every
+/// round's metrics row says so, and the noise changes the adapter.
+#[test]
+fn the_privacy_arms_spend_the_epsilon_they_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let config = tiny_bench(dir);
+    let (report, _) = bench(
+        dir,
+        &config,
+        &["--arms", "fed_ot_plugin,fed_ot_plugin_dp8,fed_ot_plugin_dp1"],
+    );
+    let arms = report["arms"].as_object().unwrap();
+    for (name, target) in [("fed_ot_plugin_dp8", 8.0), ("fed_ot_plugin_dp1", 1.0)] {
+        let eps = arms[name]["epsilon"].as_f64().unwrap();
+        assert!(eps <= target * (1.0 + 1e-9) && eps > 0.99 * target, "{name}: ε {eps}");
+        let metrics = std::fs::read_to_string(dir.join(format!("out/runs/{name}/state/metrics.jsonl"))).unwrap();
+        let rows: Vec<serde_json::Value> = metrics.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(rows.len(), 2);
+        let (e1, e2) = (
+            rows[0]["epsilon"].as_f64().unwrap(),
+            rows[1]["epsilon"].as_f64().unwrap(),
+        );
+        assert!(
+            e1 < e2 && (e2 - eps).abs() < 1e-9,
+            "ε grows round by round to the arm's: {e1}, {e2}, {eps}"
+        );
+        assert_eq!(rows[1]["delta"], 1e-5);
+        assert_ne!(
+            arms[name]["metric"], arms["fed_ot_plugin"]["metric"],
+            "{name}: the noise changes the adapter"
+        );
+    }
+    assert!(arms["fed_ot_plugin"].get("epsilon").is_none_or(|e| e.is_null()));
+}

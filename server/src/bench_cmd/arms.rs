@@ -56,6 +56,9 @@ pub(crate) struct ArmResult {
     pub per_client: Option<Vec<f64>>,
     /// Federated arms: the plug-in's perplexity after each evaluated round.
     pub rounds: Vec<(u64, f64)>,
+    /// Differential-privacy arms: the ε spent (δ = 1e-5).
+    #[serde(default)]
+    pub epsilon: Option<f64>,
 }
 
 /// A run's result file, `runs/NAME.json`.
@@ -407,7 +410,9 @@ pub(crate) fn run(ctx: &Ctx, run: &str) -> Result<BTreeMap<Arm, ArmResult>> {
             )])
         }
         "local_only" => local_only(ctx, &checkpoint, &clients, &eval, start)?,
-        "fed_ot" | "fed_lora" | "fed_ot_lora_plugin" => federated(ctx, run, &checkpoint, clients, &eval, start)?,
+        "fed_ot" | "fed_lora" | "fed_ot_lora_plugin" | "fed_ot_plugin_dp8" | "fed_ot_plugin_dp1" => {
+            federated(ctx, run, &checkpoint, clients, &eval, start)?
+        }
         other => bail!("no run named `{other}`"),
     })
 }
@@ -433,6 +438,7 @@ fn arm_result(
         emulator_perplexity: emu,
         per_client,
         rounds,
+        epsilon: None,
     }
 }
 
@@ -512,7 +518,15 @@ fn federated(
         &ctx.ot_emulator
     };
     let emulator = emulator.clone().context("the parent names the emulator")?;
-    if run != "fed_ot" {
+    let dp = Arm::ALL.into_iter().find(|a| a.name() == run).and_then(Arm::dp_epsilon);
+    if let Some(epsilon) = dp {
+        file.privacy = Some(offsite_fed::PrivacyConfig {
+            clip_norm: ctx.file.bench.dp_clip_norm,
+            noise_multiplier: None,
+            target_epsilon: Some(epsilon),
+            delta: 1e-5,
+        });
+    } else if run != "fed_ot" {
         file.adapter = ctx.lora_spec();
         file.local.lr = ctx.file.bench.lora_lr;
         file.local.min_lr = ctx.file.bench.lora_lr / 10.0;
@@ -591,9 +605,25 @@ fn federated(
             ])
         }
         "fed_lora" => BTreeMap::from([(Arm::FedLora, result(plug, None, rounds))]),
-        _ => {
+        "fed_ot_lora_plugin" => {
             let emu_p = ctx.perplexity("emulator + global adapter", &emulator_model()?, eval)?;
             BTreeMap::from([(Arm::FedOtLoraPlugin, result(plug, Some(emu_p), rounds))])
+        }
+        _ => {
+            let arm = Arm::ALL
+                .into_iter()
+                .find(|a| a.name() == run)
+                .with_context(|| format!("no arm is run `{run}`"))?;
+            let emu_p = ctx.perplexity("emulator + global adapter", &emulator_model()?, eval)?;
+            let epsilon = reports.last().and_then(|r| r.epsilon);
+            info!(run, epsilon = ?epsilon, "privacy spent");
+            BTreeMap::from([(
+                arm,
+                ArmResult {
+                    epsilon,
+                    ..result(plug, Some(emu_p), rounds)
+                },
+            )])
         }
     })
 }

@@ -39,11 +39,32 @@ pub(crate) enum Arm {
     FedOtEmulator,
     /// Federated offsite-tuning with LoRA on the emulator's adapter layers, plugged in.
     FedOtLoraPlugin,
+    /// `fed_ot_plugin` under central differential privacy at ε = 8 (δ = 1e-5): the price of privacy.
+    FedOtPluginDp8,
+    /// `fed_ot_plugin` under central differential privacy at ε = 1 (δ = 1e-5).
+    FedOtPluginDp1,
 }
 
 impl Arm {
     /// Every arm, in report order.
-    pub(crate) const ALL: [Arm; 11] = [
+    pub(crate) const ALL: [Arm; 13] = [
+        Arm::ZeroShot,
+        Arm::EmulatorZeroShot,
+        Arm::CentralFullFt,
+        Arm::CentralAdapterCeiling,
+        Arm::CentralLora,
+        Arm::CentralOtPlugin,
+        Arm::LocalOnly,
+        Arm::FedLora,
+        Arm::FedOtPlugin,
+        Arm::FedOtEmulator,
+        Arm::FedOtLoraPlugin,
+        Arm::FedOtPluginDp8,
+        Arm::FedOtPluginDp1,
+    ];
+
+    /// The arms run when `[bench] arms` is not given: all but the differential-privacy ones (two more federations).
+    pub(crate) const DEFAULT: [Arm; 11] = [
         Arm::ZeroShot,
         Arm::EmulatorZeroShot,
         Arm::CentralFullFt,
@@ -56,6 +77,15 @@ impl Arm {
         Arm::FedOtEmulator,
         Arm::FedOtLoraPlugin,
     ];
+
+    /// The ε of a differential-privacy arm.
+    pub(crate) fn dp_epsilon(self) -> Option<f64> {
+        match self {
+            Arm::FedOtPluginDp8 => Some(8.0),
+            Arm::FedOtPluginDp1 => Some(1.0),
+            _ => None,
+        }
+    }
 
     /// The arm's name in reports and on the command line.
     pub(crate) fn name(self) -> &'static str {
@@ -71,6 +101,8 @@ impl Arm {
             Arm::FedOtPlugin => "fed_ot_plugin",
             Arm::FedOtEmulator => "fed_ot_emulator",
             Arm::FedOtLoraPlugin => "fed_ot_lora_plugin",
+            Arm::FedOtPluginDp8 => "fed_ot_plugin_dp8",
+            Arm::FedOtPluginDp1 => "fed_ot_plugin_dp1",
         }
     }
 
@@ -87,7 +119,12 @@ impl Arm {
     pub(crate) fn federated(self) -> bool {
         matches!(
             self,
-            Arm::FedLora | Arm::FedOtPlugin | Arm::FedOtEmulator | Arm::FedOtLoraPlugin
+            Arm::FedLora
+                | Arm::FedOtPlugin
+                | Arm::FedOtEmulator
+                | Arm::FedOtLoraPlugin
+                | Arm::FedOtPluginDp8
+                | Arm::FedOtPluginDp1
         )
     }
 }
@@ -159,6 +196,13 @@ pub(crate) struct BenchSection {
     pub lora: LoraConfig,
     /// Peak learning rate of the LoRA arms, central and federated (cosine to a tenth).
     pub lora_lr: f64,
+    /// The differential-privacy arms: every client delta is clipped to this L2 norm.
+    #[serde(default = "dp_clip_norm")]
+    pub dp_clip_norm: f64,
+}
+
+fn dp_clip_norm() -> f64 {
+    1.0
 }
 
 fn max_new_tokens() -> usize {
@@ -166,7 +210,7 @@ fn max_new_tokens() -> usize {
 }
 
 fn all_arms() -> Vec<Arm> {
-    Arm::ALL.to_vec()
+    Arm::DEFAULT.to_vec()
 }
 
 /// A whole bench config.
@@ -252,7 +296,7 @@ mod tests {
         let path = dir.path().join("shakespeare.toml");
         std::fs::write(&path, include_str!("../../../configs/bench/shakespeare.toml")).unwrap();
         let file = BenchFile::load(&path).unwrap();
-        assert_eq!(file.bench.arms, Arm::ALL.to_vec());
+        assert_eq!(file.bench.arms, Arm::DEFAULT.to_vec());
         let clients = file.fed.sim.as_ref().unwrap().data.len();
         assert_eq!(clients, 6);
         // 5 rounds × 6 clients × 8 local steps × 1 block = 240 blocks = 60 central steps of 4.

@@ -119,7 +119,10 @@ impl Report<'_> {
             let _ = writeln!(
                 md,
                 "| {} | {:.3}{} | {} | {:.0} | {} | {} | {} | {} | {} |",
-                arm.name(),
+                match r.epsilon {
+                    Some(e) => format!("{} (ε {e:.2}, δ 1e-5)", arm.name()),
+                    None => arm.name().to_string(),
+                },
                 r.metric,
                 perplexity,
                 opt(r.emulator_perplexity, 3),

@@ -3,12 +3,12 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use offsite::adapters::AdapterSpec;
 use offsite::data::{DataConfig, Split};
 use offsite::emulator::{DistillConfig, EmulatorConfig};
 use offsite::train::TrainConfig;
-use offsite_fed::{FederationConfig, StrategyConfig};
+use offsite_fed::{DpStrategy, FederationConfig, PrivacyConfig, Strategy, StrategyConfig};
 use serde::{Deserialize, Serialize};
 
 /// The whole file.
@@ -42,6 +42,8 @@ pub(crate) struct FedFile {
     pub eval: Option<EvalSection>,
     /// Simulation only: the clients' data and how it is split.
     pub sim: Option<SimSection>,
+    /// Central differential privacy: clipping, noise and the ε budget.
+    pub privacy: Option<PrivacyConfig>,
 }
 
 fn fedavg() -> StrategyConfig {
@@ -147,6 +149,32 @@ pub(crate) struct SimSection {
 }
 
 impl FedFile {
+    /// The `[strategy]`, wrapped in central DP when there is a `[privacy]` table (FedAvg, FedProx and the server
+    /// optimizers only: the robust rules need the individual updates DP averages away).
+    pub fn strategy(&self) -> Result<Box<dyn Strategy>> {
+        let inner = self.strategy.build()?;
+        let Some(p) = &self.privacy else { return Ok(inner) };
+        if matches!(
+            self.strategy,
+            StrategyConfig::Median { .. } | StrategyConfig::TrimmedMean { .. } | StrategyConfig::Krum { .. }
+        ) {
+            bail!(
+                "[privacy] works with fedavg, fedprox, fedadam, fedyogi and fedadagrad, not {}",
+                inner.name()
+            );
+        }
+        let z = p.noise_multiplier(self.federation.rounds, self.federation.fraction)?;
+        let s = DpStrategy::new(inner, p, z, self.federation.seed);
+        tracing::info!(
+            strategy = %s.name(),
+            clip_norm = p.clip_norm,
+            noise_multiplier = format!("{z:.3}"),
+            delta = p.delta,
+            "central differential privacy"
+        );
+        Ok(Box::new(s))
+    }
+
     /// Reads and parses a config file; its relative paths are taken from the file's folder.
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
@@ -199,6 +227,22 @@ mod tests {
         assert_eq!(distill.kd_at, offsite::emulator::KdAt::EveryLayer);
         assert_eq!(file.sim.unwrap().data.len(), 3);
         assert_eq!(file.emulator.unwrap().choose_layers(30).unwrap().len(), 22);
+    }
+
+    #[test]
+    fn the_private_config_wraps_the_strategy_in_dp_and_robust_rules_are_refused() {
+        let text = include_str!("../../../configs/federation-shakespeare-private.toml");
+        let file: FedFile = toml::from_str(text).unwrap();
+        let strategy = file.strategy().unwrap();
+        // z for ε = 8 over 5 full-participation rounds at δ = 1e-5 (Opacus gives ε 8.19 at z = 1.4).
+        assert!(strategy.name().starts_with("dp(C=1, z=1.4"), "{}", strategy.name());
+        assert_eq!(strategy.privacy_spent().map(|p| p.1), Some(1e-5));
+        let median: FedFile = toml::from_str(&text.replace("kind = \"fedavg\"", "kind = \"median\"")).unwrap();
+        let Err(err) = median.strategy() else {
+            panic!("median with DP was accepted")
+        };
+        let err = err.to_string();
+        assert!(err.contains("not median"), "{err}");
     }
 
     #[test]

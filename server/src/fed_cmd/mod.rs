@@ -119,7 +119,7 @@ pub(crate) fn serve_settings(file: &FedFile, emulator: PathBuf) -> Result<(Serve
         adapter_json: serde_json::to_string(&file.adapter)?,
         federation: file.federation.clone(),
         local: file.local.clone(),
-        strategy: file.strategy.build()?,
+        strategy: file.strategy()?,
         hello_timeout_s: file.server.hello_timeout_s,
         client_ca: file.server.client_ca.clone(),
         connections: offsite_net::ConnectionLimits {

@@ -118,13 +118,26 @@ pub(crate) fn run(args: SimArgs) -> Result<()> {
         eval.batch_size,
     );
     let initial = super::initial_state(&emu, &file.adapter, file.federation.seed)?;
+    let private = file.privacy.is_some();
     println!(
-        "{:>5} {:>12} {:>8} {:>11} {:>11} {:>10} {:>10} {:>8}",
-        "round", "participants", "rejected", "bytes in", "bytes out", "train loss", "plug-in", "seconds"
+        "{:>5} {:>12} {:>8} {:>11} {:>11} {:>10} {:>10} {:>8}{}",
+        "round",
+        "participants",
+        "rejected",
+        "bytes in",
+        "bytes out",
+        "train loss",
+        "plug-in",
+        "seconds",
+        if private { "  epsilon (delta)" } else { "" }
     );
     let mut print = |r: &RoundReport| {
+        let spent = match (r.epsilon, r.delta) {
+            (Some(e), Some(d)) => format!("  {e:.3} ({d:e})"),
+            _ => String::new(),
+        };
         println!(
-            "{:>5} {:>12} {:>8} {:>11} {:>11} {:>10.4} {:>10} {:>8.1}",
+            "{:>5} {:>12} {:>8} {:>11} {:>11} {:>10.4} {:>10} {:>8.1}{spent}",
             r.round,
             r.participants,
             r.rejected,

@@ -126,6 +126,12 @@ pub struct RoundReport {
     pub wall_s: f64,
     /// SHA-256 of the new global adapter.
     pub global_sha256: String,
+    /// Central DP: ε spent by the rounds so far (absent without `[privacy]`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub epsilon: Option<f64>,
+    /// Central DP: the δ of that guarantee.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delta: Option<f64>,
 }
 
 /// A round under way.
@@ -339,6 +345,12 @@ impl Coordinator {
             self.actions.push_back(Action::Finished);
             return Ok(());
         }
+        if let Some(reason) = self.strategy.exhausted() {
+            warn!(after = self.state.round, %reason, "privacy budget reached: the federation ends here");
+            self.phase = Phase::Done;
+            self.actions.push_back(Action::Finished);
+            return Ok(());
+        }
         self.wait(now);
         Ok(())
     }
@@ -527,6 +539,8 @@ impl Coordinator {
             eval_perplexity: None,
             wall_s: 0.0,
             global_sha256: hash(&self.state.global),
+            epsilon: self.strategy.privacy_spent().map(|p| p.0),
+            delta: self.strategy.privacy_spent().map(|p| p.1),
         };
         self.phase = Phase::Evaluating {
             report,
@@ -570,6 +584,7 @@ impl Coordinator {
             rejected = report.rejected,
             train_loss = format!("{:.4}", report.train_loss),
             eval_ppl = ?report.eval_perplexity,
+            epsilon = ?report.epsilon,
             "round complete"
         );
         self.actions.push_back(Action::RoundComplete(report));

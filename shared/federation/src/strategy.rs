@@ -88,6 +88,27 @@ pub trait Strategy: Send {
             Err(FedError::Config(format!("{} keeps no server state", self.name())))
         }
     }
+    /// The privacy spent by the rounds aggregated so far, (ε, δ), for strategies that account for it.
+    fn privacy_spent(&self) -> Option<(f64, f64)> {
+        None
+    }
+    /// Why no further round may run (it would exceed a privacy budget), if so.
+    fn exhausted(&self) -> Option<String> {
+        None
+    }
+}
+
+/// `u` with its delta scaled down to L2 norm `bound` when it is longer.
+pub(crate) fn clip(u: &ClientUpdate, bound: f64) -> ClientUpdate {
+    let norm = l2_norm(&u.delta);
+    let mut u = u.clone();
+    if norm > bound {
+        let s = (bound / norm) as f32;
+        for t in u.delta.values_mut() {
+            t.values.iter_mut().for_each(|v| *v *= s);
+        }
+    }
+    u
 }
 
 /// The `[strategy]` table of a server config.
@@ -515,20 +536,7 @@ impl Strategy for NormBound {
         self.inner.configure_round(ctx)
     }
     fn aggregate(&mut self, global: &Params, updates: &[ClientUpdate]) -> Result<Params, FedError> {
-        let clipped: Vec<ClientUpdate> = updates
-            .iter()
-            .map(|u| {
-                let norm = l2_norm(&u.delta);
-                let mut u = u.clone();
-                if norm > self.bound {
-                    let s = (self.bound / norm) as f32;
-                    for t in u.delta.values_mut() {
-                        t.values.iter_mut().for_each(|v| *v *= s);
-                    }
-                }
-                u
-            })
-            .collect();
+        let clipped: Vec<ClientUpdate> = updates.iter().map(|u| clip(u, self.bound)).collect();
         self.inner.aggregate(global, &clipped)
     }
     fn state(&self) -> Params {

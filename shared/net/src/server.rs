@@ -493,6 +493,8 @@ mod tests {
             eval_perplexity: None,
             wall_s: 0.5,
             global_sha256: "ab".into(),
+            epsilon: None,
+            delta: None,
         };
         append_line(&path, &report).unwrap();
         append_line(&path, &RoundReport { round: 3, ..report }).unwrap();
