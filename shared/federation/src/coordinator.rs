@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use offsite_protocol::{Encoding, Task, TrainConfig, Update, UpdateAck};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::params::{check_like, hash, to_wire, Params};
 use super::round::validate;
@@ -470,7 +470,7 @@ impl Coordinator {
                     if self.config.max_examples_per_update.is_some() {
                         warn!(round, %client, claimed = u.num_examples, weight = r.max_examples, "example count clipped");
                     } else {
-                        info!(round, %client, claimed = u.num_examples, weight = r.max_examples, "example count clipped to what the round trains on");
+                        debug!(round, %client, claimed = u.num_examples, weight = r.max_examples, "example count clipped to what the round trains on");
                     }
                     u.num_examples = r.max_examples;
                 }

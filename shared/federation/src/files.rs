@@ -90,14 +90,22 @@ pub fn write_safetensors(
 
 /// Reads an f32 safetensors file: every tensor by its full name, and the string metadata.
 pub fn read_safetensors(path: &Path) -> Result<(Params, HashMap<String, String>), FedError> {
-    let err = |reason: String| FedError::File {
+    let data = std::fs::read(path).map_err(|e| FedError::File {
+        path: path.into(),
+        reason: e.to_string(),
+    })?;
+    parse_safetensors(&data).map_err(|reason| FedError::File {
         path: path.into(),
         reason,
-    };
-    let data = std::fs::read(path).map_err(|e| err(e.to_string()))?;
-    let (_, header) = safetensors::SafeTensors::read_metadata(&data).map_err(|e| err(e.to_string()))?;
+    })
+}
+
+/// [`read_safetensors`] of bytes already read; the error says what is wrong with them.
+pub fn parse_safetensors(data: &[u8]) -> Result<(Params, HashMap<String, String>), String> {
+    let err = |reason: String| reason;
+    let (_, header) = safetensors::SafeTensors::read_metadata(data).map_err(|e| err(e.to_string()))?;
     let metadata = header.metadata().clone().unwrap_or_default();
-    let st = safetensors::SafeTensors::deserialize(&data).map_err(|e| err(e.to_string()))?;
+    let st = safetensors::SafeTensors::deserialize(data).map_err(|e| err(e.to_string()))?;
     let mut out = Params::new();
     for (name, view) in st.tensors() {
         if view.dtype() != safetensors::Dtype::F32 {

@@ -20,7 +20,9 @@ mod tokens;
 
 pub use config::FederationConfig;
 pub use coordinator::{Action, Coordinator, Event, Outgoing, RoundReport};
-pub use files::{f32_bytes, read_safetensors, write_atomic, write_safetensors, write_tensors, TensorBytes};
+pub use files::{
+    f32_bytes, parse_safetensors, read_safetensors, write_atomic, write_safetensors, write_tensors, TensorBytes,
+};
 pub use local::{LocalOutcome, LocalTask, LocalTrainer};
 pub use params::{Params, Tensor};
 pub use privacy::{Accountant, DpStrategy, PrivacyConfig};

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::files::{read_safetensors, write_safetensors};
+use super::files::{parse_safetensors, write_safetensors};
 use super::params::{hash, Params};
 use super::FedError;
 
@@ -110,12 +110,20 @@ impl ServerState {
     }
 
     fn load_file(path: &Path) -> Result<Self, FedError> {
-        let path = path.to_path_buf();
-        let err = |reason: String| FedError::File {
-            path: path.clone(),
+        let data = std::fs::read(path).map_err(|e| FedError::File {
+            path: path.into(),
+            reason: e.to_string(),
+        })?;
+        Self::from_bytes(&data).map_err(|reason| FedError::File {
+            path: path.into(),
             reason,
-        };
-        let (tensors, metadata) = read_safetensors(&path)?;
+        })
+    }
+
+    /// A state from the bytes of its file; the error says what is wrong with them.
+    pub fn from_bytes(data: &[u8]) -> Result<Self, String> {
+        let err = |reason: String| reason;
+        let (tensors, metadata) = parse_safetensors(data)?;
         let json = metadata
             .get(META_KEY)
             .ok_or_else(|| err("not an Offsite server state (no metadata)".into()))?;

@@ -54,12 +54,14 @@ impl TokenStore {
             reason,
         };
         let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
-        let store: TokenStore = serde_json::from_str(&text).map_err(|e| err(e.to_string()))?;
+        Self::from_json(&text).map_err(err)
+    }
+
+    /// The store from its JSON text; the error says what is wrong with it.
+    pub fn from_json(text: &str) -> Result<Self, String> {
+        let store: TokenStore = serde_json::from_str(text).map_err(|e| e.to_string())?;
         if store.format_version != 1 {
-            return Err(err(format!(
-                "format_version {} (this build reads 1)",
-                store.format_version
-            )));
+            return Err(format!("format_version {} (this build reads 1)", store.format_version));
         }
         Ok(store)
     }
