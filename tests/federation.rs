@@ -394,8 +394,8 @@ fn a_wrong_pinned_fingerprint_is_refused_before_anything_is_sent() {
 fn mutual_tls_admits_only_clients_with_a_certificate_from_the_ca() {
     let f = fixture();
     let state = f.dir.join("state");
-    let tokens = issue(&state, &["a", "b"]);
-    // A CA and a client certificate it issued.
+    let tokens = issue(&state, &["client-a", "b", "client-c"]);
+    // A CA and a client certificate it issued, to client-a.
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
     let ca = rcgen::CertifiedIssuer::self_signed(ca_params, rcgen::KeyPair::generate().unwrap()).unwrap();
@@ -420,6 +420,15 @@ fn mutual_tls_admits_only_clients_with_a_certificate_from_the_ca() {
         let e = join_with(no_cert, examples(1, 4)).await.unwrap_err();
         assert!(matches!(e, NetError::Connection(_)), "{e}");
         assert!(!f.dir.join("b-cache").exists());
+        // client-a's certificate with client-c's token: refused, the certificate names another client.
+        let mut borrowed = client(&server, &f.dir, "c", &tokens[2]);
+        borrowed.client_cert = Some((pems.join("a.pem"), pems.join("a.key")));
+        borrowed.max_reconnects = 0;
+        let e = join_with(borrowed, examples(2, 4)).await.unwrap_err();
+        assert!(
+            matches!(&e, NetError::Refused(r) if r.contains("not issued to `client-c`")),
+            "{e}"
+        );
         let mut with_cert = client(&server, &f.dir, "a", &tokens[0]);
         with_cert.client_cert = Some((pems.join("a.pem"), pems.join("a.key")));
         let h = tokio::spawn(join_with(with_cert, examples(0, 4)));

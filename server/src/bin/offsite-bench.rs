@@ -19,7 +19,7 @@ struct Args {
     #[arg(long)]
     model: PathBuf,
     /// auto, cpu, gpu or gpu:N.
-    #[arg(long, default_value = "cpu")]
+    #[arg(long, default_value = "auto")]
     device: DeviceChoice,
     /// Prompt length of the prefill measurements.
     #[arg(long, default_value_t = 128)]

@@ -36,7 +36,7 @@ struct Args {
     #[arg(long)]
     model: PathBuf,
     /// auto, cpu, gpu or gpu:N.
-    #[arg(long, default_value = "cpu")]
+    #[arg(long, default_value = "auto")]
     device: DeviceChoice,
     /// Sequence length.
     #[arg(long, default_value_t = 256)]

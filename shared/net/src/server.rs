@@ -190,6 +190,8 @@ struct Shared {
     adapter_json: String,
     limits: Limits,
     hello_timeout: Duration,
+    /// Mutual TLS: a client's certificate must name the client id its token stands for.
+    bind_client_certs: bool,
     /// Ready clients by id, kept by the connection tasks (so messages find them, and `ready_clients` works before
     /// `run`); the coordinator hears the same through events.
     ready: Mutex<HashMap<String, ClientHandle>>,
@@ -236,6 +238,7 @@ impl Server {
             adapter_json: settings.adapter_json.clone(),
             limits: Limits::server(max_update),
             hello_timeout,
+            bind_client_certs: settings.client_ca.is_some(),
             ready: Mutex::new(HashMap::new()),
             sessions: Mutex::new(HashMap::new()),
             open: Mutex::new(Open::default()),

@@ -56,6 +56,22 @@ impl Drop for Departure {
     }
 }
 
+/// Mutual TLS ties a certificate to one client: its end-entity certificate must be valid for the name `id` (a DNS
+/// subject alternative name, as rcgen and most CAs issue), so one client's certificate cannot carry another's token.
+fn certificate_names(conn: &quinn::Connection, id: &str) -> Result<(), String> {
+    use rustls::pki_types::{CertificateDer, ServerName};
+    let certs = conn
+        .peer_identity()
+        .and_then(|i| i.downcast::<Vec<CertificateDer<'static>>>().ok())
+        .ok_or("no client certificate")?;
+    let leaf = certs.first().ok_or("an empty client certificate chain")?;
+    let cert = webpki::EndEntityCert::try_from(leaf).map_err(|e| format!("unreadable client certificate: {e:?}"))?;
+    let name =
+        ServerName::try_from(id).map_err(|_| format!("client id `{id}` is not a name a certificate can carry"))?;
+    cert.verify_is_valid_for_subject_name(&name)
+        .map_err(|_| format!("the client certificate is not issued to `{id}`"))
+}
+
 /// A client-chosen name as it goes into the logs: at most 64 characters, control characters escaped (no forged
 /// log lines).
 fn printable(name: &str) -> String {
@@ -128,6 +144,14 @@ pub(super) async fn connection(shared: Arc<Shared>, incoming: quinn::Incoming) -
                                 stop = Some(Err(NetError::Refused("unknown or revoked token".into())));
                                 break;
                             };
+                            if shared.bind_client_certs {
+                                if let Err(reason) = certificate_names(&conn, &id) {
+                                    warn!(client = %id, %reason, "client certificate refused");
+                                    let _ = write(&shared, &mut send, &sm.reject(&reason)).await;
+                                    stop = Some(Err(NetError::Refused(reason)));
+                                    break;
+                                }
+                            }
                             info!(client = %id, name = %printable(&h.client_name), "client authenticated");
                             // One live session per client: a newer connection (a reconnect, or a stolen token)
                             // closes the older, and the logs say so.
