@@ -98,8 +98,10 @@ fn revoking_a_token_closes_its_live_connection_at_once() {
         let a = session(&server, &tokens[0]).await;
         let b = session(&server, &tokens[1]).await;
         let path = TokenStore::path(&state);
+        // Revoked and reissued at once (a stolen token replaced): the session on the old token still ends.
         let mut store = TokenStore::load(&path).unwrap();
         store.revoke("a").unwrap();
+        store.issue("a").unwrap();
         store.save(&path).unwrap();
         let e = closed_within(&a.conn, 5).await;
         assert!(reason(&e).contains("token revoked"), "{e}");

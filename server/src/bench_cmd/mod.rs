@@ -43,8 +43,9 @@ pub(crate) struct BenchArgs {
     /// Overrides [model] distill_data (repeatable).
     #[arg(long)]
     distill_data: Vec<PathBuf>,
-    /// Relative data file names of the config ([sim] data, [eval] data, [model] distill_data) are looked up here
-    /// (default: the current directory).
+    /// Relative data file names of the config ([sim] data, [eval] data, [model] distill_data) and of --data,
+    /// --eval-data and --distill-data are looked up here (default: the config's folder for the config's names, the
+    /// working directory for the flags').
     #[arg(long)]
     data_dir: Option<PathBuf>,
     /// Run only these arms (comma-separated; default: [bench] arms).
@@ -73,9 +74,14 @@ impl BenchArgs {
     fn file(&self) -> Result<BenchFile> {
         let mut file = BenchFile::load(&self.config)?;
         let fed = &mut file.fed;
+        // Absolute first: the config's folder must not be joined in front of a relative --data-dir.
+        let data_dir = match &self.data_dir {
+            Some(d) => Some(std::path::absolute(d).with_context(|| format!("--data-dir {}", d.display()))?),
+            None => None,
+        };
         let under = |paths: &mut Vec<PathBuf>| {
             for p in paths.iter_mut().filter(|p| p.is_relative()) {
-                *p = self.data_dir.as_deref().unwrap_or(Path::new(".")).join(&*p);
+                *p = data_dir.as_deref().unwrap_or(Path::new(".")).join(&*p);
             }
         };
         // The config's data files: under --data-dir when given; every other relative path (and the data files

@@ -164,7 +164,7 @@ impl FedFile {
             );
         }
         let z = p.noise_multiplier(self.federation.rounds, self.federation.fraction)?;
-        let s = DpStrategy::new(inner, p, z, self.federation.seed);
+        let s = DpStrategy::new(inner, p, z, self.federation.fraction);
         tracing::info!(
             strategy = %s.name(),
             clip_norm = p.clip_norm,

@@ -345,12 +345,6 @@ impl Coordinator {
             self.actions.push_back(Action::Finished);
             return Ok(());
         }
-        if let Some(reason) = self.strategy.exhausted() {
-            warn!(after = self.state.round, %reason, "privacy budget reached: the federation ends here");
-            self.phase = Phase::Done;
-            self.actions.push_back(Action::Finished);
-            return Ok(());
-        }
         self.wait(now);
         Ok(())
     }
@@ -381,6 +375,13 @@ impl Coordinator {
             seed: self.config.seed,
             local: &self.local,
         });
+        // A privacy budget is judged at the rate this round samples at, before any task goes out.
+        if let Some(reason) = self.strategy.exhausted() {
+            warn!(after = self.state.round, %reason, "privacy budget reached: the federation ends here");
+            self.phase = Phase::Done;
+            self.actions.push_back(Action::Finished);
+            return Ok(());
+        }
         let trained = (plan.settings.steps as u64)
             .saturating_mul(plan.settings.batch_size as u64)
             .saturating_mul(plan.settings.grad_accum as u64);

@@ -3,6 +3,12 @@
 //! weights, and Gaussian noise of standard deviation z·C/n is added to the mean before the wrapped strategy applies
 //! it. A Rényi-DP accountant for the sampled Gaussian mechanism (Mironov et al. 2019, integer orders) tracks what
 //! the rounds spent; (ε, δ) follows from RDP by Balle et al. 2020, Theorem 21 (as Opacus converts).
+//!
+//! The noise comes from the operating system's random generator, fresh each round: a noise seeded from anything a
+//! client can learn (the federation seed travels in every task) could be regenerated and subtracted. As in Flower,
+//! the noise is scaled by the number of updates received and the sampling rate is the share of ready clients sent
+//! a task; the accountant assumes that share is a Poisson sample of the population, which a fixed-size draw only
+//! approximates.
 
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -167,28 +173,27 @@ pub struct DpStrategy {
     noise_multiplier: f64,
     delta: f64,
     budget: Option<f64>,
-    seed: u64,
     spent: Accountant,
-    /// Rounds aggregated (the noise seed).
+    /// Rounds aggregated.
     rounds: u64,
-    /// The sampling rate of the round being run (clients sampled / clients ready).
+    /// The sampling rate of the round being configured or run (clients sampled / clients ready); the configured
+    /// fraction before the first round.
     q: f64,
 }
 
 impl DpStrategy {
-    /// Wraps `inner` with `config`'s clipping and noise (`noise_multiplier` already resolved); `seed` makes the
-    /// noise repeatable.
-    pub fn new(inner: Box<dyn Strategy>, config: &PrivacyConfig, noise_multiplier: f64, seed: u64) -> Self {
+    /// Wraps `inner` with `config`'s clipping and noise (`noise_multiplier` already resolved), clients sampled at
+    /// `fraction` of the ready ones.
+    pub fn new(inner: Box<dyn Strategy>, config: &PrivacyConfig, noise_multiplier: f64, fraction: f64) -> Self {
         DpStrategy {
             inner,
             clip_norm: config.clip_norm,
             noise_multiplier,
             delta: config.delta,
             budget: config.target_epsilon,
-            seed,
             spent: Accountant::new(),
             rounds: 0,
-            q: 1.0,
+            q: fraction.clamp(0.0, 1.0),
         }
     }
 }
@@ -215,8 +220,10 @@ impl Strategy for DpStrategy {
         let clipped: Vec<ClientUpdate> = updates.iter().map(|u| clip(u, self.clip_norm)).collect();
         let std = self.noise_multiplier * self.clip_norm / n as f64;
         let normal = Normal::new(0.0, std).map_err(|e| FedError::Config(format!("noise: {e}")))?;
-        let mut rng = StdRng::seed_from_u64(self.seed ^ self.rounds.wrapping_mul(0x9e37_79b9_7f4a_7c15));
-        // In name order (Params is ordered), so the same updates and seed give the same bits.
+        let mut seed = [0u8; 32];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut seed)
+            .map_err(|_| FedError::Config("the system random generator failed; no noise, no round".into()))?;
+        let mut rng = StdRng::from_seed(seed);
         let noised: Params = global
             .iter()
             .map(|(name, g)| {
@@ -364,7 +371,7 @@ mod tests {
             target_epsilon: budget,
             delta: 1e-5,
         };
-        DpStrategy::new(Box::new(Apply), &config, z, 7)
+        DpStrategy::new(Box::new(Apply), &config, z, 1.0)
     }
 
     #[test]

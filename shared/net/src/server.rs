@@ -177,6 +177,14 @@ const UPDATE_QUEUE: usize = 16;
 /// Evaluates the plug-in model (full model + global adapter): round, global state → perplexity.
 pub type Evaluator = Box<dyn FnMut(u64, &Params) -> Result<f64, String> + Send>;
 
+/// An authenticated connection: its id, the connection (to close it) and the token it authenticated with (in
+/// memory only: what a revocation is checked against).
+struct Session {
+    conn: u64,
+    connection: quinn::Connection,
+    token: String,
+}
+
 /// A ready client's current connection.
 struct ClientHandle {
     conn: u64,
@@ -197,7 +205,7 @@ struct Shared {
     ready: Mutex<HashMap<String, ClientHandle>>,
     /// Authenticated connections by client id: one live session per client (a newer one closes the older), and
     /// what a revocation closes.
-    sessions: Mutex<HashMap<String, (u64, quinn::Connection)>>,
+    sessions: Mutex<HashMap<String, Session>>,
     /// Open connections, against `connection_limits`.
     open: Mutex<Open>,
     connection_limits: ConnectionLimits,
@@ -422,26 +430,20 @@ impl Drop for Server {
     }
 }
 
-/// Closes the live sessions of clients whose token is revoked (or gone) as soon as the token file says so: checked
-/// every second while the server lives.
+/// Closes every live session whose token no longer authenticates its client (revoked, or replaced by a new token)
+/// within a second: the token file is read again every second while the server lives.
 async fn watch_revocations(shared: std::sync::Weak<Shared>) {
-    let mut seen = None;
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let Some(shared) = shared.upgrade() else { return };
-        let modified = std::fs::metadata(&shared.tokens).and_then(|m| m.modified()).ok();
-        if modified == seen {
-            continue;
-        }
-        seen = modified;
         let Ok(store) = TokenStore::load(&shared.tokens) else {
             continue;
         };
         let Ok(sessions) = shared.sessions.lock() else { return };
-        for (client, (_, connection)) in sessions.iter() {
-            if !store.tokens.iter().any(|t| &t.client_id == client && !t.revoked) {
+        for (client, s) in sessions.iter() {
+            if store.authenticate(&s.token) != Some(client.as_str()) {
                 warn!(%client, "token revoked: closing the client's connection");
-                connection.close(3u32.into(), b"token revoked");
+                s.connection.close(3u32.into(), b"token revoked");
             }
         }
     }
@@ -454,24 +456,27 @@ fn append_line(path: &Path, report: &RoundReport) -> Result<(), NetError> {
         path: path.into(),
         reason: e.to_string(),
     };
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .read(true)
-        .open(path)
-        .map_err(err)?;
-    let len = f.metadata().map_err(err)?.len();
+    // Checked from the last byte only; a torn line is cut with a handle of its own (an append-only one cannot
+    // truncate on every platform).
+    let len = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
     if len > 0 {
+        let mut r = std::fs::File::open(path).map_err(err)?;
         let mut last = [0u8];
-        f.seek(SeekFrom::Start(len - 1)).map_err(err)?;
-        f.read_exact(&mut last).map_err(err)?;
+        r.seek(SeekFrom::Start(len - 1)).map_err(err)?;
+        r.read_exact(&mut last).map_err(err)?;
         if last[0] != b'\n' {
             let text = std::fs::read(path).map_err(err)?;
             let keep = text.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
-            warn!(path = %path.display(), bytes = len as usize - keep, "cutting off a torn last line");
-            f.set_len(keep as u64).map_err(err)?;
+            warn!(path = %path.display(), bytes = text.len() - keep, "cutting off a torn last line");
+            let w = std::fs::OpenOptions::new().write(true).open(path).map_err(err)?;
+            w.set_len(keep as u64).map_err(err)?;
         }
     }
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(err)?;
     let line = serde_json::to_string(report).map_err(|e| NetError::Config(e.to_string()))?;
     writeln!(f, "{line}").map_err(err)
 }

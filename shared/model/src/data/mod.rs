@@ -288,7 +288,7 @@ impl DataConfig {
                     self.references_field
                 ))),
             };
-            if let Some(value) = object.get(&self.messages_field) {
+            if let Some(value) = object.get(&self.messages_field).filter(|v| !v.is_null()) {
                 let messages = chat::messages(value, &self.messages_field).map_err(&bad)?;
                 let c = chat::render(&messages, tokenizer).map_err(|reason| DataError::Tokenize {
                     path: path.into(),

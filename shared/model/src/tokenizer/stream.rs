@@ -42,10 +42,8 @@ impl TextStream {
             self.stopped = true;
             return StreamStep { text, stopped: true };
         }
-        let mut end = decoded.len();
-        if decoded.ends_with('\u{FFFD}') {
-            end -= '\u{FFFD}'.len_utf8();
-        }
+        // Byte-fallback tokenizers decode each byte of an unfinished character as its own U+FFFD.
+        let end = decoded.trim_end_matches('\u{FFFD}').len();
         // Hold back the longest tail that begins some stop string.
         let hold = self
             .stops
@@ -134,5 +132,12 @@ mod tests {
         assert_eq!(s.push("caf\u{FFFD}").text, "");
         assert_eq!(s.push("café").text, "é");
         assert_eq!(s.finish("café"), "");
+        // A four-byte character arriving a byte at a time, one U+FFFD per byte so far.
+        let mut s = TextStream::new(vec![]);
+        for partial in ["a\u{FFFD}", "a\u{FFFD}\u{FFFD}", "a\u{FFFD}\u{FFFD}\u{FFFD}"] {
+            assert!(!s.push(partial).text.contains('\u{FFFD}'));
+        }
+        assert_eq!(s.push("a😀").text, "😀");
+        assert_eq!(s.push("a😀b").text, "b", "nothing after it is lost");
     }
 }

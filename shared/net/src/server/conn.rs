@@ -14,7 +14,7 @@ use offsite_protocol::{ProtocolError, ServerConn, ServerInput, Welcome};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use super::{ClientHandle, Queued, Shared};
+use super::{ClientHandle, Queued, Session, Shared};
 use crate::{NetError, READ_BUF};
 
 async fn write(shared: &Shared, send: &mut quinn::SendStream, bytes: &[u8]) -> Result<(), NetError> {
@@ -36,7 +36,7 @@ impl Drop for Departure {
     fn drop(&mut self) {
         let Some(client) = self.client.take() else { return };
         if let Ok(mut m) = self.shared.sessions.lock() {
-            if m.get(&client).is_some_and(|(c, _)| *c == self.conn) {
+            if m.get(&client).is_some_and(|s| s.conn == self.conn) {
                 m.remove(&client);
             }
         }
@@ -155,8 +155,9 @@ pub(super) async fn connection(shared: Arc<Shared>, incoming: quinn::Incoming) -
                             info!(client = %id, name = %printable(&h.client_name), "client authenticated");
                             // One live session per client: a newer connection (a reconnect, or a stolen token)
                             // closes the older, and the logs say so.
-                            let older = shared.sessions.lock().ok().and_then(|mut m| m.insert(id.clone(), (conn_id, conn.clone())));
-                            if let Some((_, older)) = older {
+                            let session = Session { conn: conn_id, connection: conn.clone(), token: h.token.clone() };
+                            let older = shared.sessions.lock().ok().and_then(|mut m| m.insert(id.clone(), session));
+                            if let Some(Session { connection: older, .. }) = older {
                                 warn!(client = %id, "a second connection of this client: closing the older one");
                                 older.close(2u32.into(), b"replaced by a newer connection of the same client");
                             }
