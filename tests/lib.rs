@@ -84,6 +84,44 @@ pub fn logits(model: &LlamaForCausalLM, ids: &[i64]) -> Vec<f32> {
         .unwrap()
 }
 
+/// Every case of a fixture's `expected.safetensors` (`input_ids.N` → `logits.N`, N = 0, 1, 2) within 1e-4 of
+/// transformers' logits.
+pub fn assert_fixture_logits(model: &LlamaForCausalLM, exp: &Tensors) {
+    for i in 0..3 {
+        let ids = exp.i64(&format!("input_ids.{i}"));
+        let want = exp.f32(&format!("logits.{i}"));
+        let got = logits(model, &ids);
+        let diff = max_abs_diff(&got, &want);
+        assert!(diff < 1e-4, "case {i} (len {}): max |diff| {diff}", ids.len());
+    }
+}
+
+/// Case 2 of a fixture decoded with the KV cache (its first `prefix` ids at once, then one at a time) within 1e-4
+/// of transformers' logits for the whole sequence.
+pub fn assert_cached_decoding(model: &LlamaForCausalLM, exp: &Tensors, prefix: usize) {
+    let ids = exp.i64("input_ids.2");
+    let want = exp.f32("logits.2");
+    let mut cache = offsite::model::KvCache::new(model.config().num_hidden_layers, 1);
+    let mut got = Vec::new();
+    let mut step = |chunk: &[i64]| {
+        let input = Tensor::<2, Int>::from_data(TensorData::new(chunk.to_vec(), [1, chunk.len()]), &model.device());
+        let out: Vec<f32> = model
+            .forward(input, None, Some(&mut cache))
+            .unwrap()
+            .into_data()
+            .try_into_vec()
+            .unwrap();
+        got.extend(out);
+    };
+    step(&ids[..prefix]);
+    for id in &ids[prefix..] {
+        step(std::slice::from_ref(id));
+    }
+    assert_eq!(cache.len(), ids.len());
+    let diff = max_abs_diff(&got, &want);
+    assert!(diff < 1e-4, "max |diff| {diff}");
+}
+
 /// Largest absolute difference; panics on length mismatch.
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "lengths differ");

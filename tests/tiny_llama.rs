@@ -2,8 +2,8 @@
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use offsite::load::{Checkpoint, LoadError};
-use offsite::model::{KvCache, LlamaForCausalLM};
-use offsite_tests::{fixture, logits, max_abs_diff, Tensors};
+use offsite::model::LlamaForCausalLM;
+use offsite_tests::{assert_cached_decoding, assert_fixture_logits, fixture, logits, max_abs_diff, Tensors};
 
 fn model() -> LlamaForCausalLM {
     Checkpoint::open(&fixture("tiny-llama"))
@@ -18,15 +18,7 @@ fn expected() -> Tensors {
 
 #[test]
 fn logits_match_transformers_for_every_case() {
-    let model = model();
-    let exp = expected();
-    for i in 0..3 {
-        let ids = exp.i64(&format!("input_ids.{i}"));
-        let want = exp.f32(&format!("logits.{i}"));
-        let got = logits(&model, &ids);
-        let diff = max_abs_diff(&got, &want);
-        assert!(diff < 1e-4, "case {i} (len {}): max |diff| {diff}", ids.len());
-    }
+    assert_fixture_logits(&model(), &expected());
 }
 
 /// Rows of unequal length in one batch, left- and right-padded: every real position matches the reference.
@@ -71,28 +63,7 @@ fn padded_batches_match_unpadded_reference() {
 /// Prefill then one token at a time through the KV cache gives the reference logits.
 #[test]
 fn kv_cache_decoding_matches_full_forward() {
-    let model = model();
-    let exp = expected();
-    let ids = exp.i64("input_ids.2");
-    let want = exp.f32("logits.2");
-    let mut cache = KvCache::new(2, 1);
-    let mut got = Vec::new();
-    let step = |chunk: &[i64], cache: &mut KvCache| -> Vec<f32> {
-        let input = Tensor::<2, Int>::from_data(TensorData::new(chunk.to_vec(), [1, chunk.len()]), &Device::flex());
-        model
-            .forward(input, None, Some(cache))
-            .unwrap()
-            .into_data()
-            .try_into_vec()
-            .unwrap()
-    };
-    got.extend(step(&ids[..7], &mut cache));
-    for id in &ids[7..] {
-        got.extend(step(std::slice::from_ref(id), &mut cache));
-    }
-    assert_eq!(cache.len(), ids.len());
-    let diff = max_abs_diff(&got, &want);
-    assert!(diff < 1e-4, "max |diff| {diff}");
+    assert_cached_decoding(&model(), &expected(), 7);
 }
 
 fn copy_fixture(dir: &std::path::Path) {

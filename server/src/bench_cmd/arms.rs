@@ -518,7 +518,7 @@ fn federated(
         &ctx.ot_emulator
     };
     let emulator = emulator.clone().context("the parent names the emulator")?;
-    let dp = Arm::ALL.into_iter().find(|a| a.name() == run).and_then(Arm::dp_epsilon);
+    let dp = Arm::named(run).and_then(Arm::dp_epsilon);
     if let Some(epsilon) = dp {
         file.privacy = Some(offsite_fed::PrivacyConfig {
             clip_norm: ctx.file.bench.dp_clip_norm,
@@ -610,10 +610,7 @@ fn federated(
             BTreeMap::from([(Arm::FedOtLoraPlugin, result(plug, Some(emu_p), rounds))])
         }
         _ => {
-            let arm = Arm::ALL
-                .into_iter()
-                .find(|a| a.name() == run)
-                .with_context(|| format!("no arm is run `{run}`"))?;
+            let arm = Arm::named(run).with_context(|| format!("no arm is run `{run}`"))?;
             let emu_p = ctx.perplexity("emulator + global adapter", &emulator_model()?, eval)?;
             let epsilon = reports.last().and_then(|r| r.epsilon);
             info!(run, epsilon = ?epsilon, "privacy spent");

@@ -63,20 +63,10 @@ impl Arm {
         Arm::FedOtPluginDp1,
     ];
 
-    /// The arms run when `[bench] arms` is not given: all but the differential-privacy ones (two more federations).
-    pub(crate) const DEFAULT: [Arm; 11] = [
-        Arm::ZeroShot,
-        Arm::EmulatorZeroShot,
-        Arm::CentralFullFt,
-        Arm::CentralAdapterCeiling,
-        Arm::CentralLora,
-        Arm::CentralOtPlugin,
-        Arm::LocalOnly,
-        Arm::FedLora,
-        Arm::FedOtPlugin,
-        Arm::FedOtEmulator,
-        Arm::FedOtLoraPlugin,
-    ];
+    /// The arm of this name.
+    pub(crate) fn named(name: &str) -> Option<Arm> {
+        Arm::ALL.into_iter().find(|a| a.name() == name)
+    }
 
     /// The ε of a differential-privacy arm.
     pub(crate) fn dp_epsilon(self) -> Option<f64> {
@@ -209,8 +199,9 @@ fn max_new_tokens() -> usize {
     32
 }
 
+/// The arms run when `[bench] arms` is not given: all but the differential-privacy ones (two more federations).
 fn all_arms() -> Vec<Arm> {
-    Arm::DEFAULT.to_vec()
+    Arm::ALL.into_iter().filter(|a| a.dp_epsilon().is_none()).collect()
 }
 
 /// A whole bench config.
@@ -296,7 +287,8 @@ mod tests {
         let path = dir.path().join("shakespeare.toml");
         std::fs::write(&path, include_str!("../../../configs/bench/shakespeare.toml")).unwrap();
         let file = BenchFile::load(&path).unwrap();
-        assert_eq!(file.bench.arms, Arm::DEFAULT.to_vec());
+        assert_eq!(file.bench.arms.len(), 11);
+        assert_eq!(file.bench.arms, all_arms());
         let clients = file.fed.sim.as_ref().unwrap().data.len();
         assert_eq!(clients, 6);
         // 5 rounds × 6 clients × 8 local steps × 1 block = 240 blocks = 60 central steps of 4.

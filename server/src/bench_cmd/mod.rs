@@ -256,10 +256,7 @@ pub(crate) fn run(args: BenchArgs) -> Result<()> {
         let file =
             read_run(&arms::run_file(&args.out, run), &key)?.with_context(|| format!("run {run} left no result"))?;
         for (name, r) in file.arms {
-            let arm = Arm::ALL
-                .into_iter()
-                .find(|a| a.name() == name)
-                .with_context(|| format!("unknown arm {name}"))?;
+            let arm = Arm::named(&name).with_context(|| format!("unknown arm {name}"))?;
             if arms.contains(&arm) {
                 results.insert(arm, r);
             }
