@@ -288,7 +288,7 @@ fn boundary_nmse(
 #[test]
 fn distillation_pulls_the_middle_towards_the_full_model_and_touches_nothing_else() {
     use offsite::data::Example;
-    use offsite::emulator::{DistillConfig, KdAt};
+    use offsite::emulator::{DistillConfig, KdAt, KdNorm};
     let dir = tempfile::tempdir().unwrap();
     let (model_dir, plain_path) = build(dir.path(), QuantFormat::F32);
     let ckpt = Checkpoint::open(&model_dir).unwrap();
@@ -302,7 +302,12 @@ fn distillation_pulls_the_middle_towards_the_full_model_and_touches_nothing_else
     let plain = Emulator::open(&plain_path).unwrap();
     let before = boundary_nmse(&plain.load_model(&Device::flex()).unwrap(), &full, &held);
 
-    for (lm_weight, kd_at) in [(0.0, KdAt::Top), (0.5, KdAt::Top), (0.0, KdAt::EveryLayer)] {
+    for (lm_weight, kl_weight, kd_at, kd_norm) in [
+        (0.0, 0.0, KdAt::Top, KdNorm::Batch),
+        (0.5, 0.0, KdAt::Top, KdNorm::Batch),
+        (0.0, 0.0, KdAt::EveryLayer, KdNorm::Batch),
+        (0.0, 0.5, KdAt::EveryLayer, KdNorm::Token),
+    ] {
         let settings = DistillConfig {
             steps: 30,
             batch_size: 8,
@@ -310,9 +315,11 @@ fn distillation_pulls_the_middle_towards_the_full_model_and_touches_nothing_else
             lr: 3e-3,
             warmup_steps: 2,
             lm_weight,
+            kl_weight,
             max_grad_norm: 1.0,
             seed: 1,
             kd_at,
+            kd_norm,
         };
         let mut steps = Vec::new();
         let layers = emulator::distill(&ckpt, &config, &settings, &examples, &Device::flex(), None, &mut |s| {
@@ -321,13 +328,16 @@ fn distillation_pulls_the_middle_towards_the_full_model_and_touches_nothing_else
         .unwrap();
         assert_eq!(steps.len(), 30);
         assert_eq!(steps[0].lm.is_some(), lm_weight > 0.0);
-        let out = dir.path().join(format!("distilled-{lm_weight}-{kd_at:?}.emu"));
+        assert_eq!(steps[0].kl.is_some(), kl_weight > 0.0);
+        let out = dir
+            .path()
+            .join(format!("distilled-{lm_weight}-{kl_weight}-{kd_at:?}-{kd_norm:?}.emu"));
         let (manifest, _) = emulator::build_distilled(&ckpt, "tiny-6", &config, layers, &out, &mut |_, _| {}).unwrap();
         assert!(manifest.distilled);
         let distilled = Emulator::open(&out).unwrap();
         let after = boundary_nmse(&distilled.load_model(&Device::flex()).unwrap(), &full, &held);
         eprintln!(
-            "lm_weight {lm_weight}, kd at {kd_at:?}: training nmse {:.4} → {:.4}; held-out boundary nmse {before:.4} → {after:.4}",
+            "lm_weight {lm_weight}, kl_weight {kl_weight}, kd at {kd_at:?} ({kd_norm:?}): training nmse {:.4} → {:.4}; held-out boundary nmse {before:.4} → {after:.4}",
             steps[0].mse, steps[29].mse
         );
         assert!(
@@ -369,7 +379,7 @@ fn distillation_pulls_the_middle_towards_the_full_model_and_touches_nothing_else
 #[test]
 fn a_killed_distillation_resumes_from_its_last_save_and_ends_as_the_uninterrupted_one() {
     use offsite::data::Example;
-    use offsite::emulator::{DistillCheckpoint, DistillConfig, DistilledLayers, KdAt};
+    use offsite::emulator::{DistillCheckpoint, DistillConfig, DistilledLayers, KdAt, KdNorm};
     let dir = tempfile::tempdir().unwrap();
     let (model_dir, _) = build(dir.path(), QuantFormat::F32);
     let ckpt = Checkpoint::open(&model_dir).unwrap();
@@ -384,9 +394,11 @@ fn a_killed_distillation_resumes_from_its_last_save_and_ends_as_the_uninterrupte
         lr: 3e-3,
         warmup_steps: 1,
         lm_weight: 0.0,
+        kl_weight: 0.5,
         max_grad_norm: 1.0,
         seed: 3,
         kd_at: KdAt::EveryLayer,
+        kd_norm: KdNorm::Token,
     };
     let run = |resume: Option<&DistillCheckpoint<'_>>, kill_after: usize, steps: &mut Vec<usize>| {
         emulator::distill(

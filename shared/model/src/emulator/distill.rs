@@ -39,6 +39,10 @@ pub struct DistillConfig {
     /// Weight of the emulator's language-modelling loss added to the normalised MSE (0: MSE only).
     #[serde(default)]
     pub lm_weight: f64,
+    /// Weight of `KL(full model ‖ emulator)` of the next-token distributions, mean over tokens, added to the loss
+    /// (0: none; the full model then runs only up to the top adapter layers).
+    #[serde(default)]
+    pub kl_weight: f64,
     /// Global gradient-norm clipping.
     #[serde(default = "default_clip")]
     pub max_grad_norm: f64,
@@ -48,6 +52,22 @@ pub struct DistillConfig {
     /// Where the emulator is matched to the full model.
     #[serde(default)]
     pub kd_at: KdAt,
+    /// How a boundary's error is normalised.
+    #[serde(default)]
+    pub kd_norm: KdNorm,
+}
+
+/// How the squared error at a boundary is normalised.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KdNorm {
+    /// `Σ‖h_emu − h_full‖² / Σ‖h_full‖²` over the batch's tokens: the tokens of largest norm (in LLaMA-family
+    /// models the first position's "massive activations", hundreds of times the others) dominate.
+    #[default]
+    Batch,
+    /// The mean over tokens of `‖h_emu,t − h_full,t‖² / ‖h_full,t‖²`: every token's relative error weighs the same,
+    /// as each next layer sees its input through a per-token RMSNorm.
+    Token,
 }
 
 /// The layer boundaries distillation matches.
@@ -84,11 +104,10 @@ impl DistillConfig {
         }
         let file: File = toml::from_str(text).map_err(|e| EmulatorError::Config(e.to_string()))?;
         if let Some(d) = &file.distill {
-            if d.lm_weight < 0.0 || !d.lm_weight.is_finite() {
-                return Err(EmulatorError::Config(format!(
-                    "distill.lm_weight {} must be ≥ 0",
-                    d.lm_weight
-                )));
+            for (name, w) in [("lm_weight", d.lm_weight), ("kl_weight", d.kl_weight)] {
+                if w < 0.0 || !w.is_finite() {
+                    return Err(EmulatorError::Config(format!("distill.{name} {w} must be ≥ 0")));
+                }
             }
             if d.max_len < 2 {
                 return Err(EmulatorError::Config("distill.max_len must be at least 2".into()));
@@ -103,18 +122,29 @@ impl DistillConfig {
 pub struct DistillStep {
     /// 1-based step.
     pub step: usize,
-    /// `mse + lm_weight · lm`.
+    /// `mse + lm_weight · lm + kl_weight · kl`.
     pub loss: f64,
     /// Normalised MSE at the boundary.
     pub mse: f64,
     /// The emulator's language-modelling loss (computed only when `lm_weight > 0`).
     pub lm: Option<f64>,
+    /// `KL(full model ‖ emulator)` per token (computed only when `kl_weight > 0`).
+    pub kl: Option<f64>,
     /// Global gradient norm before clipping.
     pub grad_norm: f64,
     /// Learning rate used.
     pub lr: f64,
     /// Whether the step was skipped (non-finite loss or gradient).
     pub skipped: bool,
+}
+
+/// The loss terms of the forward passes of one step (gradient accumulation makes several), summed.
+#[derive(Default)]
+struct Parts {
+    mse: f64,
+    lm: f64,
+    kl: f64,
+    n: usize,
 }
 
 /// Where a distillation keeps its progress so that a killed one resumes: the kept middle layers and the optimizer
@@ -186,17 +216,44 @@ impl DistilledLayers {
     }
 }
 
-/// `Σ w‖a − b‖² / Σ w‖b‖²` over the positions `mask` keeps.
+/// `Σ w‖a − b‖² / Σ w‖b‖²` (`KdNorm::Batch`) or `Σ_t w_t ‖a_t − b_t‖² / ‖b_t‖² / Σ_t w_t` (`KdNorm::Token`) over
+/// the positions `mask` keeps.
 ///
 /// # Shapes
 /// - `a`, `b`: `[batch, seq, hidden]` → `[1]`
-fn normalised_mse(a: Tensor<3>, b: Tensor<3>, mask: &[Vec<bool>]) -> Tensor<1> {
+fn normalised_mse(a: Tensor<3>, b: Tensor<3>, mask: &[Vec<bool>], norm: KdNorm) -> Tensor<1> {
     let [batch, seq, _] = a.dims();
     let w: Vec<f32> = mask.iter().flatten().map(|&m| if m { 1.0 } else { 0.0 }).collect();
+    let kept = w.iter().sum::<f32>().max(1.0);
     let w = Tensor::<3>::from_data(TensorData::new(w, [batch, seq, 1]), &a.device());
-    let err = a.sub(b.clone()).square().mul(w.clone()).sum();
-    let norm = b.square().mul(w).sum().add_scalar(1e-12);
-    err.div(norm).reshape([1])
+    match norm {
+        KdNorm::Batch => {
+            let err = a.sub(b.clone()).square().mul(w.clone()).sum();
+            let scale = b.square().mul(w).sum().add_scalar(1e-12);
+            err.div(scale).reshape([1])
+        }
+        KdNorm::Token => {
+            let err = a.sub(b.clone()).square().sum_dim(2);
+            let scale = b.square().sum_dim(2).add_scalar(1e-12);
+            err.div(scale).mul(w).sum().div_scalar(kept).reshape([1])
+        }
+    }
+}
+
+/// Mean over the positions `mask` keeps of `KL(softmax(teacher) ‖ softmax(student))`.
+///
+/// # Shapes
+/// - `student`, `teacher`: `[batch, seq, vocab]` → `[1]`
+fn kl_div(student: Tensor<3>, teacher: Tensor<3>, mask: &[Vec<bool>]) -> Tensor<1> {
+    use burn::tensor::activation::log_softmax;
+    let [batch, seq, _] = student.dims();
+    let w: Vec<f32> = mask.iter().flatten().map(|&m| if m { 1.0 } else { 0.0 }).collect();
+    let kept = w.iter().sum::<f32>().max(1.0);
+    let w = Tensor::<3>::from_data(TensorData::new(w, [batch, seq, 1]), &student.device());
+    let log_p = log_softmax(teacher, 2);
+    let p = log_p.clone().exp();
+    let per_token = p.mul(log_p.sub(log_softmax(student, 2))).sum_dim(2);
+    per_token.mul(w).sum().div_scalar(kept).reshape([1])
 }
 
 /// The boundaries distillation matches, as layer counts of the emulator (`layers`: the full-model indices it
@@ -250,35 +307,54 @@ pub fn distill(
     student.model.layer_ids = layers.clone();
     let student = student.with_trainable(&|n: &str| layer_of(n).is_some_and(|i| middle.contains(&i)));
     let (student_taps, teacher_taps) = boundaries(&layers, &middle, depth, config.top_layers, settings.kd_at);
-    let lm_weight = settings.lm_weight;
-    let parts = Arc::new(Mutex::new((0.0f64, 0.0f64, 0usize)));
+    let (lm_weight, kl_weight) = (settings.lm_weight, settings.kl_weight);
+    let kd_norm = settings.kd_norm;
+    let parts = Arc::new(Mutex::new(Parts::default()));
     let record = parts.clone();
     let objective = Objective(Arc::new(move |model: &LlamaForCausalLM, batch: &Batch| {
-        let targets = teacher.hidden_at(batch.ids_tensor(&teacher.device()), Some(&batch.mask), &teacher_taps)?;
-        let ids = batch.ids_tensor(&model.device());
-        let (hidden, lm) = if lm_weight > 0.0 {
-            let (hidden, logits) = model.forward_tapped(ids, Some(&batch.mask), &student_taps)?;
-            (hidden, Some(causal_lm_loss(logits, &batch.labels)?))
+        let teacher_ids = batch.ids_tensor(&teacher.device());
+        let (targets, teacher_logits) = if kl_weight > 0.0 {
+            let (t, logits) = teacher.forward_tapped(teacher_ids, Some(&batch.mask), &teacher_taps)?;
+            (t, Some(logits))
         } else {
-            (model.hidden_at(ids, Some(&batch.mask), &student_taps)?, None)
+            (teacher.hidden_at(teacher_ids, Some(&batch.mask), &teacher_taps)?, None)
+        };
+        let ids = batch.ids_tensor(&model.device());
+        let (hidden, lm, kl) = if lm_weight > 0.0 || kl_weight > 0.0 {
+            let (hidden, logits) = model.forward_tapped(ids, Some(&batch.mask), &student_taps)?;
+            let lm = if lm_weight > 0.0 {
+                Some(causal_lm_loss(logits.clone(), &batch.labels)?)
+            } else {
+                None
+            };
+            let kl = teacher_logits.map(|t| kl_div(logits, Tensor::<3>::from_inner(t), &batch.mask));
+            (hidden, lm, kl)
+        } else {
+            (model.hidden_at(ids, Some(&batch.mask), &student_taps)?, None, None)
         };
         let n = hidden.len().max(1) as f64;
         let mse = hidden
             .into_iter()
             .zip(targets)
-            .map(|(h, t)| normalised_mse(h, Tensor::<3>::from_inner(t), &batch.mask))
+            .map(|(h, t)| normalised_mse(h, Tensor::<3>::from_inner(t), &batch.mask, kd_norm))
             .reduce(|a, b| a.add(b))
             .ok_or_else(|| TrainError::Config("no distillation boundary".into()))?
             .div_scalar(n);
-        let mse_value = mse.clone().into_scalar::<f32>() as f64;
-        let lm_value = lm.as_ref().map_or(0.0, |l| l.clone().into_scalar::<f32>() as f64);
+        let value = |t: &Option<Tensor<1>>| t.as_ref().map_or(0.0, |l| l.clone().into_scalar::<f32>() as f64);
         if let Ok(mut p) = record.lock() {
-            *p = (p.0 + mse_value, p.1 + lm_value, p.2 + 1);
+            p.mse += mse.clone().into_scalar::<f32>() as f64;
+            p.lm += value(&lm);
+            p.kl += value(&kl);
+            p.n += 1;
         }
-        Ok(match lm {
-            Some(lm) => mse.add(lm.mul_scalar(lm_weight)),
-            None => mse,
-        })
+        let mut loss = mse;
+        if let Some(lm) = lm {
+            loss = loss.add(lm.mul_scalar(lm_weight));
+        }
+        if let Some(kl) = kl {
+            loss = loss.add(kl.mul_scalar(kl_weight));
+        }
+        Ok(loss)
     }));
     let train = TrainConfig {
         steps: settings.steps,
@@ -302,13 +378,14 @@ pub fn distill(
     };
     let mut trainer = trainer.with_objective(objective);
     let mut report = |r: &StepReport| {
-        let (mse, lm, n) = parts.lock().map(|mut p| std::mem::take(&mut *p)).unwrap_or_default();
-        let n = n.max(1) as f64;
+        let p = parts.lock().map(|mut p| std::mem::take(&mut *p)).unwrap_or_default();
+        let n = p.n.max(1) as f64;
         on_step(&DistillStep {
             step: r.step + 1,
             loss: r.loss,
-            mse: mse / n,
-            lm: (lm_weight > 0.0).then_some(lm / n),
+            mse: p.mse / n,
+            lm: (lm_weight > 0.0).then_some(p.lm / n),
+            kl: (kl_weight > 0.0).then_some(p.kl / n),
             grad_norm: r.grad_norm,
             lr: r.lr,
             skipped: r.skipped,
@@ -345,8 +422,44 @@ mod tests {
         let b = Tensor::<3>::from_floats([[[3.0, 4.0], [100.0, 0.0]]], &device);
         let a = Tensor::<3>::from_floats([[[3.0, 5.0], [0.0, 0.0]]], &device);
         // Only the first position counts: ‖(0, 1)‖² / ‖(3, 4)‖² = 1 / 25.
-        let v = normalised_mse(a, b, &[vec![true, false]]).into_scalar::<f32>();
-        assert!((v - 0.04).abs() < 1e-7, "{v}");
+        for norm in [KdNorm::Batch, KdNorm::Token] {
+            let v = normalised_mse(a.clone(), b.clone(), &[vec![true, false]], norm).into_scalar::<f32>();
+            assert!((v - 0.04).abs() < 1e-7, "{norm:?}: {v}");
+        }
+    }
+
+    #[test]
+    fn per_token_normalisation_weighs_every_token_alike() {
+        let device = Device::flex();
+        // A large token with a small relative error and a small one with a large relative error.
+        let b = Tensor::<3>::from_floats([[[30.0, 40.0], [0.3, 0.4]]], &device);
+        let a = Tensor::<3>::from_floats([[[30.0, 45.0], [0.3, 0.9]]], &device);
+        let mask = [vec![true, true]];
+        // Batch: (25 + 0.25) / (2500 + 0.25); token: (25 / 2500 + 0.25 / 0.25) / 2.
+        let batch = normalised_mse(a.clone(), b.clone(), &mask, KdNorm::Batch).into_scalar::<f32>();
+        let token = normalised_mse(a, b, &mask, KdNorm::Token).into_scalar::<f32>();
+        assert!((batch - 25.25 / 2500.25).abs() < 1e-6, "{batch}");
+        assert!((token - 0.505).abs() < 1e-6, "{token}");
+    }
+
+    #[test]
+    fn kl_matches_a_direct_computation_and_skips_padding() {
+        let device = Device::flex();
+        let t = [[1.0f32, 2.0, 0.5], [0.0, 0.0, 0.0]];
+        let s = [[0.5f32, 2.5, -1.0], [9.0, -9.0, 0.0]];
+        let softmax = |x: &[f32; 3]| {
+            let z: f32 = x.iter().map(|v| v.exp()).sum();
+            x.map(|v| v.exp() / z)
+        };
+        let (p, q) = (softmax(&t[0]), softmax(&s[0]));
+        let want: f32 = (0..3).map(|i| p[i] * (p[i] / q[i]).ln()).sum();
+        let kl = kl_div(
+            Tensor::<3>::from_floats([s], &device),
+            Tensor::<3>::from_floats([t], &device),
+            &[vec![true, false]],
+        )
+        .into_scalar::<f32>();
+        assert!((kl - want).abs() < 1e-6 && want > 0.01, "{kl} vs {want}");
     }
 
     #[test]
@@ -373,9 +486,14 @@ mod tests {
         let d = DistillConfig::from_toml("[distill]\nsteps = 5\nkd_at = \"every_layer\"\n")
             .unwrap()
             .unwrap();
-        assert_eq!(d.kd_at, KdAt::EveryLayer);
+        assert_eq!((d.kd_at, d.kd_norm), (KdAt::EveryLayer, KdNorm::Batch));
+        let d = DistillConfig::from_toml("[distill]\nsteps = 5\nkd_norm = \"token\"\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(d.kd_norm, KdNorm::Token);
         let err = DistillConfig::from_toml("[distill]\nsteps = 5\nlr_max = 1\n").unwrap_err();
         assert!(err.to_string().contains("lr_max"), "{err}");
         assert!(DistillConfig::from_toml("[distill]\nsteps = 5\nlm_weight = -1\n").is_err());
+        assert!(DistillConfig::from_toml("[distill]\nsteps = 5\nkl_weight = nan\n").is_err());
     }
 }

@@ -14,7 +14,7 @@ use burn::tensor::{DType, Device, Tensor, TensorCreationOptions, TensorData};
 use safetensors::tensor::Dtype;
 
 pub use config::EmulatorConfig;
-pub use distill::{distill, DistillCheckpoint, DistillConfig, DistillStep, DistilledLayers, KdAt};
+pub use distill::{distill, DistillCheckpoint, DistillConfig, DistillStep, DistilledLayers, KdAt, KdNorm};
 pub use file::{EmulatorManifest, MANIFEST_VERSION};
 
 use file::Entry;
