@@ -216,16 +216,24 @@ impl DistilledLayers {
     }
 }
 
+/// The positions `mask` keeps as weights 1/0 beside `like` (`[batch, seq, 1]`), and how many it keeps (at least 1).
+fn token_weights(mask: &[Vec<bool>], like: &Tensor<3>) -> (Tensor<3>, f32) {
+    let [batch, seq, _] = like.dims();
+    let w: Vec<f32> = mask.iter().flatten().map(|&m| if m { 1.0 } else { 0.0 }).collect();
+    let kept = w.iter().sum::<f32>().max(1.0);
+    (
+        Tensor::<3>::from_data(TensorData::new(w, [batch, seq, 1]), &like.device()),
+        kept,
+    )
+}
+
 /// `Σ w‖a − b‖² / Σ w‖b‖²` (`KdNorm::Batch`) or `Σ_t w_t ‖a_t − b_t‖² / ‖b_t‖² / Σ_t w_t` (`KdNorm::Token`) over
 /// the positions `mask` keeps.
 ///
 /// # Shapes
 /// - `a`, `b`: `[batch, seq, hidden]` → `[1]`
 fn normalised_mse(a: Tensor<3>, b: Tensor<3>, mask: &[Vec<bool>], norm: KdNorm) -> Tensor<1> {
-    let [batch, seq, _] = a.dims();
-    let w: Vec<f32> = mask.iter().flatten().map(|&m| if m { 1.0 } else { 0.0 }).collect();
-    let kept = w.iter().sum::<f32>().max(1.0);
-    let w = Tensor::<3>::from_data(TensorData::new(w, [batch, seq, 1]), &a.device());
+    let (w, kept) = token_weights(mask, &a);
     match norm {
         KdNorm::Batch => {
             let err = a.sub(b.clone()).square().mul(w.clone()).sum();
@@ -246,10 +254,7 @@ fn normalised_mse(a: Tensor<3>, b: Tensor<3>, mask: &[Vec<bool>], norm: KdNorm) 
 /// - `student`, `teacher`: `[batch, seq, vocab]` → `[1]`
 fn kl_div(student: Tensor<3>, teacher: Tensor<3>, mask: &[Vec<bool>]) -> Tensor<1> {
     use burn::tensor::activation::log_softmax;
-    let [batch, seq, _] = student.dims();
-    let w: Vec<f32> = mask.iter().flatten().map(|&m| if m { 1.0 } else { 0.0 }).collect();
-    let kept = w.iter().sum::<f32>().max(1.0);
-    let w = Tensor::<3>::from_data(TensorData::new(w, [batch, seq, 1]), &student.device());
+    let (w, kept) = token_weights(mask, &student);
     let log_p = log_softmax(teacher, 2);
     let p = log_p.clone().exp();
     let per_token = p.mul(log_p.sub(log_softmax(student, 2))).sum_dim(2);
