@@ -36,6 +36,7 @@ fuzz_target!(|data: &[u8]| {
                             chunk_size: 4,
                         },
                         adapter: "{}".into(),
+                        max_update_bytes: 0,
                     };
                     if sm.accept(welcome).is_err() {
                         return;

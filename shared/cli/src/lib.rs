@@ -123,6 +123,7 @@ pub fn exit_code(error: &anyhow::Error) -> u8 {
 /// Runs a binary's `main` body: on an error, prints it with its causes (as anyhow's own `main` does) and exits with
 /// [`exit_code`].
 pub fn run(main: impl FnOnce() -> anyhow::Result<()>) -> ExitCode {
+    offsite_fed::arm_crash_points();
     match main() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -7,8 +7,11 @@
 //! every client whose readiness was already queued is counted — let the strategy pick the clients and
 //! their settings, send each a task on its current connection, collect and validate updates until every sampled
 //! client answered or left or the deadline passed, then aggregate — or repeat the round when fewer than
-//! `min_clients` updates were accepted. Invariant: the global adapter and the strategy state change only when a
-//! round completes, and [`Action::Save`] comes before anything else that follows from it.
+//! `min_clients` updates were accepted. Invariants: the global adapter and the strategy state change only when a
+//! round completes; a completed round is evaluated, reported ([`Action::RoundComplete`]: its `metrics.jsonl` row)
+//! and then saved ([`Action::Save`]), before the next round starts. A crash before the save leaves the previous
+//! state, and the round runs again with the same settings (so rows past the saved round are stale and cut on
+//! restart); a crash after it leaves the round saved with its row.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
@@ -88,7 +91,7 @@ pub enum Action {
         /// The round.
         round: u64,
     },
-    /// Persist [`Coordinator::state`] now: a round has completed.
+    /// Persist [`Coordinator::state`] now: a round has completed and been reported.
     Save,
     /// Evaluate the plug-in model with this global state, then answer with [`Event::Evaluated`].
     Evaluate {
@@ -527,7 +530,6 @@ impl Coordinator {
         self.state.global = global;
         self.state.strategy = self.strategy.state();
         self.state.round = r.number;
-        self.actions.push_back(Action::Save);
         let examples: f64 = r.losses.iter().map(|l| l.1 as f64).sum();
         let report = RoundReport {
             round: r.number,
@@ -589,6 +591,7 @@ impl Coordinator {
             "round complete"
         );
         self.actions.push_back(Action::RoundComplete(report));
+        self.actions.push_back(Action::Save);
         self.next_round(now)
     }
 }

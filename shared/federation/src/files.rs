@@ -24,6 +24,8 @@ fn replace_atomically(path: &Path, write: impl FnOnce(&Path) -> Result<(), Strin
     let tmp = tempfile::NamedTempFile::new_in(dir).map_err(|e| err(e.to_string()))?;
     write(tmp.path()).map_err(err)?;
     tmp.as_file().sync_all().map_err(|e| err(e.to_string()))?;
+    let file = path.file_name().unwrap_or_default().to_string_lossy();
+    crate::crash_point(&format!("before-rename:{file}"));
     tmp.persist(path).map_err(|e| err(e.error.to_string()))?;
     // A directory cannot be opened for syncing on every platform (Windows); the file itself is already durable.
     if let Ok(d) = std::fs::File::open(dir) {

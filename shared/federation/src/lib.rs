@@ -9,6 +9,7 @@
 
 mod config;
 mod coordinator;
+mod crash;
 mod files;
 mod local;
 pub mod params;
@@ -20,6 +21,7 @@ mod tokens;
 
 pub use config::FederationConfig;
 pub use coordinator::{Action, Coordinator, Event, Outgoing, RoundReport};
+pub use crash::{arm_crash_points, crash_point};
 pub use files::{
     f32_bytes, parse_safetensors, read_safetensors, write_atomic, write_safetensors, write_tensors, TensorBytes,
 };

@@ -72,6 +72,7 @@ impl ServerState {
                 })?;
             }
         }
+        crate::crash_point("save-rotated");
         let meta = Meta {
             format_version: 1,
             round: self.round,

@@ -11,7 +11,7 @@ use std::time::Duration;
 use indicatif::ProgressStyle;
 use offsite_fed::params::{from_wire, to_wire};
 use offsite_fed::{write_safetensors, LocalTask, LocalTrainer};
-use offsite_protocol::{ClientConn, ClientEvent, EmulatorOffer, Hello, Limits, Task, Update};
+use offsite_protocol::{ClientConn, ClientEvent, EmulatorOffer, Hello, Limits, ProtocolError, Task, Update};
 use sha2::{Digest, Sha256};
 use tracing::{info, warn};
 use tracing_indicatif::span_ext::IndicatifSpanExt;
@@ -187,7 +187,16 @@ async fn session(
                         return Err(NetError::Connection("a task arrived before the welcome".into()));
                     };
                     let update = run_task(s, worker, path, adapter, task).await?;
-                    send.write_all(&sm.update(&update)?).await.map_err(conn_err)?;
+                    // Too large for the server: no reconnect would change that.
+                    let frame = sm.update(&update).map_err(|e| match e {
+                        e @ ProtocolError::UpdateTooLarge { .. } => NetError::Config(e.to_string()),
+                        e => e.into(),
+                    })?;
+                    // In two writes, so a crash point can stop the process with half the frame sent.
+                    let (head, tail) = frame.split_at(frame.len() / 2);
+                    send.write_all(head).await.map_err(conn_err)?;
+                    offsite_fed::crash_point("mid-upload");
+                    send.write_all(tail).await.map_err(conn_err)?;
                     summary.rounds += 1;
                 }
                 ClientEvent::Ack(a) => {

@@ -3,11 +3,12 @@
 //! actions (send, save, evaluate, log metrics) and counts bytes. Every round decision is the coordinator's.
 
 mod conn;
+mod metrics;
 
 use std::collections::HashMap;
 use std::io::{Read, Seek, SeekFrom};
 use std::net::{IpAddr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -164,14 +165,15 @@ impl Shared {
     }
 }
 
-/// An event for the round loop; an update holds its queue permits until the round loop has handled it, which
-/// bounds the updates waiting in memory (one per connection, [`UPDATE_QUEUE`] in all).
+/// An event for the round loop; an update holds its queue permits (taken when its frame's header arrived) until the
+/// round loop has handled it, which bounds the updates in memory, being received or waiting (one per connection,
+/// [`UPDATE_QUEUE`] in all).
 struct Queued {
     event: Event,
     _permits: Vec<OwnedSemaphorePermit>,
 }
 
-/// Updates decoded and waiting for the round loop, at most, over every connection.
+/// Updates being received or waiting for the round loop, at most, over every connection.
 const UPDATE_QUEUE: usize = 16;
 
 /// Evaluates the plug-in model (full model + global adapter): round, global state → perplexity.
@@ -343,13 +345,16 @@ impl Server {
     ) -> Result<ServerState, NetError> {
         let dir = self.state_dir.clone();
         let saved = ServerState::load(&dir)?;
+        let metrics = dir.join("metrics.jsonl");
+        // Rows past the saved round belong to a round whose save a crash prevented: it runs again and writes them
+        // anew.
+        metrics::cut_after(&metrics, saved.as_ref().map_or(0, |s| s.round))?;
         let strategy = self
             .strategy
             .take()
             .ok_or_else(|| NetError::Config("the server already ran".into()))?;
         let (federation, local) = (self.federation.clone(), self.local.clone());
         let mut coordinator = Coordinator::new(federation, local, strategy, initial, saved, Instant::now())?;
-        let metrics = dir.join("metrics.jsonl");
         let mut round_start = (0, 0);
         loop {
             while let Some(action) = coordinator.poll_action() {
@@ -362,7 +367,10 @@ impl Server {
                     Action::RoundStarted { .. } => {
                         round_start = self.bytes();
                     }
-                    Action::Save => coordinator.state().save(&dir, self.federation.keep_states)?,
+                    Action::Save => {
+                        offsite_fed::crash_point("before-save");
+                        coordinator.state().save(&dir, self.federation.keep_states)?
+                    }
                     Action::Evaluate { round, global } => {
                         let perplexity = evaluator.as_mut().and_then(|eval| {
                             tokio::task::block_in_place(|| eval(round, &global))
@@ -375,7 +383,7 @@ impl Server {
                         let (bytes_in, bytes_out) = self.bytes();
                         report.bytes_in = bytes_in - round_start.0;
                         report.bytes_out = bytes_out - round_start.1;
-                        append_line(&metrics, &report)?;
+                        metrics::append(&metrics, &report)?;
                         on_round(&report);
                     }
                     Action::Finished => {}
@@ -446,75 +454,5 @@ async fn watch_revocations(shared: std::sync::Weak<Shared>) {
                 s.connection.close(3u32.into(), b"token revoked");
             }
         }
-    }
-}
-
-/// Appends one JSON line; a torn last line (a crash mid-write) is cut off first, so it cannot glue onto the new one.
-fn append_line(path: &Path, report: &RoundReport) -> Result<(), NetError> {
-    use std::io::Write;
-    let err = |e: std::io::Error| NetError::File {
-        path: path.into(),
-        reason: e.to_string(),
-    };
-    // Checked from the last byte only; a torn line is cut with a handle of its own (an append-only one cannot
-    // truncate on every platform).
-    let len = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
-    if len > 0 {
-        let mut r = std::fs::File::open(path).map_err(err)?;
-        let mut last = [0u8];
-        r.seek(SeekFrom::Start(len - 1)).map_err(err)?;
-        r.read_exact(&mut last).map_err(err)?;
-        if last[0] != b'\n' {
-            let text = std::fs::read(path).map_err(err)?;
-            let keep = text.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
-            warn!(path = %path.display(), bytes = text.len() - keep, "cutting off a torn last line");
-            let w = std::fs::OpenOptions::new().write(true).open(path).map_err(err)?;
-            w.set_len(keep as u64).map_err(err)?;
-        }
-    }
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .map_err(err)?;
-    let line = serde_json::to_string(report).map_err(|e| NetError::Config(e.to_string()))?;
-    writeln!(f, "{line}").map_err(err)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_torn_last_metrics_line_is_cut_off_before_the_next_one_is_appended() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("metrics.jsonl");
-        std::fs::write(&path, "{\"round\":1}\n{\"round\":2,\"samp").unwrap();
-        let report = RoundReport {
-            round: 2,
-            sampled: 3,
-            participants: 3,
-            rejected: 0,
-            bytes_in: 10,
-            bytes_out: 20,
-            train_loss: 1.5,
-            eval_perplexity: None,
-            wall_s: 0.5,
-            global_sha256: "ab".into(),
-            epsilon: None,
-            delta: None,
-        };
-        append_line(&path, &report).unwrap();
-        append_line(&path, &RoundReport { round: 3, ..report }).unwrap();
-        let text = std::fs::read_to_string(&path).unwrap();
-        let rounds: Vec<u64> = text
-            .lines()
-            .map(|l| {
-                serde_json::from_str::<serde_json::Value>(l).unwrap()["round"]
-                    .as_u64()
-                    .unwrap()
-            })
-            .collect();
-        assert_eq!(rounds, [1, 2, 3], "{text}");
     }
 }

@@ -134,6 +134,14 @@ impl FrameDecoder {
         }
     }
 
+    /// The payload length of a frame whose header is in but whose payload is not yet complete, so the caller can
+    /// make room for it (or wait) before reading its body.
+    pub fn incoming_len(&self) -> Option<u32> {
+        let buf = &self.buf[self.start..];
+        let len = u32::from_le_bytes(buf.get(8..HEADER_LEN)?.try_into().ok()?);
+        (buf.len() < HEADER_LEN + len as usize).then_some(len)
+    }
+
     /// Called when the stream ends: an error if it ended inside a frame.
     pub fn finish(&self) -> Result<(), ProtocolError> {
         let buf = &self.buf[self.start..];
@@ -180,6 +188,25 @@ mod tests {
         d.push(&frame_of(&payload));
         let e = d.next_message().unwrap_err().to_string();
         assert!(e.contains("LimitExceeded"), "{e}");
+    }
+
+    #[test]
+    fn a_frame_under_way_tells_its_length_from_its_header_on() {
+        let first = encode_frame(&hello());
+        let payload = (first.len() - HEADER_LEN) as u32;
+        let mut bytes = first.clone();
+        bytes.extend(encode_frame(&Message::Ready));
+        for cut in 0..=first.len() {
+            let mut d = FrameDecoder::new(Limits::default());
+            d.push(&bytes[..cut]);
+            let want = (HEADER_LEN..first.len()).contains(&cut).then_some(payload);
+            assert_eq!(d.incoming_len(), want, "cut at {cut}");
+        }
+        // Once the first frame is read, the second (complete) one is not under way.
+        let mut d = FrameDecoder::new(Limits::default());
+        d.push(&bytes);
+        d.next_message().unwrap();
+        assert_eq!(d.incoming_len(), None);
     }
 
     #[test]

@@ -19,8 +19,8 @@ pub use settings::{AdamWConfig, Precision, TrainConfig};
 pub use tensor::{Encoding, TensorSet, WireData, WireTensor};
 
 /// The protocol version this build speaks. Bumped on any change to a message's layout (2: a task carries the whole
-/// [`TrainConfig`] and the FedProx μ beside it).
-pub const PROTOCOL_VERSION: u16 = 2;
+/// [`TrainConfig`] and the FedProx μ beside it; 3: the welcome carries the largest update the server takes).
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// What can go wrong on the wire. The connection carrying it is closed with this as the reason; the peer's other
 /// connections are unaffected.
@@ -41,6 +41,18 @@ pub enum ProtocolError {
         /// Declared payload length.
         len: u64,
         /// The limit.
+        limit: u64,
+    },
+    /// This client's update is larger than the server takes (the welcome said how much): a configuration that does
+    /// not fit, so the update is not sent.
+    #[error(
+        "the update is {len} bytes but the server takes at most {limit} bytes (its max_update_mib): train a smaller \
+         adapter, or ask the operator for update_encoding = \"f16\" or \"int8\" or a larger max_update_mib"
+    )]
+    UpdateTooLarge {
+        /// The update's payload length.
+        len: u64,
+        /// The server's limit.
         limit: u64,
     },
     /// The stream ended inside a frame.

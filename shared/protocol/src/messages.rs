@@ -104,6 +104,9 @@ pub struct Welcome {
     pub emulator: EmulatorOffer,
     /// What clients train: the server's `[adapter]` table as JSON (data, checked field by field; never code).
     pub adapter: String,
+    /// The largest update payload the server takes, in bytes (its `max_update_mib`), so a client whose update is
+    /// larger says so instead of sending it to be cut off. Set by [`crate::ServerConn::accept`] from its limits.
+    pub max_update_bytes: u32,
 }
 
 /// One piece of the emulator file.

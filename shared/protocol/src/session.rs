@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
-use super::frame::{encode_frame, FrameDecoder, Limits};
+use super::frame::{encode_frame, FrameDecoder, Limits, HEADER_LEN};
 use super::messages::{Chunk, EmulatorOffer, Hello, Message, Task, Update, UpdateAck, Welcome};
 use super::ProtocolError;
 
@@ -82,6 +82,12 @@ impl ServerConn {
         matches!(self.state, ServerState::Authenticated { .. } | ServerState::Ready)
     }
 
+    /// The declared payload length of a frame under way (header in, payload not complete): an update's size is
+    /// known before its body is read, so the caller can wait for room to hold it first.
+    pub fn incoming_len(&self) -> Option<u32> {
+        self.decoder.incoming_len()
+    }
+
     /// Feeds received bytes; returns the messages the caller must act on, or the protocol error that ends the
     /// connection.
     pub fn receive(&mut self, bytes: &[u8], now: Instant) -> Result<Vec<ServerInput>, ProtocolError> {
@@ -143,7 +149,7 @@ impl ServerConn {
     }
 
     /// The token was good: welcome the client and offer the emulator.
-    pub fn accept(&mut self, welcome: Welcome) -> Result<Vec<u8>, ProtocolError> {
+    pub fn accept(&mut self, mut welcome: Welcome) -> Result<Vec<u8>, ProtocolError> {
         if self.state != ServerState::Verifying {
             return Err(ProtocolError::Forbidden {
                 what: "welcome",
@@ -154,6 +160,7 @@ impl ServerConn {
             offer: welcome.emulator.clone(),
         };
         self.decoder.set_limits(self.limits);
+        welcome.max_update_bytes = self.limits.max_frame;
         Ok(encode_frame(&Message::Welcome(welcome)))
     }
 
@@ -239,6 +246,8 @@ impl ClientState {
 pub struct ClientConn {
     decoder: FrameDecoder,
     state: ClientState,
+    /// The largest update the server takes (from its welcome).
+    max_update: u32,
 }
 
 impl ClientConn {
@@ -247,6 +256,7 @@ impl ClientConn {
         let conn = ClientConn {
             decoder: FrameDecoder::new(limits),
             state: ClientState::AwaitWelcome,
+            max_update: 0,
         };
         (conn, encode_frame(&Message::Hello(hello)))
     }
@@ -288,6 +298,7 @@ impl ClientConn {
                         offer: w.emulator.clone(),
                         next: None,
                     };
+                    self.max_update = w.max_update_bytes;
                     ClientEvent::Welcome(w)
                 }
                 (
@@ -352,7 +363,8 @@ impl ClientConn {
         Ok(encode_frame(&Message::Ready))
     }
 
-    /// Sends a task's result.
+    /// Sends a task's result; an update larger than the server takes (its welcome said how much) is
+    /// [`ProtocolError::UpdateTooLarge`] instead.
     pub fn update(&self, update: &Update) -> Result<Vec<u8>, ProtocolError> {
         if self.state != ClientState::Ready {
             return Err(ProtocolError::Forbidden {
@@ -360,7 +372,15 @@ impl ClientConn {
                 reason: "not ready",
             });
         }
-        Ok(encode_frame(&Message::Update(update.clone())))
+        let frame = encode_frame(&Message::Update(update.clone()));
+        let len = (frame.len() - HEADER_LEN) as u64;
+        if len > u64::from(self.max_update) {
+            return Err(ProtocolError::UpdateTooLarge {
+                len,
+                limit: self.max_update.into(),
+            });
+        }
+        Ok(frame)
     }
 
     /// Leaves.

@@ -151,7 +151,13 @@ fn a_federation_runs_every_round_and_averages_by_examples() {
     assert!(acks(&a).iter().all(|(_, k)| k.accepted));
     let save = a.iter().position(|x| *x == Action::Save).expect("saved");
     let done = a.iter().position(|x| matches!(x, Action::RoundComplete(_))).unwrap();
-    assert!(save < done, "the state is saved before the round is reported");
+    assert!(done < save, "the round's row is written before its state is saved");
+    assert!(
+        a[..save]
+            .iter()
+            .all(|x| !matches!(x, Action::RoundStarted { round: 2 })),
+        "the save comes before the next round: {a:?}"
+    );
     // Independently: 1 + (1·1 + 3·(−1))/4 = 0.5; 2 + (0 + 12)/4 = 5.
     assert_eq!(c.state().global["w"].values, [0.5, 5.0]);
     let r = &reports(&a)[0];
@@ -321,15 +327,15 @@ fn too_few_clients_in_time_is_an_error_naming_the_round() {
 }
 
 #[test]
-fn evaluation_comes_after_the_save_and_fills_the_report() {
+fn evaluation_comes_before_the_report_and_the_save_and_fills_the_report() {
     let now = t0();
     let mut cfg = config(1, 1);
     cfg.eval_every = 1;
     let mut c = coordinator(cfg, "kind = 'fedavg'", None, now);
     ready(&mut c, &[("a", 1)], now);
     let a = send_update(&mut c, "a", 1, update(1, 1, [1.0, 0.0]), now);
-    assert_eq!(a[1], Action::Save);
-    let Action::Evaluate { round: 1, global } = &a[2] else {
+    assert!(!a.contains(&Action::Save), "the save waits for the evaluation: {a:?}");
+    let Action::Evaluate { round: 1, global } = &a[1] else {
         panic!("{a:?}")
     };
     assert_eq!(global["w"].values, [2.0, 2.0]);
@@ -349,7 +355,10 @@ fn evaluation_comes_after_the_save_and_fills_the_report() {
     let a = drain(&mut c, then);
     let r = &reports(&a)[0];
     assert_eq!((r.eval_perplexity, r.wall_s), (Some(12.5), 7.0));
-    assert_eq!(a.last(), Some(&Action::Finished));
+    assert!(
+        matches!(&a[..], [Action::RoundComplete(_), Action::Save, Action::Finished]),
+        "{a:?}"
+    );
 }
 
 /// Runs `rounds` rounds of FedAdam with clients a and b (fixed deltas per round), from `saved` when given.

@@ -268,7 +268,9 @@ impl Emulator {
             raws.push((name.as_str(), dtype, shape, bytes));
         }
         let found = file::content_hash(json, raws);
-        if &found != expected {
+        // Fuzz builds go on past a wrong hash: a hostile server can send a file whose hash matches, so what
+        // follows must hold against any content.
+        if &found != expected && !cfg!(fuzzing) {
             return Err(EmulatorError::Integrity {
                 path: path.into(),
                 expected: expected.clone(),

@@ -243,6 +243,13 @@ impl Checkpoint {
         Ok(hex::encode(hasher.finalize()))
     }
 
+    /// Decodes one stored tensor to f32 (fuzz builds only: so the fuzzer reaches every tensor's decoding, not only
+    /// what a model of this architecture reads).
+    #[cfg(fuzzing)]
+    pub fn read_tensor(&self, name: &str) -> Result<Vec<f32>, LoadError> {
+        self.source.read(name).map(|t| t.data)
+    }
+
     /// The tokenizer (from `tokenizer.json` or from the GGUF metadata).
     pub fn tokenizer(&self) -> Result<Tokenizer, LoadError> {
         match &self.tokenizer {

@@ -2,8 +2,9 @@
 //! streams emulator chunks, and tells the round loop what happened (ready, update, gone). However the connection
 //! ends, the client's ready entry and session go with it and the coordinator hears of it ([`Departure`]). One hello
 //! window runs from the connection's arrival to its authentication (handshake, stream and hello together); a client
-//! has one live session (a newer connection closes the older); the emulator is sent once per connection; an update
-//! waits for a place in the round loop's bounded queue before the next bytes are read.
+//! has one live session (a newer connection closes the older); the emulator is sent once per connection; a large
+//! frame (an update) takes its place in the round loop's bounded queue as soon as its header is in, before its body
+//! is read, so the updates in memory — being received or waiting — are bounded however many clients send at once.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -11,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use offsite_fed::{Event, Outgoing, TokenStore};
 use offsite_protocol::{ProtocolError, ServerConn, ServerInput, Welcome};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info, warn};
 
 use super::{ClientHandle, Queued, Session, Shared};
@@ -23,6 +24,17 @@ async fn write(shared: &Shared, send: &mut quinn::SendStream, bytes: &[u8]) -> R
         .map_err(|e| NetError::Connection(e.to_string()))?;
     shared.bytes_out.fetch_add(bytes.len() as u64, Ordering::Relaxed);
     Ok(())
+}
+
+/// Frames above this size (updates) wait for a place in the round loop's queue before their body is read.
+const LARGE_FRAME: u32 = 64 << 10;
+
+/// This connection's one place in the update queue, then one of all ([`super::UPDATE_QUEUE`]); `None` only if the
+/// queues were closed, which they are not while the server lives.
+async fn queue_places(own: &Arc<Semaphore>, shared: &Shared) -> Option<Vec<OwnedSemaphorePermit>> {
+    let own = own.clone().acquire_owned().await.ok()?;
+    let all = shared.update_queue.clone().acquire_owned().await.ok()?;
+    Some(vec![own, all])
 }
 
 /// Ends a ready client's entry when the connection task ends, on every path (early returns included).
@@ -102,8 +114,10 @@ pub(super) async fn connection(shared: Arc<Shared>, incoming: quinn::Incoming) -
         client: None,
     };
     let mut emulator_sent = false;
-    // At most one decoded update of this connection waits for the round loop.
-    let own_queue = Arc::new(tokio::sync::Semaphore::new(1));
+    // At most one update of this connection is received or waits for the round loop.
+    let own_queue = Arc::new(Semaphore::new(1));
+    // The queue places taken for the large frame under way (its header is in, its body is not).
+    let mut places: Vec<OwnedSemaphorePermit> = Vec::new();
     let hello_deadline = tokio::time::sleep_until(deadline);
     tokio::pin!(hello_deadline);
     let mut buf = vec![0u8; READ_BUF];
@@ -166,6 +180,7 @@ pub(super) async fn connection(shared: Arc<Shared>, incoming: quinn::Incoming) -
                                 client_id: id.clone(),
                                 emulator: shared.emulator.offer.clone(),
                                 adapter: shared.adapter_json.clone(),
+                                max_update_bytes: 0, // filled in by `accept` from the connection's limits
                             };
                             write(&shared, &mut send, &sm.accept(welcome)?).await?;
                             client = Some(id);
@@ -200,12 +215,13 @@ pub(super) async fn connection(shared: Arc<Shared>, incoming: quinn::Incoming) -
                         ServerInput::Update(u) => {
                             if let Some(id) = &client {
                                 debug!(client = %id, round = u.round, bytes = n, "update received");
-                                // Wait for room in the queue (this connection's one place, then one of all):
-                                // nothing more is read from this client meanwhile.
-                                let permits = match (own_queue.clone().acquire_owned().await, shared.update_queue.clone().acquire_owned().await) {
-                                    (Ok(a), Ok(b)) => vec![a, b],
-                                    // The queues are never closed while the server lives.
-                                    _ => { stop = Some(Ok(())); break; }
+                                // A small update (its frame came whole) takes its places now.
+                                let permits = match std::mem::take(&mut places) {
+                                    p if !p.is_empty() => p,
+                                    _ => match queue_places(&own_queue, &shared).await {
+                                        Some(p) => p,
+                                        None => { stop = Some(Ok(())); break; }
+                                    },
                                 };
                                 let event = Event::Update { client: id.clone(), conn: conn_id, update: u };
                                 let _ = shared.events.send(Queued { event, _permits: permits });
@@ -219,6 +235,16 @@ pub(super) async fn connection(shared: Arc<Shared>, incoming: quinn::Incoming) -
                     }
                 }
                 if let Some(r) = stop { break r; }
+                // A large frame has begun: wait for room in the queue before reading its body (nothing more is
+                // read from this client meanwhile); a large frame that was not an update gives its places back.
+                match sm.incoming_len() {
+                    Some(len) if len > LARGE_FRAME && places.is_empty() => match queue_places(&own_queue, &shared).await {
+                        Some(p) => places = p,
+                        None => break Ok(()),
+                    },
+                    Some(_) => {}
+                    None => places.clear(),
+                }
             }
             out = rx.recv() => {
                 let bytes = match out {

@@ -16,6 +16,7 @@ fn welcome(id: &str, size: u64) -> Welcome {
         client_id: id.into(),
         emulator: offer(size),
         adapter: "{}".into(),
+        max_update_bytes: 0,
     }
 }
 
@@ -213,4 +214,37 @@ fn a_welcome_whose_hash_could_name_a_path_is_refused() {
         let e = client.receive(&server.accept(w).unwrap()).unwrap_err().to_string();
         assert!(e.contains("not 64 hex digits"), "{sha}: {e}");
     }
+}
+
+#[test]
+fn the_welcome_carries_the_servers_update_limit_and_the_client_keeps_to_it() {
+    let t0 = Instant::now();
+    let mut server = ServerConn::new(Limits::server(128), t0, Duration::from_secs(5));
+    let (mut client, bytes) = ClientConn::new(Limits::default(), hello());
+    server.receive(&bytes, t0).unwrap();
+    let events = client.receive(&server.accept(welcome("c1", 0)).unwrap()).unwrap();
+    assert!(matches!(&events[..], [ClientEvent::Welcome(w)] if w.max_update_bytes == 128));
+    server.receive(&client.ready().unwrap(), t0).unwrap();
+    client.receive(&server.task(&task(1)).unwrap()).unwrap();
+    let update = |n: usize| Update {
+        round: 1,
+        num_examples: 3,
+        train_loss: 2.5,
+        steps: 1,
+        delta: vec![WireTensor::encode("w", &[n], &vec![0.5; n], Encoding::F32)],
+    };
+    // One f32 fits (77 bytes in all); 16 of them (60 bytes more) do not, and the error names both sizes.
+    let small = client.update(&update(1)).unwrap();
+    assert_eq!(
+        server.receive(&small, t0).unwrap(),
+        vec![ServerInput::Update(update(1))]
+    );
+    let big = encode_frame(&Message::Update(update(16)));
+    let len = (big.len() - crate::frame::HEADER_LEN) as u64;
+    assert_eq!(
+        client.update(&update(16)),
+        Err(ProtocolError::UpdateTooLarge { len, limit: 128 })
+    );
+    // The server would have refused it as oversized.
+    assert!(matches!(server.receive(&big, t0), Err(ProtocolError::Oversized { .. })));
 }
