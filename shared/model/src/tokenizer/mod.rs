@@ -67,6 +67,10 @@ impl Tokenizer {
         tokenizer_config: Option<&serde_json::Value>,
         config: &crate::model::LlamaConfig,
     ) -> Result<Self, TokenizerError> {
+        // tokenizers 0.23 panics (an `expect` in its decoder's deserializer) on a syntax error inside `decoder`
+        // (found by fuzz/model_files): the JSON is checked to be well-formed first.
+        serde_json::from_str::<serde::de::IgnoredAny>(tokenizer_json)
+            .map_err(|e| TokenizerError::Build(format!("tokenizer.json is not JSON: {e}")))?;
         let inner = tokenizers::Tokenizer::from_bytes(tokenizer_json.as_bytes())
             .map_err(|e| TokenizerError::Build(format!("tokenizer.json: {e}")))?;
         let template = tokenizer_config
@@ -166,5 +170,26 @@ impl Tokenizer {
             Some(t) => chat::render(t, messages, add_generation_prompt, &special),
             None => chat::render(chat::CHATML, messages, add_generation_prompt, &special),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_syntax_error_inside_the_decoder_is_an_error_not_a_panic() {
+        let config = crate::model::LlamaConfig::from_hf_json(
+            r#"{"model_type": "llama", "vocab_size": 4, "hidden_size": 8, "intermediate_size": 8,
+                "num_hidden_layers": 1, "num_attention_heads": 1}"#,
+        )
+        .unwrap();
+        let good = r#"{"version": "1.0", "model": {"type": "WordLevel", "vocab": {"a": 0, "<unk>": 1},
+            "unk_token": "<unk>"}, "decoder": {"type": "Fuse"}}"#;
+        assert!(Tokenizer::from_hf(good, None, &config).is_ok());
+        // The fuzzer's find: the decoder's value cut short (tokenizers 0.23 `expect`s it to parse).
+        let bad = good.replace(r#"{"type": "Fuse"}"#, r#"{"type" "Fuse"}"#);
+        let e = Tokenizer::from_hf(&bad, None, &config).err().expect("an error");
+        assert!(e.to_string().contains("not JSON"), "{e}");
     }
 }
