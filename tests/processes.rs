@@ -183,18 +183,8 @@ fn crashing_federation(dir: &Path, server: &[&str], clients: [&[&str]; 2]) -> Ve
     let mut server_points = server.iter().copied();
     let (mut srv, fp) = serve(&config, server_points.next());
     let mut client_points = clients.map(|p| p.iter().copied());
-    let mut procs: Vec<Option<Child>> = (0..2)
-        .map(|i| {
-            Some(join(
-                dir,
-                &config,
-                (&addr, &fp),
-                &tokens[i],
-                NAMES[i],
-                client_points[i].next(),
-            ))
-        })
-        .collect();
+    let start = |i: usize, points: Option<&str>| join(dir, &config, (&addr, &fp), &tokens[i], NAMES[i], points);
+    let mut procs: Vec<Option<Child>> = (0..2).map(|i| Some(start(i, client_points[i].next()))).collect();
     let (mut server_crashes, mut client_crashes) = (0, [0; 2]);
     let until = Instant::now() + Duration::from_secs(300);
     loop {
@@ -217,14 +207,7 @@ fn crashing_federation(dir: &Path, server: &[&str], clients: [&[&str]; 2]) -> Ve
             match c.try_wait().unwrap() {
                 Some(status) if crashed(status) && client_crashes[i] < clients[i].len() => {
                     client_crashes[i] += 1;
-                    procs[i] = Some(join(
-                        dir,
-                        &config,
-                        (&addr, &fp),
-                        &tokens[i],
-                        NAMES[i],
-                        client_points[i].next(),
-                    ));
+                    procs[i] = Some(start(i, client_points[i].next()));
                 }
                 Some(_) => {
                     finished(dir, procs[i].as_mut().unwrap(), NAMES[i]);

@@ -236,14 +236,16 @@ pub(super) async fn connection(shared: Arc<Shared>, incoming: quinn::Incoming) -
                 }
                 if let Some(r) = stop { break r; }
                 // A large frame has begun: wait for room in the queue before reading its body (nothing more is
-                // read from this client meanwhile); a large frame that was not an update gives its places back.
-                match sm.incoming_len() {
-                    Some(len) if len > LARGE_FRAME && places.is_empty() => match queue_places(&own_queue, &shared).await {
-                        Some(p) => places = p,
-                        None => break Ok(()),
-                    },
-                    Some(_) => {}
-                    None => places.clear(),
+                // read from this client meanwhile); places not held by a large frame under way are given back.
+                if sm.incoming_len().is_some_and(|len| len > LARGE_FRAME) {
+                    if places.is_empty() {
+                        match queue_places(&own_queue, &shared).await {
+                            Some(p) => places = p,
+                            None => break Ok(()),
+                        }
+                    }
+                } else {
+                    places.clear();
                 }
             }
             out = rx.recv() => {
