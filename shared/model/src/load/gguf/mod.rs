@@ -318,6 +318,13 @@ pub(crate) fn unpermute_rows(data: &[f32], shape: &[usize], heads: usize) -> Res
     if heads == 0 || !rows.is_multiple_of(heads) || !(rows / heads).is_multiple_of(2) {
         return Err(format!("{rows} rows cannot be split into {heads} heads of even width"));
     }
+    if rows.checked_mul(cols) != Some(data.len()) {
+        return Err(format!("{} values do not fill {rows} rows of {cols}", data.len()));
+    }
+    if data.is_empty() {
+        // No values to move: a file may claim 2^29 rows of width 0, and walking them costs minutes for nothing.
+        return Ok(Vec::new());
+    }
     let d = rows / heads;
     let half = d / 2;
     let mut out = vec![0.0; data.len()];

@@ -46,6 +46,12 @@ fn unpermute_undoes_llama_cpp_row_order() {
     // Two heads of width 2 are their own order.
     assert_eq!(unpermute_rows(&gguf, &[4, 1], 2).unwrap(), gguf.to_vec());
     assert!(unpermute_rows(&gguf, &[4, 1], 3).is_err());
+    assert!(
+        unpermute_rows(&gguf, &[4, 2], 2).is_err(),
+        "4 values cannot fill 4 rows of 2"
+    );
+    // Zero-width rows, as a fuzzed file declared them (the walk over 2^29 rows took 40 s): nothing to move.
+    assert_eq!(unpermute_rows(&[], &[1 << 29, 0], 2).unwrap(), Vec::<f32>::new());
 }
 
 #[test]
