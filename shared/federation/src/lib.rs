@@ -15,6 +15,7 @@ mod local;
 pub mod params;
 mod privacy;
 mod round;
+mod secagg;
 mod state;
 mod strategy;
 mod tokens;
@@ -29,6 +30,9 @@ pub use local::{LocalOutcome, LocalTask, LocalTrainer};
 pub use params::{Params, Tensor};
 pub use privacy::{Accountant, DpStrategy, PrivacyConfig};
 pub use round::{sample_clients, validate};
+pub use secagg::{
+    default_neighbours, default_threshold, SecAggClient, SecAggError, SecAggParams, SecAggServer, SecAggSum,
+};
 pub use state::{ClientRecord, ServerState, STATE_FILE};
 pub use strategy::{ClientUpdate, FedOptConfig, RoundContext, RoundPlan, Strategy, StrategyConfig};
 pub use tokens::{TokenEntry, TokenStore};

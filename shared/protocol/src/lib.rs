@@ -8,12 +8,17 @@
 
 mod frame;
 mod messages;
+mod secagg;
 mod session;
 mod settings;
 mod tensor;
 
 pub use frame::{encode_frame, FrameDecoder, Limits, HEADER_LEN, MAGIC};
 pub use messages::{Chunk, EmulatorOffer, Hello, Message, Task, Update, UpdateAck, Welcome};
+pub use secagg::{
+    NeighbourKeys, RevealedShare, SealedShares, SecAggKeys, SecAggMasked, SecAggNeighbours, SecAggReveal, SecAggSetup,
+    SecAggShares, SecAggUnmask,
+};
 pub use session::{ClientConn, ClientEvent, ServerConn, ServerInput, UNAUTHENTICATED_LIMIT};
 pub use settings::{AdamWConfig, Precision, TrainConfig};
 pub use tensor::{Encoding, TensorSet, WireData, WireTensor};
