@@ -39,8 +39,16 @@ pub struct SecAggClient {
     self_mask: [u8; 32],
     /// Neighbours that advertised keys, as the server relayed them.
     neighbours: BTreeMap<u32, SecAggKeys>,
-    /// Shares this client holds: of each neighbour that sent them (and of itself), (mask key, self mask).
-    held: BTreeMap<u32, (Vec<u8>, Vec<u8>)>,
+    /// Shares this client holds: of each neighbour that sent them, and of itself.
+    held: BTreeMap<u32, Held>,
+}
+
+/// The two shares a client holds of one client's secrets.
+struct Held {
+    /// Of its mask key.
+    mask_key: Vec<u8>,
+    /// Of its self-mask seed.
+    self_mask: Vec<u8>,
 }
 
 impl SecAggClient {
@@ -141,7 +149,13 @@ impl SecAggClient {
         let mut sealed = Vec::with_capacity(holders.len() - 1);
         for ((&peer, m), s) in holders.iter().zip(mask_shares).zip(self_shares) {
             if peer == me {
-                self.held.insert(me, (m, s));
+                self.held.insert(
+                    me,
+                    Held {
+                        mask_key: m,
+                        self_mask: s,
+                    },
+                );
                 continue;
             }
             let mut plain = Vec::with_capacity(8 + 2 * SHARE_LEN);
@@ -178,7 +192,13 @@ impl SecAggClient {
                 .filter(|p| p.len() == 8 + 2 * SHARE_LEN && p[..4] == from.to_le_bytes() && p[4..8] == me.to_le_bytes())
                 .ok_or_else(|| SecAggError::Protocol(format!("the shares from {from} do not open")))?;
             let (m, s) = plain[8..].split_at(SHARE_LEN);
-            self.held.insert(from, (m.to_vec(), s.to_vec()));
+            self.held.insert(
+                from,
+                Held {
+                    mask_key: m.to_vec(),
+                    self_mask: s.to_vec(),
+                },
+            );
         }
         self.stage = Stage::Received;
         Ok(())
@@ -256,14 +276,22 @@ impl SecAggClient {
                 need: self.setup.threshold as usize,
             });
         }
-        let share = |owner: u32, pick: fn(&(Vec<u8>, Vec<u8>)) -> &Vec<u8>| RevealedShare {
-            owner,
-            share: pick(&self.held[&owner]).clone(),
-        };
         let out = SecAggReveal {
             round: self.setup.round,
-            self_masks: survived.iter().map(|&v| share(v, |h| &h.1)).collect(),
-            mask_keys: dropped.iter().map(|&v| share(v, |h| &h.0)).collect(),
+            self_masks: survived
+                .iter()
+                .map(|&owner| RevealedShare {
+                    owner,
+                    share: self.held[&owner].self_mask.clone(),
+                })
+                .collect(),
+            mask_keys: dropped
+                .iter()
+                .map(|&owner| RevealedShare {
+                    owner,
+                    share: self.held[&owner].mask_key.clone(),
+                })
+                .collect(),
         };
         self.stage = Stage::Done;
         Ok(out)

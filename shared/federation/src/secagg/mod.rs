@@ -114,7 +114,7 @@ pub fn default_neighbours(participants: u32) -> u32 {
 /// The default threshold for k neighbours: a majority of the k + 1 holders of each secret, so the server with fewer
 /// than half of a client's neighbours learns nothing of it, and up to k + 1 − t holders may drop out.
 pub fn default_threshold(neighbours: u32) -> u32 {
-    ((neighbours + 1) / 2 + 1).clamp(2, 255)
+    (neighbours.div_ceil(2) + 1).clamp(2, 255)
 }
 
 /// A threshold is usable with `degree` neighbours: at least 2 (one share must never be enough) and at most the
