@@ -57,40 +57,41 @@ fn run(n: u32, len: usize, drop_percent: u32) -> Row {
             .collect()
     };
     let weight = |i: u32| 0.5 + f64::from(i % 2) * 0.5;
-    let (mut up, mut down) = (0usize, 0usize);
+    // Bytes by client: a dropped client sends no update, so the mean is over the clients whose update arrived.
+    let (mut up, mut down) = (vec![0usize; n as usize], vec![0usize; n as usize]);
     let (mut client_time, mut server_time) = (Duration::ZERO, Duration::ZERO);
 
     let mut server = timed(&mut server_time, || SecAggServer::new(params.clone()).unwrap());
     let mut clients = Vec::new();
     for i in 0..n {
         let setup = server.setup(i);
-        down += bytes(&setup);
+        down[i as usize] += bytes(&setup);
         let (c, keys) = timed(&mut client_time, || SecAggClient::new(setup).unwrap());
-        up += bytes(&keys);
+        up[i as usize] += bytes(&keys);
         timed(&mut server_time, || server.keys(i, keys).unwrap());
         clients.push(c);
     }
     for (i, msg) in timed(&mut server_time, || server.close_keys().unwrap()) {
-        down += bytes(&msg);
+        down[i as usize] += bytes(&msg);
         let shares = timed(&mut client_time, || clients[i as usize].share(&msg).unwrap());
-        up += bytes(&shares);
+        up[i as usize] += bytes(&shares);
         timed(&mut server_time, || server.shares(i, shares).unwrap());
     }
     for (i, msg) in timed(&mut server_time, || server.close_shares().unwrap()) {
-        down += bytes(&msg);
+        down[i as usize] += bytes(&msg);
         timed(&mut client_time, || clients[i as usize].receive(&msg).unwrap());
         if dropped(i) {
             continue;
         }
         let x = update(i);
         let (masked, _) = timed(&mut client_time, || clients[i as usize].mask(&x, weight(i)).unwrap());
-        up += bytes(&masked);
+        up[i as usize] += bytes(&masked);
         timed(&mut server_time, || server.masked(i, masked).unwrap());
     }
     for (i, msg) in timed(&mut server_time, || server.close_masked().unwrap()) {
-        down += bytes(&msg);
+        down[i as usize] += bytes(&msg);
         let reveal = timed(&mut client_time, || clients[i as usize].reveal(&msg).unwrap());
-        up += bytes(&reveal);
+        up[i as usize] += bytes(&reveal);
         timed(&mut server_time, || server.reveal(i, reveal).unwrap());
     }
     let sum = timed(&mut server_time, || server.finish().unwrap());
@@ -115,8 +116,8 @@ fn run(n: u32, len: usize, drop_percent: u32) -> Row {
         n,
         k: k.min(n - 1),
         t,
-        up: up as f64 / f64::from(n),
-        down: down as f64 / f64::from(n),
+        up: survivors.iter().map(|&i| up[i as usize]).sum::<usize>() as f64 / survivors.len() as f64,
+        down: survivors.iter().map(|&i| down[i as usize]).sum::<usize>() as f64 / survivors.len() as f64,
         client: client_time / n,
         server: server_time,
         recovered: sum.recovered,
@@ -142,7 +143,7 @@ fn main() {
         plain_up / 1024.0
     );
     println!();
-    println!("| clients | neighbours | threshold | up per client | down per client | up vs plain | client time | server time | masks recovered | max error | bound |");
+    println!("| clients | neighbours | threshold | up per surviving client | down per surviving client | up vs plain | client time (mean) | server time | masks recovered | max error | bound |");
     println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for n in ns {
         let r = run(n, len, drop);
