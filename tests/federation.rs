@@ -76,6 +76,59 @@ fn three_clients_two_rounds_give_the_fedavg_of_their_updates() {
 }
 
 #[test]
+fn securely_aggregated_rounds_give_the_fedavg_of_the_updates_the_server_never_saw() {
+    let f = fixture();
+    let state = f.dir.join("state");
+    let tokens = issue(&state, &["a", "b", "c", "d"]);
+    let rt = runtime();
+    let final_state = rt.block_on(async {
+        let mut s = settings(&f, &state, 2, 3);
+        s.federation.max_examples_per_update = Some(6);
+        s.federation.secure_aggregation = Some(offsite_fed::SecureAggregationConfig::default());
+        let server = Server::bind(s, Identity::self_signed_in(&state).unwrap()).unwrap();
+        let handles: Vec<_> = ["a", "b", "c", "d"]
+            .iter()
+            .zip(&tokens)
+            .enumerate()
+            .map(|(i, (name, token))| {
+                tokio::spawn(join_with(
+                    client(&server, &f.dir, name, token),
+                    examples(i as u32, 4 + 2 * i as u32),
+                ))
+            })
+            .collect();
+        let st = server.run(f.initial.clone(), None, &mut |_| {}).await.unwrap();
+        for h in handles {
+            let sum = h.await.unwrap().unwrap();
+            assert_eq!((sum.rounds, sum.accepted), (2, 2), "{sum:?}");
+        }
+        st
+    });
+    // The clients kept what they masked; the server only ever held the masked vectors and their sum.
+    let mut global = f.initial.clone();
+    for round in 1..=2 {
+        let ups: Vec<_> = ["a", "b", "c", "d"]
+            .iter()
+            .map(|n| saved_update(&f.dir, n, round))
+            .collect();
+        assert!(ups.iter().all(|u| l2_norm(&u.1) > 0.0), "clients trained");
+        let weighted: Vec<_> = ups.into_iter().map(|(n, d)| (n.min(6), d)).collect();
+        global = fedavg(&global, &weighted);
+    }
+    // The fixed-point error is below 4² · 1.0 / 2³² per coordinate; the rest is f32 rounding.
+    let diff = max_diff(&global, &final_state.global);
+    assert!(
+        diff < 1e-5,
+        "the secure sum differs from the independent FedAvg by {diff}"
+    );
+    let m = metrics(&state);
+    assert_eq!(m.len(), 2);
+    assert!(m
+        .iter()
+        .all(|r| r["participants"] == 4 && r["masks_recovered"] == 0 && r["rejected"] == 0));
+}
+
+#[test]
 fn bad_tokens_and_bad_frames_are_refused_and_the_server_keeps_serving() {
     let f = fixture();
     let state = f.dir.join("state");

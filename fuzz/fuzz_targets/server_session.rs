@@ -1,13 +1,15 @@
 //! Bytes from a client, in two pieces split where the input says, through the server's state machine as the
 //! server drives it: a hello is accepted (so every later state is reached), a fetch answered, an update validated
-//! against a small global adapter. Nothing may panic; errors are fine.
+//! against a small global adapter, secure aggregation's stage messages taken by a real SecAgg+ server of a
+//! three-client round (the sender as client 0; each stage closed after its message). Nothing may panic; errors are
+//! fine.
 #![no_main]
 
 use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
-use offsite_fed::{validate, Params, Tensor};
-use offsite_protocol::{EmulatorOffer, Limits, ServerConn, ServerInput, Welcome};
+use offsite_fed::{validate, Params, SecAggParams, SecAggServer, Tensor};
+use offsite_protocol::{EmulatorOffer, Limits, SecAggMessage, ServerConn, ServerInput, Welcome};
 
 fuzz_target!(|data: &[u8]| {
     let Some((&cut, bytes)) = data.split_first() else {
@@ -23,6 +25,16 @@ fuzz_target!(|data: &[u8]| {
             values: vec![0.5; 6],
         },
     )]);
+    let params = SecAggParams {
+        round: 1,
+        participants: 3,
+        neighbours: 2,
+        threshold: 2,
+        graph_seed: 5,
+        clip: 1.0,
+        length: 6,
+    };
+    let Ok(mut secure) = SecAggServer::new(params) else { return };
     for piece in [&bytes[..cut], &bytes[cut..]] {
         let Ok(inputs) = sm.receive(piece, now) else { return };
         for input in inputs {
@@ -47,6 +59,15 @@ fuzz_target!(|data: &[u8]| {
                 }
                 ServerInput::Update(u) => {
                     let _ = validate("c", &u, u.round, &global, Some(1000.0));
+                }
+                ServerInput::SecAgg(m) => {
+                    let _ = match m {
+                        SecAggMessage::Keys(m) => secure.keys(0, m).and_then(|()| secure.close_keys().map(drop)),
+                        SecAggMessage::Shares(m) => secure.shares(0, m).and_then(|()| secure.close_shares().map(drop)),
+                        SecAggMessage::Masked(m) => secure.masked(0, m).and_then(|()| secure.close_masked().map(drop)),
+                        SecAggMessage::Reveal(m) => secure.reveal(0, m),
+                        _ => Ok(()),
+                    };
                 }
                 ServerInput::Ready | ServerInput::Goodbye(_) => {}
             }

@@ -525,6 +525,7 @@ fn federated(
             noise_multiplier: None,
             target_epsilon: Some(epsilon),
             delta: 1e-5,
+            noise: Default::default(),
         });
     } else if run != "fed_ot" {
         file.adapter = ctx.lora_spec();

@@ -39,6 +39,35 @@ pub struct FederationConfig {
     pub eval_every: u64,
     /// Seed of client sampling and of the clients' data order.
     pub seed: u64,
+    /// Secure aggregation (`[federation.secure_aggregation]`): the server learns only the sum of a round's updates.
+    pub secure_aggregation: Option<SecureAggregationConfig>,
+}
+
+/// `[federation.secure_aggregation]`: SecAgg+ masking of every round's updates (its presence turns it on).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SecureAggregationConfig {
+    /// Neighbours of each client in the masking graph (0: about 3·log₂ n for n clients, as SecAgg+; the complete
+    /// graph for small rounds).
+    pub neighbours: u32,
+    /// Shares of a client's secrets needed to rebuild them, out of its neighbours and itself (0: a majority).
+    pub threshold: u32,
+    /// Every coordinate of a weighted update is clipped to ±`clip` (fixed-point range; adapter deltas are far
+    /// smaller). The fixed-point error of the sum is at most n²·clip/2³² per coordinate for n clients.
+    pub clip: f32,
+    /// Seconds each key or share stage waits for the clients' messages (the masked updates wait `deadline_s`).
+    pub stage_timeout_s: f64,
+}
+
+impl Default for SecureAggregationConfig {
+    fn default() -> Self {
+        Self {
+            neighbours: 0,
+            threshold: 0,
+            clip: 1.0,
+            stage_timeout_s: 60.0,
+        }
+    }
 }
 
 impl Default for FederationConfig {
@@ -57,6 +86,7 @@ impl Default for FederationConfig {
             max_update_mib: 512,
             eval_every: 1,
             seed: 0,
+            secure_aggregation: None,
         }
     }
 }

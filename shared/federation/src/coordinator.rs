@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use offsite_protocol::{Encoding, Task, TrainConfig, Update, UpdateAck};
+use offsite_protocol::{Encoding, SecAggMessage, Task, TrainConfig, Update, UpdateAck};
 use tracing::{debug, info, warn};
 
 use super::params::{check_like, hash, to_wire, Params};
@@ -53,6 +53,15 @@ pub enum Event {
         /// The connection.
         conn: u64,
     },
+    /// A secure-aggregation stage message arrived on a connection.
+    SecAgg {
+        /// The sender.
+        client: String,
+        /// The connection it came on.
+        conn: u64,
+        /// The message (only the kinds a client sends).
+        message: SecAggMessage,
+    },
     /// The answer to [`Action::Evaluate`].
     Evaluated {
         /// The round evaluated.
@@ -69,6 +78,8 @@ pub enum Outgoing {
     Task(Arc<Task>),
     /// The verdict on an update.
     Ack(UpdateAck),
+    /// A secure-aggregation stage message for this client.
+    SecAgg(SecAggMessage),
     /// The federation is over.
     Goodbye(String),
 }
@@ -135,6 +146,10 @@ pub struct RoundReport {
     /// Central DP: the δ of that guarantee.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub delta: Option<f64>,
+    /// Secure aggregation: clients that dropped out after sharing their secrets and whose masks were removed from
+    /// the sum (absent in plain rounds).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub masks_recovered: Option<usize>,
 }
 
 /// A round under way.
@@ -150,8 +165,12 @@ struct Round {
     pending: BTreeMap<String, u64>,
     accepted: Vec<ClientUpdate>,
     rejected: usize,
-    /// (training loss, examples) of the accepted updates.
-    losses: Vec<(f64, u64)>,
+    /// (training loss, FedAvg weight) of the accepted updates.
+    losses: Vec<(f64, f64)>,
+    /// The secure-aggregation stages, when the round runs them.
+    secure: Option<secagg::Secure>,
+    /// Secure aggregation: masks of dropped clients removed from the sum.
+    masks_recovered: Option<usize>,
 }
 
 #[derive(Debug)]
@@ -197,6 +216,17 @@ impl Coordinator {
                 "wait_for_clients_s ({}) and deadline_s ({}) must be ≥ 0",
                 config.wait_for_clients_s, config.deadline_s
             )));
+        }
+        match &config.secure_aggregation {
+            Some(sa) => secagg::check(sa, config.min_clients, strategy.as_ref())?,
+            None if strategy.client_dp().is_some_and(|d| d.noise_at_clients) => {
+                return Err(FedError::Config(
+                    "[privacy] noise = \"clients\" needs [federation.secure_aggregation]: without it the server \
+                     would see each client's noised update instead of their sum"
+                        .into(),
+                ))
+            }
+            None => {}
         }
         let state = match saved {
             Some(s) => {
@@ -273,6 +303,9 @@ impl Coordinator {
                 if self.ready.get(&client) == Some(&conn) {
                     self.ready.remove(&client);
                 }
+                if matches!(&self.phase, Phase::Running(r) if r.secure.is_some()) {
+                    return self.secure_departure(&client, conn, now);
+                }
                 if let Phase::Running(r) = &mut self.phase {
                     if r.pending.get(&client) == Some(&conn) {
                         warn!(round = r.number, %client, "client disconnected mid-round");
@@ -284,6 +317,7 @@ impl Coordinator {
                 }
             }
             Event::Update { client, conn, update } => self.on_update(client, conn, update, now)?,
+            Event::SecAgg { client, conn, message } => self.on_secagg(client, conn, message, now)?,
             Event::Evaluated { round, perplexity } => {
                 if let Phase::Evaluating { report, .. } = &mut self.phase {
                     if report.round == round {
@@ -311,7 +345,11 @@ impl Coordinator {
             }
             Phase::Running(r) if now >= r.deadline => {
                 warn!(round = r.number, late = ?r.pending.keys().collect::<Vec<_>>(), "deadline passed");
-                self.close_round(now)?;
+                if r.secure.is_some() {
+                    self.close_stage(now)?;
+                } else {
+                    self.close_round(now)?;
+                }
             }
             _ => {}
         }
@@ -389,21 +427,21 @@ impl Coordinator {
             .saturating_mul(plan.settings.batch_size as u64)
             .saturating_mul(plan.settings.grad_accum as u64);
         let max_examples = self.config.max_examples_per_update.unwrap_or(trained).max(1);
-        let task = Arc::new(Task {
+        let task = Task {
             round,
             global: to_wire(&self.state.global, Encoding::F32),
             settings: plan.settings,
             proximal_mu: plan.proximal_mu,
             update_encoding: self.config.update_encoding,
             deadline_ms: (self.config.deadline_s * 1000.0) as u64,
-        });
+            secagg: None,
+        };
         self.actions.push_back(Action::RoundStarted { round });
         let mut pending = BTreeMap::new();
         for client in &plan.clients {
             match self.ready.get(client) {
                 Some(&conn) => {
                     pending.insert(client.clone(), conn);
-                    self.send(client, Some(conn), Outgoing::Task(task.clone()));
                 }
                 None => warn!(round, %client, "the strategy chose a client that is not ready; skipped"),
             }
@@ -414,6 +452,21 @@ impl Coordinator {
                 self.strategy.name()
             )));
         }
+        // Under secure aggregation the task waits for the key and share stages; else it goes out now.
+        let mut deadline = now + secs(self.config.deadline_s);
+        let secure = match self.config.secure_aggregation.clone() {
+            Some(sa) => {
+                deadline = now + secs(sa.stage_timeout_s);
+                Some(self.open_secure(&sa, task, &pending, max_examples)?)
+            }
+            None => {
+                let task = Arc::new(task);
+                for (client, &conn) in &pending {
+                    self.send(client, Some(conn), Outgoing::Task(task.clone()));
+                }
+                None
+            }
+        };
         info!(
             round,
             sampled = pending.len(),
@@ -424,13 +477,15 @@ impl Coordinator {
         self.phase = Phase::Running(Round {
             number: round,
             started: now,
-            deadline: now + secs(self.config.deadline_s),
+            deadline,
             sampled: pending.len(),
             max_examples,
             pending,
             accepted: Vec::new(),
             rejected: 0,
             losses: Vec::new(),
+            secure,
+            masks_recovered: None,
         });
         Ok(())
     }
@@ -443,6 +498,12 @@ impl Coordinator {
             return Ok(());
         };
         let round = r.number;
+        if r.secure.is_some() {
+            r.rejected += 1;
+            let reason = "this round is securely aggregated: a masked update is expected".to_string();
+            self.reject(&client, update.round, reason);
+            return Ok(());
+        }
         // A stale update never takes the slot its sender may hold in this round.
         if update.round != round || r.pending.get(&client) != Some(&conn) {
             r.rejected += 1;
@@ -480,7 +541,7 @@ impl Coordinator {
                 }
                 record.accepted += 1;
                 record.last_round = round;
-                r.losses.push((update.train_loss, u.num_examples));
+                r.losses.push((update.train_loss, u.num_examples as f64));
                 r.accepted.push(u);
                 let ack = UpdateAck {
                     round,
@@ -506,10 +567,12 @@ impl Coordinator {
         let Phase::Running(r) = std::mem::replace(&mut self.phase, Phase::Waiting { since: now }) else {
             return Ok(());
         };
-        if r.accepted.len() < self.needed() {
+        // A secure sum stands for its contributors.
+        let accepted: usize = r.accepted.iter().map(|u| u.contributors).sum();
+        if accepted < self.needed() {
             warn!(
                 round = r.number,
-                accepted = r.accepted.len(),
+                accepted,
                 min = self.config.min_clients,
                 "too few updates; repeating the round"
             );
@@ -530,20 +593,21 @@ impl Coordinator {
         self.state.global = global;
         self.state.strategy = self.strategy.state();
         self.state.round = r.number;
-        let examples: f64 = r.losses.iter().map(|l| l.1 as f64).sum();
+        let examples: f64 = r.losses.iter().map(|l| l.1).sum();
         let report = RoundReport {
             round: r.number,
             sampled: r.sampled,
-            participants: accepted.len(),
+            participants: accepted.iter().map(|u| u.contributors).sum(),
             rejected: r.rejected,
             bytes_in: 0,
             bytes_out: 0,
-            train_loss: r.losses.iter().map(|(l, n)| l * *n as f64).sum::<f64>() / examples.max(1.0),
+            train_loss: r.losses.iter().map(|(l, n)| l * n).sum::<f64>() / examples.max(f64::MIN_POSITIVE),
             eval_perplexity: None,
             wall_s: 0.0,
             global_sha256: hash(&self.state.global),
             epsilon: self.strategy.privacy_spent().map(|p| p.0),
             delta: self.strategy.privacy_spent().map(|p| p.1),
+            masks_recovered: r.masks_recovered,
         };
         self.phase = Phase::Evaluating {
             report,
@@ -601,5 +665,6 @@ fn secs(s: f64) -> Duration {
     Duration::try_from_secs_f64(s).unwrap_or(Duration::MAX / 4)
 }
 
+mod secagg;
 #[cfg(test)]
 mod tests;

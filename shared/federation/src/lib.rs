@@ -20,7 +20,7 @@ mod state;
 mod strategy;
 mod tokens;
 
-pub use config::FederationConfig;
+pub use config::{FederationConfig, SecureAggregationConfig};
 pub use coordinator::{Action, Coordinator, Event, Outgoing, RoundReport};
 pub use crash::{arm_crash_points, crash_point};
 pub use files::{
@@ -28,13 +28,14 @@ pub use files::{
 };
 pub use local::{LocalOutcome, LocalTask, LocalTrainer};
 pub use params::{Params, Tensor};
-pub use privacy::{Accountant, DpStrategy, PrivacyConfig};
+pub use privacy::{Accountant, DpStrategy, NoiseSite, PrivacyConfig};
 pub use round::{sample_clients, validate};
 pub use secagg::{
-    default_neighbours, default_threshold, SecAggClient, SecAggError, SecAggParams, SecAggServer, SecAggSum,
+    default_neighbours, default_threshold, prepare_update, SecAggClient, SecAggError, SecAggParams, SecAggServer,
+    SecAggSum,
 };
 pub use state::{ClientRecord, ServerState, STATE_FILE};
-pub use strategy::{ClientUpdate, FedOptConfig, RoundContext, RoundPlan, Strategy, StrategyConfig};
+pub use strategy::{ClientDp, ClientUpdate, FedOptConfig, RoundContext, RoundPlan, Strategy, StrategyConfig};
 pub use tokens::{TokenEntry, TokenStore};
 
 use std::path::PathBuf;

@@ -16,7 +16,7 @@ use rand_distr::{Distribution, Normal};
 use serde::{Deserialize, Serialize};
 
 use super::params::{Params, Tensor};
-use super::strategy::{clip, ClientUpdate, RoundContext, RoundPlan, Strategy};
+use super::strategy::{clip, ClientDp, ClientUpdate, RoundContext, RoundPlan, Strategy};
 use super::FedError;
 
 /// RDP orders the accountant tracks: the integers 2..=256.
@@ -38,6 +38,22 @@ pub struct PrivacyConfig {
     /// δ of the (ε, δ) guarantee.
     #[serde(default = "delta")]
     pub delta: f64,
+    /// Who adds the noise: `"server"` (to the sum, central DP), or `"clients"` (distributed DP, with secure
+    /// aggregation only: each of a round's n sampled clients adds noise of standard deviation z·C/√n to its clipped
+    /// delta, and the server adds what the clients that dropped out did not, so the sum carries z·C either way).
+    #[serde(default)]
+    pub noise: NoiseSite,
+}
+
+/// Where the DP noise is added.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NoiseSite {
+    /// By the server, to the sum.
+    #[default]
+    Server,
+    /// By the clients, each its share (needs secure aggregation).
+    Clients,
 }
 
 fn delta() -> f64 {
@@ -173,6 +189,7 @@ pub struct DpStrategy {
     noise_multiplier: f64,
     delta: f64,
     budget: Option<f64>,
+    noise: NoiseSite,
     spent: Accountant,
     /// Rounds aggregated.
     rounds: u64,
@@ -191,6 +208,7 @@ impl DpStrategy {
             noise_multiplier,
             delta: config.delta,
             budget: config.target_epsilon,
+            noise: config.noise,
             spent: Accountant::new(),
             rounds: 0,
             q: fraction.clamp(0.0, 1.0),
@@ -213,12 +231,16 @@ impl Strategy for DpStrategy {
         plan
     }
     fn aggregate(&mut self, global: &Params, updates: &[ClientUpdate]) -> Result<Params, FedError> {
-        let n = updates.len();
+        // A secure sum stands for its contributors (each clipped by its client, weighted equally).
+        let n: usize = updates.iter().map(|u| u.contributors).sum();
         if n == 0 {
             return Err(FedError::Config("no updates to aggregate".into()));
         }
         let clipped: Vec<ClientUpdate> = updates.iter().map(|u| clip(u, self.clip_norm)).collect();
-        let std = self.noise_multiplier * self.clip_norm / n as f64;
+        // The sum must carry noise of variance (z·C)²; what the clients added already counts.
+        let target = (self.noise_multiplier * self.clip_norm).powi(2);
+        let present: f64 = updates.iter().map(|u| u.noise_var).sum();
+        let std = (target - present).max(0.0).sqrt() / n as f64;
         let normal = Normal::new(0.0, std).map_err(|e| FedError::Config(format!("noise: {e}")))?;
         let mut seed = [0u8; 32];
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut seed)
@@ -229,8 +251,11 @@ impl Strategy for DpStrategy {
             .map(|(name, g)| {
                 let values = (0..g.values.len())
                     .map(|i| {
-                        let mean = clipped.iter().map(|u| u.delta[name].values[i] as f64).sum::<f64>() / n as f64;
-                        (mean + normal.sample(&mut rng)) as f32
+                        let sum: f64 = clipped
+                            .iter()
+                            .map(|u| u.contributors as f64 * u.delta[name].values[i] as f64)
+                            .sum();
+                        (sum / n as f64 + normal.sample(&mut rng)) as f32
                     })
                     .collect();
                 (
@@ -242,11 +267,7 @@ impl Strategy for DpStrategy {
                 )
             })
             .collect();
-        let one = ClientUpdate {
-            client: "dp-mean".into(),
-            num_examples: 1,
-            delta: noised,
-        };
+        let one = ClientUpdate::single("dp-mean", 1, noised);
         let next = self.inner.aggregate(global, std::slice::from_ref(&one))?;
         self.spent = std::mem::take(&mut self.spent).with_rounds(self.q, self.noise_multiplier, 1);
         self.rounds += 1;
@@ -279,6 +300,13 @@ impl Strategy for DpStrategy {
     }
     fn privacy_spent(&self) -> Option<(f64, f64)> {
         Some((self.spent.epsilon(self.delta), self.delta))
+    }
+    fn client_dp(&self) -> Option<ClientDp> {
+        Some(ClientDp {
+            clip_norm: self.clip_norm,
+            noise_multiplier: self.noise_multiplier,
+            noise_at_clients: self.noise == NoiseSite::Clients,
+        })
     }
     fn exhausted(&self) -> Option<String> {
         let budget = self.budget?;
@@ -328,6 +356,7 @@ mod tests {
             noise_multiplier: None,
             target_epsilon: Some(8.189902445158197),
             delta: 1e-5,
+            noise: Default::default(),
         };
         let z = c.noise_multiplier(5, 1.0).unwrap();
         assert!((z - 1.4).abs() < 0.01, "{z}");
@@ -346,11 +375,7 @@ mod tests {
                 values,
             },
         )]);
-        ClientUpdate {
-            client: client.into(),
-            num_examples: n,
-            delta,
-        }
+        ClientUpdate::single(client, n, delta)
     }
 
     struct Apply;
@@ -370,6 +395,7 @@ mod tests {
             noise_multiplier: Some(z),
             target_epsilon: budget,
             delta: 1e-5,
+            noise: Default::default(),
         };
         DpStrategy::new(Box::new(Apply), &config, z, 1.0)
     }

@@ -48,11 +48,7 @@ pub fn validate(
             return Err(format!("update norm {norm:.4} exceeds the limit {max}"));
         }
     }
-    Ok(ClientUpdate {
-        client: client.into(),
-        num_examples: update.num_examples,
-        delta,
-    })
+    Ok(ClientUpdate::single(client, update.num_examples, delta))
 }
 
 #[cfg(test)]

@@ -19,6 +19,36 @@ pub struct ClientUpdate {
     pub num_examples: u64,
     /// Local minus global, with the global state's names and shapes.
     pub delta: Params,
+    /// Clients whose deltas this is the weighted mean of: 1, or the contributors of a secure sum.
+    pub contributors: usize,
+    /// Variance, per coordinate, of Gaussian noise already in the sum of the contributors' deltas (the clients'
+    /// own noise under distributed differential privacy); 0 otherwise.
+    pub noise_var: f64,
+}
+
+impl ClientUpdate {
+    /// One client's update.
+    pub fn single(client: &str, num_examples: u64, delta: Params) -> Self {
+        ClientUpdate {
+            client: client.into(),
+            num_examples,
+            delta,
+            contributors: 1,
+            noise_var: 0.0,
+        }
+    }
+}
+
+/// What each client does itself when the server sees only a secure sum of the updates: central DP's clipping and,
+/// with the noise at the clients, its share of the noise.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ClientDp {
+    /// C: the L2 norm every delta is clipped to.
+    pub clip_norm: f64,
+    /// z: the noise on the sum has standard deviation z·C.
+    pub noise_multiplier: f64,
+    /// Whether the clients add the noise (each its share; the server tops up what dropped clients did not add).
+    pub noise_at_clients: bool,
 }
 
 /// What a strategy knows when it configures a round.
@@ -94,6 +124,15 @@ pub trait Strategy: Send {
     }
     /// Why no further round may run (it would exceed a privacy budget), if so.
     fn exhausted(&self) -> Option<String> {
+        None
+    }
+    /// Whether aggregating needs each client's own update (the robust rules): such a strategy cannot run on a secure
+    /// sum.
+    fn needs_single_updates(&self) -> bool {
+        false
+    }
+    /// Central DP's clipping and noise, for the clients to apply under secure aggregation (`None`: no DP).
+    fn client_dp(&self) -> Option<ClientDp> {
         None
     }
 }
@@ -312,6 +351,12 @@ impl Strategy for FedProx {
     fn restore(&mut self, state: Params) -> Result<(), FedError> {
         self.inner.restore(state)
     }
+    fn needs_single_updates(&self) -> bool {
+        self.inner.needs_single_updates()
+    }
+    fn client_dp(&self) -> Option<ClientDp> {
+        self.inner.client_dp()
+    }
 }
 
 /// FedAvg: global + Σ nᵢΔᵢ / Σ nᵢ.
@@ -446,6 +491,9 @@ impl Strategy for Median {
     fn name(&self) -> String {
         "median".into()
     }
+    fn needs_single_updates(&self) -> bool {
+        true
+    }
     fn aggregate(&mut self, global: &Params, updates: &[ClientUpdate]) -> Result<Params, FedError> {
         let delta = per_coordinate(global, updates, &mut |c| {
             c.sort_by(f32::total_cmp);
@@ -469,6 +517,9 @@ impl Strategy for TrimmedMean {
     fn name(&self) -> String {
         format!("trimmedmean({})", self.trim)
     }
+    fn needs_single_updates(&self) -> bool {
+        true
+    }
     fn aggregate(&mut self, global: &Params, updates: &[ClientUpdate]) -> Result<Params, FedError> {
         let k = (self.trim * updates.len() as f64).floor() as usize;
         let delta = per_coordinate(global, updates, &mut |c| {
@@ -488,6 +539,9 @@ struct Krum {
 impl Strategy for Krum {
     fn name(&self) -> String {
         format!("krum(f={})", self.byzantine)
+    }
+    fn needs_single_updates(&self) -> bool {
+        true
     }
     fn aggregate(&mut self, global: &Params, updates: &[ClientUpdate]) -> Result<Params, FedError> {
         let n = updates.len();
@@ -544,6 +598,12 @@ impl Strategy for NormBound {
     }
     fn restore(&mut self, state: Params) -> Result<(), FedError> {
         self.inner.restore(state)
+    }
+    fn needs_single_updates(&self) -> bool {
+        self.inner.needs_single_updates()
+    }
+    fn client_dp(&self) -> Option<ClientDp> {
+        self.inner.client_dp()
     }
 }
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use indicatif::ProgressStyle;
 use offsite_fed::params::{from_wire, to_wire};
-use offsite_fed::{write_safetensors, LocalTask, LocalTrainer};
+use offsite_fed::{write_safetensors, LocalOutcome, LocalTask, LocalTrainer, Params};
 use offsite_protocol::{ClientConn, ClientEvent, EmulatorOffer, Hello, Limits, ProtocolError, Task, Update};
 use sha2::{Digest, Sha256};
 use tracing::{info, warn};
@@ -135,6 +135,8 @@ async fn session(
     let mut buf = vec![0u8; READ_BUF];
     let mut emulator: Option<(PathBuf, String)> = None;
     let mut download: Option<Download> = None;
+    // This round's secure-aggregation state, from its setup to its reveal.
+    let mut secure = None;
     loop {
         let n = match recv.read(&mut buf).await.map_err(conn_err)? {
             Some(n) => n,
@@ -186,9 +188,26 @@ async fn session(
                     let Some((path, adapter)) = emulator.clone() else {
                         return Err(NetError::Connection("a task arrived before the welcome".into()));
                     };
-                    let update = run_task(s, worker, path, adapter, task).await?;
+                    if task.secagg.is_some() && secure.is_none() {
+                        warn!(
+                            round = task.round,
+                            "a securely aggregated task without its key exchange; skipped"
+                        );
+                        continue;
+                    }
+                    let (task, outcome) = run_task(worker, path, adapter, task).await?;
+                    let frame = match &task.secagg {
+                        None => sm.update(&plain_update(s, &task, outcome)?),
+                        Some(st) => match secagg::masked(&mut secure, &outcome, st) {
+                            Some(m) => {
+                                save_update(s, task.round, &outcome.delta, outcome.num_examples)?;
+                                sm.secagg(&m)
+                            }
+                            None => continue,
+                        },
+                    };
                     // Too large for the server: no reconnect would change that.
-                    let frame = sm.update(&update).map_err(|e| match e {
+                    let frame = frame.map_err(|e| match e {
                         e @ ProtocolError::UpdateTooLarge { .. } => NetError::Config(e.to_string()),
                         e => e.into(),
                     })?;
@@ -198,6 +217,11 @@ async fn session(
                     offsite_fed::crash_point("mid-upload");
                     send.write_all(tail).await.map_err(conn_err)?;
                     summary.rounds += 1;
+                }
+                ClientEvent::SecAgg(m) => {
+                    if let Some(reply) = secagg::answer(&mut secure, m) {
+                        send.write_all(&sm.secagg(&reply)?).await.map_err(conn_err)?;
+                    }
                 }
                 ClientEvent::Ack(a) => {
                     if a.accepted {
@@ -302,14 +326,13 @@ fn finish_download(d: Download, path: &Path) -> Result<(), NetError> {
     Ok(())
 }
 
-/// Trains the task in a blocking thread on the local trainer, encodes the delta.
+/// Trains the task in a blocking thread on the local trainer.
 async fn run_task(
-    s: &JoinSettings,
     worker: &mut Option<Box<dyn LocalTrainer>>,
     emulator: PathBuf,
     adapter: String,
     task: Task,
-) -> Result<Update, NetError> {
+) -> Result<(Task, LocalOutcome), NetError> {
     let global = from_wire(&task.global)?;
     let mut trainer = worker
         .take()
@@ -324,22 +347,19 @@ async fn run_task(
             proximal_mu: task.proximal_mu,
         };
         let outcome = trainer.train(&local);
-        (trainer, outcome.map(|o| (o, task)))
+        (trainer, outcome.map(|o| (task, o)))
     })
     .await
     .map_err(|e| NetError::Config(format!("local training stopped: {e}")))?;
     *worker = Some(trainer);
-    let (outcome, task) = outcome?;
+    Ok(outcome?)
+}
+
+/// The update of a plain round: the delta encoded as the task asks (and kept as sent under `--save-updates`).
+fn plain_update(s: &JoinSettings, task: &Task, outcome: LocalOutcome) -> Result<Update, NetError> {
     let round = task.round;
     let delta = to_wire(&outcome.delta, task.update_encoding);
-    if let Some(dir) = &s.save_updates {
-        let sent = from_wire(&delta)?;
-        let meta = HashMap::from([
-            ("round".to_string(), round.to_string()),
-            ("num_examples".to_string(), outcome.num_examples.to_string()),
-        ]);
-        write_safetensors(&dir.join(format!("round-{round}.safetensors")), &[("", &sent)], meta)?;
-    }
+    save_update(s, round, &from_wire(&delta)?, outcome.num_examples)?;
     Ok(Update {
         round,
         num_examples: outcome.num_examples,
@@ -348,3 +368,16 @@ async fn run_task(
         delta,
     })
 }
+
+/// Under `--save-updates`: the round's delta as this client contributed it (as sent, or as masked for a secure sum).
+fn save_update(s: &JoinSettings, round: u64, delta: &Params, num_examples: u64) -> Result<(), NetError> {
+    let Some(dir) = &s.save_updates else { return Ok(()) };
+    let meta = HashMap::from([
+        ("round".to_string(), round.to_string()),
+        ("num_examples".to_string(), num_examples.to_string()),
+    ]);
+    write_safetensors(&dir.join(format!("round-{round}.safetensors")), &[("", delta)], meta)?;
+    Ok(())
+}
+
+mod secagg;

@@ -14,18 +14,19 @@ mod settings;
 mod tensor;
 
 pub use frame::{encode_frame, FrameDecoder, Limits, HEADER_LEN, MAGIC};
-pub use messages::{Chunk, EmulatorOffer, Hello, Message, Task, Update, UpdateAck, Welcome};
+pub use messages::{Chunk, EmulatorOffer, Hello, Message, SecAggTask, Task, Update, UpdateAck, Welcome};
 pub use secagg::{
-    NeighbourKeys, RevealedShare, SealedShares, SecAggKeys, SecAggMasked, SecAggNeighbours, SecAggReveal, SecAggSetup,
-    SecAggShares, SecAggUnmask,
+    NeighbourKeys, RevealedShare, SealedShares, SecAggKeys, SecAggMasked, SecAggMessage, SecAggNeighbours,
+    SecAggReveal, SecAggSetup, SecAggShares, SecAggUnmask,
 };
 pub use session::{ClientConn, ClientEvent, ServerConn, ServerInput, UNAUTHENTICATED_LIMIT};
 pub use settings::{AdamWConfig, Precision, TrainConfig};
 pub use tensor::{Encoding, TensorSet, WireData, WireTensor};
 
 /// The protocol version this build speaks. Bumped on any change to a message's layout (2: a task carries the whole
-/// [`TrainConfig`] and the FedProx μ beside it; 3: the welcome carries the largest update the server takes).
-pub const PROTOCOL_VERSION: u16 = 3;
+/// [`TrainConfig`] and the FedProx μ beside it; 3: the welcome carries the largest update the server takes; 4: secure
+/// aggregation's messages, and a task says whether its update is masked).
+pub const PROTOCOL_VERSION: u16 = 4;
 
 /// What can go wrong on the wire. The connection carrying it is closed with this as the reason; the peer's other
 /// connections are unaffected.

@@ -2,6 +2,7 @@
 
 use bincode::{Decode, Encode};
 
+use super::secagg::SecAggMessage;
 use super::settings::TrainConfig;
 use super::tensor::{Encoding, TensorSet};
 
@@ -34,6 +35,8 @@ pub enum Message {
     Update(Update),
     /// Server → client: whether the update was used.
     UpdateAck(UpdateAck),
+    /// A stage of secure aggregation (which way each kind goes is fixed: see [`SecAggMessage`]).
+    SecAgg(SecAggMessage),
     /// Either side: closing, with a reason.
     Goodbye {
         /// Why.
@@ -54,6 +57,7 @@ impl Message {
             Message::Task(_) => "task",
             Message::Update(_) => "update",
             Message::UpdateAck(_) => "update-ack",
+            Message::SecAgg(m) => m.kind(),
             Message::Goodbye { .. } => "goodbye",
         }
     }
@@ -135,6 +139,23 @@ pub struct Task {
     pub update_encoding: Encoding,
     /// Milliseconds the server waits for the update.
     pub deadline_ms: u64,
+    /// Secure aggregation: when given, the client answers with a masked update ([`SecAggMessage::Masked`]) of
+    /// the round whose stages it has just gone through, not with an [`Update`].
+    pub secagg: Option<SecAggTask>,
+}
+
+/// How a client prepares its update for a secure sum (the server cannot check a masked update, so the client applies
+/// the limits the server would have applied).
+#[derive(Debug, Clone, PartialEq, Encode, Decode)]
+pub struct SecAggTask {
+    /// The FedAvg weight cap: an update weighs `min(num_examples, max_examples) / max_examples`; 0: every update
+    /// weighs 1 (central differential privacy averages with equal weights).
+    pub max_examples: u64,
+    /// The delta is scaled down to this L2 norm when longer (the DP clip, or the server's `max_update_norm`); 0: none.
+    pub max_norm: f64,
+    /// Standard deviation of the Gaussian noise the client adds to each coordinate of its clipped delta (distributed
+    /// differential privacy: the noises of the round's clients sum to the central noise); 0: none.
+    pub noise_std: f64,
 }
 
 /// Client → server: the result of a task.

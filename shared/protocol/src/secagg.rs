@@ -6,6 +6,75 @@
 
 use bincode::{Decode, Encode};
 
+/// One stage message of secure aggregation. Server → client: [`SecAggMessage::Setup`], [`SecAggMessage::Neighbours`],
+/// [`SecAggMessage::Shares`] (the ciphertexts addressed to the client), [`SecAggMessage::Unmask`]. Client → server:
+/// [`SecAggMessage::Keys`], [`SecAggMessage::Shares`] (the ciphertexts it deals), [`SecAggMessage::Masked`],
+/// [`SecAggMessage::Reveal`].
+#[derive(Debug, Clone, PartialEq, Encode, Decode)]
+pub enum SecAggMessage {
+    /// The round's settings and the client's index.
+    Setup(SecAggSetup),
+    /// The client's public keys.
+    Keys(SecAggKeys),
+    /// The keys of the client's neighbours.
+    Neighbours(SecAggNeighbours),
+    /// Sealed shares.
+    Shares(SecAggShares),
+    /// The masked update.
+    Masked(SecAggMasked),
+    /// Which neighbours survived and which dropped.
+    Unmask(SecAggUnmask),
+    /// The revealed shares.
+    Reveal(SecAggReveal),
+}
+
+impl SecAggMessage {
+    /// The kind's name, for errors and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SecAggMessage::Setup(_) => "secagg-setup",
+            SecAggMessage::Keys(_) => "secagg-keys",
+            SecAggMessage::Neighbours(_) => "secagg-neighbours",
+            SecAggMessage::Shares(_) => "secagg-shares",
+            SecAggMessage::Masked(_) => "secagg-masked",
+            SecAggMessage::Unmask(_) => "secagg-unmask",
+            SecAggMessage::Reveal(_) => "secagg-reveal",
+        }
+    }
+
+    /// Whether a client sends this kind (else the server does; [`SecAggMessage::Shares`] goes both ways).
+    pub fn from_client(&self) -> bool {
+        matches!(
+            self,
+            SecAggMessage::Keys(_) | SecAggMessage::Shares(_) | SecAggMessage::Masked(_) | SecAggMessage::Reveal(_)
+        )
+    }
+
+    /// Whether the server sends this kind.
+    pub fn from_server(&self) -> bool {
+        matches!(
+            self,
+            SecAggMessage::Setup(_)
+                | SecAggMessage::Neighbours(_)
+                | SecAggMessage::Shares(_)
+                | SecAggMessage::Unmask(_)
+        )
+    }
+
+    /// The round it belongs to.
+    pub fn round(&self) -> u64 {
+        match self {
+            SecAggMessage::Setup(m) => m.round,
+            SecAggMessage::Keys(m) => m.round,
+            SecAggMessage::Neighbours(m) => m.round,
+            SecAggMessage::Shares(m) => m.round,
+            SecAggMessage::Masked(m) => m.round,
+            SecAggMessage::Unmask(m) => m.round,
+            SecAggMessage::Reveal(m) => m.round,
+        }
+    }
+}
+
 /// Server → client: the round's secure-aggregation settings and this client's place in it.
 #[derive(Debug, Clone, PartialEq, Encode, Decode)]
 pub struct SecAggSetup {
@@ -86,6 +155,8 @@ pub struct SecAggMasked {
     pub round: u64,
     /// The weight the update was multiplied by (in (0, 1]); the server divides the sum by the weights' sum.
     pub weight: f64,
+    /// The client's mean training loss over the round (in the clear, as the weight: a scalar for the round's log).
+    pub train_loss: f64,
     /// The encoded update plus every mask, modulo 2³²: one little-endian `u32` per element (raw bytes, as
     /// bincode's variable-length integers would spend 5 bytes on most uniformly random words).
     pub masked: Vec<u8>,

@@ -8,6 +8,7 @@ use sha2::{Digest, Sha256};
 
 use super::frame::{encode_frame, FrameDecoder, Limits, HEADER_LEN};
 use super::messages::{Chunk, EmulatorOffer, Hello, Message, Task, Update, UpdateAck, Welcome};
+use super::secagg::SecAggMessage;
 use super::ProtocolError;
 
 /// What a server connection hands to its caller.
@@ -24,6 +25,8 @@ pub enum ServerInput {
     Ready,
     /// A task's result.
     Update(Update),
+    /// A secure-aggregation stage message (only the kinds a client sends).
+    SecAgg(SecAggMessage),
     /// The client is leaving.
     Goodbye(String),
 }
@@ -126,6 +129,7 @@ impl ServerConn {
                     ServerInput::Ready
                 }
                 (ServerState::Ready, Message::Update(u)) => ServerInput::Update(u),
+                (ServerState::Ready, Message::SecAgg(m)) if m.from_client() => ServerInput::SecAgg(m),
                 _ => return Err(unexpected),
             };
             out.push(input);
@@ -193,6 +197,17 @@ impl ServerConn {
         Ok(encode_frame(&Message::Task(task.clone())))
     }
 
+    /// A secure-aggregation stage message; only the kinds a server sends, only to a ready client.
+    pub fn secagg(&self, msg: &SecAggMessage) -> Result<Vec<u8>, ProtocolError> {
+        if self.state != ServerState::Ready || !msg.from_server() {
+            return Err(ProtocolError::Forbidden {
+                what: msg.kind(),
+                reason: "a server sends it only to a ready client",
+            });
+        }
+        Ok(encode_frame(&Message::SecAgg(msg.clone())))
+    }
+
     /// The verdict on an update.
     pub fn ack(&self, ack: UpdateAck) -> Vec<u8> {
         encode_frame(&Message::UpdateAck(ack))
@@ -218,6 +233,8 @@ pub enum ClientEvent {
     Task(Task),
     /// The verdict on an update.
     Ack(UpdateAck),
+    /// A secure-aggregation stage message (only the kinds a server sends).
+    SecAgg(SecAggMessage),
     /// The server is closing.
     Goodbye(String),
 }
@@ -324,6 +341,7 @@ impl ClientConn {
                 }
                 (ClientState::Ready, Message::Task(t)) => ClientEvent::Task(t),
                 (ClientState::Ready, Message::UpdateAck(a)) => ClientEvent::Ack(a),
+                (ClientState::Ready, Message::SecAgg(m)) if m.from_server() => ClientEvent::SecAgg(m),
                 _ => return Err(unexpected),
             };
             out.push(event);
@@ -372,7 +390,22 @@ impl ClientConn {
                 reason: "not ready",
             });
         }
-        let frame = encode_frame(&Message::Update(update.clone()));
+        self.sized(encode_frame(&Message::Update(update.clone())))
+    }
+
+    /// Sends a secure-aggregation stage message (only the kinds a client sends); a masked update larger than the
+    /// server takes is [`ProtocolError::UpdateTooLarge`], as a plain one.
+    pub fn secagg(&self, msg: &SecAggMessage) -> Result<Vec<u8>, ProtocolError> {
+        if self.state != ClientState::Ready || !msg.from_client() {
+            return Err(ProtocolError::Forbidden {
+                what: msg.kind(),
+                reason: "a client sends it only when ready",
+            });
+        }
+        self.sized(encode_frame(&Message::SecAgg(msg.clone())))
+    }
+
+    fn sized(&self, frame: Vec<u8>) -> Result<Vec<u8>, ProtocolError> {
         let len = (frame.len() - HEADER_LEN) as u64;
         if len > u64::from(self.max_update) {
             return Err(ProtocolError::UpdateTooLarge {

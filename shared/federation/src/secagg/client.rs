@@ -237,6 +237,8 @@ impl SecAggClient {
             SecAggMasked {
                 round: self.setup.round,
                 weight,
+                // The caller's to fill in: the mask does not depend on it.
+                train_loss: 0.0,
                 masked,
             },
             clipped,

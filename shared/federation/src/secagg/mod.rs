@@ -23,9 +23,12 @@ mod graph;
 mod server;
 #[cfg(test)]
 mod tests;
+mod update;
 
 pub use client::SecAggClient;
 pub use server::SecAggServer;
+pub use update::prepare_update;
+pub(crate) use update::{length, unflatten};
 
 /// HKDF purpose of pairwise mask seeds.
 const MASK: &[u8] = b"mask";

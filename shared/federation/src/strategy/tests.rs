@@ -13,11 +13,7 @@ fn params(values: &[f32]) -> Params {
 }
 
 fn update(client: &str, n: u64, delta: &[f32]) -> ClientUpdate {
-    ClientUpdate {
-        client: client.into(),
-        num_examples: n,
-        delta: params(delta),
-    }
+    ClientUpdate::single(client, n, params(delta))
 }
 
 fn run(config: &str, global: &[f32], updates: &[ClientUpdate]) -> Vec<f32> {

@@ -212,10 +212,21 @@ pub(super) async fn connection(shared: Arc<Shared>, incoming: quinn::Incoming) -
                             let event = Event::Ready { client: id, conn: conn_id };
                             let _ = shared.events.send(Queued { event, _permits: Vec::new() });
                         }
-                        ServerInput::Update(u) => {
+                        ServerInput::Update(_) | ServerInput::SecAgg(_) => {
                             if let Some(id) = &client {
-                                debug!(client = %id, round = u.round, bytes = n, "update received");
-                                // A small update (its frame came whole) takes its places now.
+                                let event = match input {
+                                    ServerInput::Update(u) => {
+                                        debug!(client = %id, round = u.round, bytes = n, "update received");
+                                        Event::Update { client: id.clone(), conn: conn_id, update: u }
+                                    }
+                                    ServerInput::SecAgg(m) => {
+                                        debug!(client = %id, kind = m.kind(), round = m.round(), "secure-aggregation message");
+                                        Event::SecAgg { client: id.clone(), conn: conn_id, message: m }
+                                    }
+                                    _ => continue,
+                                };
+                                // A small update (its frame came whole) takes its places now; a masked update
+                                // queues as a plain one.
                                 let permits = match std::mem::take(&mut places) {
                                     p if !p.is_empty() => p,
                                     _ => match queue_places(&own_queue, &shared).await {
@@ -223,7 +234,6 @@ pub(super) async fn connection(shared: Arc<Shared>, incoming: quinn::Incoming) -
                                         None => { stop = Some(Ok(())); break; }
                                     },
                                 };
-                                let event = Event::Update { client: id.clone(), conn: conn_id, update: u };
                                 let _ = shared.events.send(Queued { event, _permits: permits });
                             }
                         }
@@ -252,6 +262,7 @@ pub(super) async fn connection(shared: Arc<Shared>, incoming: quinn::Incoming) -
                 let bytes = match out {
                     Some(Outgoing::Task(t)) => sm.task(&t)?,
                     Some(Outgoing::Ack(a)) => sm.ack(a),
+                    Some(Outgoing::SecAgg(m)) => sm.secagg(&m)?,
                     Some(Outgoing::Goodbye(reason)) => {
                         let bytes = sm.goodbye(&reason);
                         write(&shared, &mut send, &bytes).await?;

@@ -41,6 +41,7 @@ fn task(round: u64) -> Task {
         proximal_mu: 0.0,
         update_encoding: Encoding::F16,
         deadline_ms: 1000,
+        secagg: None,
     }
 }
 
@@ -247,4 +248,98 @@ fn the_welcome_carries_the_servers_update_limit_and_the_client_keeps_to_it() {
     );
     // The server would have refused it as oversized.
     assert!(matches!(server.receive(&big, t0), Err(ProtocolError::Oversized { .. })));
+}
+
+/// A ready pair of machines (welcome taken, no download).
+fn ready_pair(limit: u32) -> (ServerConn, ClientConn) {
+    let t0 = Instant::now();
+    let limits = Limits { max_frame: limit };
+    let mut server = ServerConn::new(limits, t0, Duration::from_secs(5));
+    let (mut client, bytes) = ClientConn::new(Limits::default(), hello());
+    server.receive(&bytes, t0).unwrap();
+    client.receive(&server.accept(welcome("c1", 0)).unwrap()).unwrap();
+    server.receive(&client.ready().unwrap(), t0).unwrap();
+    (server, client)
+}
+
+#[test]
+fn secure_aggregation_messages_go_only_their_own_way_and_only_when_ready() {
+    use crate::secagg::{SecAggKeys, SecAggMasked, SecAggShares, SecAggUnmask};
+    let t0 = Instant::now();
+    let keys = SecAggMessage::Keys(SecAggKeys {
+        round: 1,
+        cipher_pk: [1; 32],
+        mask_pk: [2; 32],
+        self_mask_commit: [3; 32],
+    });
+    let unmask = SecAggMessage::Unmask(SecAggUnmask {
+        round: 1,
+        survived: vec![0, 2],
+        dropped: vec![1],
+    });
+    let shares = SecAggMessage::Shares(SecAggShares {
+        round: 1,
+        sealed: Vec::new(),
+    });
+    // Before the client is ready neither side may send one.
+    let mut early = ServerConn::new(Limits::default(), t0, Duration::from_secs(5));
+    assert!(early.secagg(&unmask).is_err());
+    let (mut c, bytes) = ClientConn::new(Limits::default(), hello());
+    assert!(c.secagg(&keys).is_err());
+    early.receive(&bytes, t0).unwrap();
+    c.receive(&early.accept(welcome("c1", 0)).unwrap()).unwrap();
+    assert!(c.secagg(&keys).is_err(), "authenticated but not ready");
+
+    let (mut server, mut client) = ready_pair(1 << 20);
+    // Each side sends its own kinds and refuses to send the other's.
+    assert!(server.secagg(&keys).is_err());
+    assert!(client.secagg(&unmask).is_err());
+    assert_eq!(
+        server.receive(&client.secagg(&keys).unwrap(), t0).unwrap(),
+        vec![ServerInput::SecAgg(keys.clone())]
+    );
+    assert_eq!(
+        client.receive(&server.secagg(&unmask).unwrap()).unwrap(),
+        vec![ClientEvent::SecAgg(unmask.clone())]
+    );
+    // Shares go both ways.
+    assert_eq!(
+        server.receive(&client.secagg(&shares).unwrap(), t0).unwrap(),
+        vec![ServerInput::SecAgg(shares.clone())]
+    );
+    assert_eq!(
+        client.receive(&server.secagg(&shares).unwrap()).unwrap(),
+        vec![ClientEvent::SecAgg(shares)]
+    );
+    // A peer that sends the other side's kind breaks the protocol: the frame is built by hand, as a hostile peer
+    // would.
+    let forged = encode_frame(&Message::SecAgg(unmask));
+    assert!(matches!(
+        server.receive(&forged, t0),
+        Err(ProtocolError::Unexpected {
+            got: "secagg-unmask",
+            ..
+        })
+    ));
+    let (_, mut client) = ready_pair(1 << 20);
+    assert!(matches!(
+        client.receive(&encode_frame(&Message::SecAgg(keys))),
+        Err(ProtocolError::Unexpected { got: "secagg-keys", .. })
+    ));
+
+    // A masked update larger than the server takes is not sent.
+    let (_, client) = ready_pair(1000);
+    let masked = |bytes: usize| {
+        SecAggMessage::Masked(SecAggMasked {
+            round: 1,
+            weight: 1.0,
+            train_loss: 2.0,
+            masked: vec![7; bytes],
+        })
+    };
+    assert!(client.secagg(&masked(100)).is_ok());
+    assert!(matches!(
+        client.secagg(&masked(4000)),
+        Err(ProtocolError::UpdateTooLarge { limit: 1000, .. })
+    ));
 }
