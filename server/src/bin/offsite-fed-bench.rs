@@ -1,10 +1,12 @@
 //! `offsite-fed-bench`: how many clients one federation server holds. The server runs in this process; the clients
 //! run in a child process (so the server's peak memory is its own), each over its own QUIC connection on loopback
-//! with a fake local trainer that answers every task at once with a fixed delta. Prints a table: clients, rounds,
-//! seconds per round, server CPU seconds per round, server peak RSS, the clients' process peak RSS.
+//! with a fake local trainer that answers every task at once with a fixed delta. Prints a table: aggregation (plain
+//! or secure: SecAgg+ over the real protocol), clients, rounds, seconds per round, server CPU seconds per round,
+//! KiB received and sent per client per round, server peak RSS, the clients' process peak RSS. With both modes the
+//! runs alternate (plain, secure) per client count.
 //!
 //! ```sh
-//! cargo run --profile test --bin offsite-fed-bench -- --clients 100,300,1000
+//! cargo run --profile test --bin offsite-fed-bench -- --clients 100,300,1000 --modes plain,secure
 //! ```
 
 use std::io::Write;
@@ -33,6 +35,9 @@ struct Args {
     /// Values in the global adapter (one f32 tensor); each task and update carries them.
     #[arg(long, default_value_t = 65536)]
     params: usize,
+    /// Aggregations to measure: `plain` and/or `secure` (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "plain")]
+    modes: Vec<String>,
     /// The round deadline in seconds (a round that misses clients is repeated, so a run that cannot hold its
     /// clients shows as fewer participants or a failure).
     #[arg(long, default_value_t = 60.0)]
@@ -80,24 +85,30 @@ fn main() -> Result<()> {
     if let Some(job) = &args.role_clients {
         return clients(job);
     }
-    println!("| clients | rounds | participants/round | s/round | server CPU s/round | server peak RSS MiB | clients' process peak RSS MiB |");
-    println!("|---|---|---|---|---|---|---|");
+    if let Some(m) = args.modes.iter().find(|m| !["plain", "secure"].contains(&m.as_str())) {
+        bail!("--modes: `{m}` is neither plain nor secure");
+    }
+    println!("| aggregation | clients | rounds | participants/round | s/round | server CPU s/round | KiB in/client/round | KiB out/client/round | server peak RSS MiB | clients' process peak RSS MiB |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for &n in &args.clients {
-        let row = run(&args, n).with_context(|| format!("{n} clients"))?;
-        println!("{row}");
-        std::io::stdout().flush()?;
+        for mode in &args.modes {
+            let row = run(&args, n, mode == "secure").with_context(|| format!("{n} clients, {mode}"))?;
+            println!("{row}");
+            std::io::stdout().flush()?;
+        }
     }
     Ok(())
 }
 
 /// One run with `n` clients; a row of the table. Each run is a fresh process for the server's numbers to be its
 /// own: the parent re-executes itself per count.
-fn run(args: &Args, n: usize) -> Result<String> {
+fn run(args: &Args, n: usize, secure: bool) -> Result<String> {
     if std::env::var_os("OFFSITE_FED_BENCH_ONE").is_none() {
         let exe = std::env::current_exe()?;
         let out = Command::new(exe)
             .env("OFFSITE_FED_BENCH_ONE", "1")
             .args(["--clients", &n.to_string(), "--rounds", &args.rounds.to_string()])
+            .args(["--modes", if secure { "secure" } else { "plain" }])
             .args([
                 "--params",
                 &args.params.to_string(),
@@ -113,12 +124,12 @@ fn run(args: &Args, n: usize) -> Result<String> {
     }
     let dir = std::env::temp_dir().join(format!("offsite-fed-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let result = serve(args, n, &dir);
+    let result = serve(args, n, secure, &dir);
     let _ = std::fs::remove_dir_all(&dir);
     result
 }
 
-fn serve(args: &Args, n: usize, dir: &Path) -> Result<String> {
+fn serve(args: &Args, n: usize, secure: bool, dir: &Path) -> Result<String> {
     let state = dir.join("state");
     let emulator = dir.join("fake.emu");
     std::fs::write(&emulator, vec![7u8; 4096])?;
@@ -139,6 +150,7 @@ fn serve(args: &Args, n: usize, dir: &Path) -> Result<String> {
             wait_for_clients_s: 600.0,
             deadline_s: args.deadline_s,
             eval_every: 0,
+            secure_aggregation: secure.then(offsite_fed::SecureAggregationConfig::default),
             ..FederationConfig::default()
         },
         local: TrainConfig::default(),
@@ -193,9 +205,13 @@ fn serve(args: &Args, n: usize, dir: &Path) -> Result<String> {
     let wall: f64 = reports.iter().map(|r| r.wall_s).sum::<f64>() / rounds;
     let participants: f64 = reports.iter().map(|r| r.participants as f64).sum::<f64>() / rounds;
     let cpu_per_round: f64 = cpu.iter().sum::<f64>() / rounds;
+    let per_client = |bytes: u64| bytes as f64 / 1024.0 / n as f64;
+    let kib_in: f64 = reports.iter().map(|r| per_client(r.bytes_in)).sum::<f64>() / rounds;
+    let kib_out: f64 = reports.iter().map(|r| per_client(r.bytes_out)).sum::<f64>() / rounds;
     let rss = offsite::load::peak_rss_bytes().map_or(f64::NAN, |b| b as f64 / (1 << 20) as f64);
+    let mode = if secure { "secure" } else { "plain" };
     Ok(format!(
-        "| {n} | {} | {participants:.0} | {wall:.2} | {cpu_per_round:.2} | {rss:.0} | {child_rss:.0} |",
+        "| {mode} | {n} | {} | {participants:.0} | {wall:.2} | {cpu_per_round:.2} | {kib_in:.1} | {kib_out:.1} | {rss:.0} | {child_rss:.0} |",
         reports.len()
     ))
 }

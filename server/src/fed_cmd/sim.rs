@@ -119,8 +119,9 @@ pub(crate) fn run(args: SimArgs) -> Result<()> {
     );
     let initial = super::initial_state(&emu, &file.adapter, file.federation.seed)?;
     let private = file.privacy.is_some();
+    let secure = file.federation.secure_aggregation.is_some();
     println!(
-        "{:>5} {:>12} {:>8} {:>11} {:>11} {:>10} {:>10} {:>8}{}",
+        "{:>5} {:>12} {:>8} {:>11} {:>11} {:>10} {:>10} {:>8}{}{}",
         "round",
         "participants",
         "rejected",
@@ -129,15 +130,17 @@ pub(crate) fn run(args: SimArgs) -> Result<()> {
         "train loss",
         "plug-in",
         "seconds",
+        if secure { "  masks recovered" } else { "" },
         if private { "  epsilon (delta)" } else { "" }
     );
     let mut print = |r: &RoundReport| {
+        let recovered = r.masks_recovered.map_or(String::new(), |m| format!("  {m:>15}"));
         let spent = match (r.epsilon, r.delta) {
             (Some(e), Some(d)) => format!("  {e:.3} ({d:e})"),
             _ => String::new(),
         };
         println!(
-            "{:>5} {:>12} {:>8} {:>11} {:>11} {:>10.4} {:>10} {:>8.1}{spent}",
+            "{:>5} {:>12} {:>8} {:>11} {:>11} {:>10.4} {:>10} {:>8.1}{recovered}{spent}",
             r.round,
             r.participants,
             r.rejected,

@@ -94,6 +94,7 @@ mod tests {
             global_sha256: "ab".into(),
             epsilon: None,
             delta: None,
+            masks_recovered: None,
         }
     }
 
