@@ -168,7 +168,7 @@ struct Round {
     /// (training loss, FedAvg weight) of the accepted updates.
     losses: Vec<(f64, f64)>,
     /// The secure-aggregation stages, when the round runs them.
-    secure: Option<secagg::Secure>,
+    secure: Option<Box<secagg::Secure>>,
     /// Secure aggregation: masks of dropped clients removed from the sum.
     masks_recovered: Option<usize>,
 }
@@ -457,7 +457,7 @@ impl Coordinator {
         let secure = match self.config.secure_aggregation.clone() {
             Some(sa) => {
                 deadline = now + secs(sa.stage_timeout_s);
-                Some(self.open_secure(&sa, task, &pending, max_examples)?)
+                Some(Box::new(self.open_secure(&sa, task, &pending, max_examples)?))
             }
             None => {
                 let task = Arc::new(task);

@@ -76,7 +76,7 @@ pub(super) fn check(
     if !(config.clip > 0.0 && config.clip.is_finite()) {
         return bad(format!("clip {} must be > 0", config.clip));
     }
-    if !(config.stage_timeout_s >= 0.0) {
+    if config.stage_timeout_s.is_nan() || config.stage_timeout_s < 0.0 {
         return bad(format!("stage_timeout_s {} must be ≥ 0", config.stage_timeout_s));
     }
     Ok(())

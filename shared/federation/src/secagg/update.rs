@@ -42,7 +42,7 @@ pub fn prepare_update(delta: &Params, num_examples: u64, task: &SecAggTask) -> R
         0 => 1.0,
         cap => num_examples.min(cap) as f64 / cap as f64,
     };
-    if !(weight > 0.0) {
+    if weight.is_nan() || weight <= 0.0 {
         return Err(SecAggError::Setup("an update of zero examples has no weight".into()));
     }
     Ok((flat, weight))

@@ -10,26 +10,21 @@ use tracing::{debug, info, warn};
 pub(super) fn answer(state: &mut Option<SecAggClient>, msg: SecAggMessage) -> Option<SecAggMessage> {
     let kind = msg.kind();
     let round = msg.round();
-    let mut current = || {
-        state
-            .as_mut()
-            .ok_or_else(|| SecAggError::Protocol(format!("{kind} with no round open")))
-    };
-    let reply = match msg {
-        SecAggMessage::Setup(setup) => SecAggClient::new(setup).map(|(client, keys)| {
+    let none = || SecAggError::Protocol(format!("{kind} with no round open"));
+    let reply = match (msg, state.as_mut()) {
+        (SecAggMessage::Setup(setup), _) => SecAggClient::new(setup).map(|(client, keys)| {
             *state = Some(client);
             Some(SecAggMessage::Keys(keys))
         }),
-        SecAggMessage::Neighbours(m) => current()
-            .and_then(|c| c.share(&m))
-            .map(|s| Some(SecAggMessage::Shares(s))),
-        SecAggMessage::Shares(m) => current().and_then(|c| c.receive(&m)).map(|()| None),
-        SecAggMessage::Unmask(m) => {
-            let reveal = current().and_then(|c| c.reveal(&m));
+        (SecAggMessage::Neighbours(m), Some(c)) => c.share(&m).map(|s| Some(SecAggMessage::Shares(s))),
+        (SecAggMessage::Shares(m), Some(c)) => c.receive(&m).map(|()| None),
+        (SecAggMessage::Unmask(m), Some(c)) => {
+            let reveal = c.reveal(&m);
             *state = None;
             reveal.map(|r| Some(SecAggMessage::Reveal(r)))
         }
-        m => Err(SecAggError::Protocol(format!("{} is a client's message", m.kind()))),
+        (SecAggMessage::Neighbours(_) | SecAggMessage::Shares(_) | SecAggMessage::Unmask(_), None) => Err(none()),
+        (m, _) => Err(SecAggError::Protocol(format!("{} is a client's message", m.kind()))),
     };
     match reply {
         Ok(reply) => {
