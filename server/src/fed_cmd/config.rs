@@ -148,6 +148,40 @@ pub(crate) struct SimSection {
     pub max_examples_per_client: Option<usize>,
 }
 
+/// The expected size of a DP federation's noise next to its updates (it depends on the configuration only).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct DpNoise {
+    /// z, solved from the ε budget or given.
+    pub noise_multiplier: f64,
+    /// Trainable values noised each round.
+    pub values: usize,
+    /// Updates a round.
+    pub clients: usize,
+    /// The expected norm of the noise on the mean update in units of the clip ([`offsite_fed::noise_to_clip`]).
+    pub ratio: f64,
+    /// The updates a round would need for the noise to be no larger than the clip.
+    pub needed: u64,
+}
+
+impl DpNoise {
+    /// Warns when the noise outweighs the largest update the clients can send: the federation would then hand out
+    /// an adapter made mostly of noise.
+    pub fn warn_if_dominant(&self) {
+        if self.ratio > 1.0 {
+            tracing::warn!(
+                noise_multiplier = format!("{:.3}", self.noise_multiplier),
+                values = self.values,
+                clients = self.clients,
+                "the DP noise on each round's mean update is expected to be {:.1}× the largest update the clients \
+                 can send: the adapter will be mostly noise. Noise no larger than that needs {} clients a round at \
+                 this ε, or fewer trainable values (e.g. a small LoRA adapter)",
+                self.ratio,
+                self.needed
+            );
+        }
+    }
+}
+
 impl FedFile {
     /// The `[strategy]`, wrapped in central DP when there is a `[privacy]` table (FedAvg, FedProx and the server
     /// optimizers only: the robust rules need the individual updates DP averages away).
@@ -173,6 +207,20 @@ impl FedFile {
             "central differential privacy"
         );
         Ok(Box::new(s))
+    }
+
+    /// With a `[privacy]` table: how the DP noise on each round's mean update compares with the updates, for
+    /// `values` trainable values and `clients` updates a round (see [`DpNoise`]).
+    pub fn dp_noise(&self, values: usize, clients: usize) -> Result<Option<DpNoise>> {
+        let Some(p) = &self.privacy else { return Ok(None) };
+        let z = p.noise_multiplier(self.federation.rounds, self.federation.fraction)?;
+        Ok(Some(DpNoise {
+            noise_multiplier: z,
+            values,
+            clients,
+            ratio: offsite_fed::noise_to_clip(z, values, clients),
+            needed: offsite_fed::clients_for_noise_to_clip(z, values, 1.0),
+        }))
     }
 
     /// Reads and parses a config file; its relative paths are taken from the file's folder.
@@ -243,6 +291,22 @@ mod tests {
         };
         let err = err.to_string();
         assert!(err.contains("not median"), "{err}");
+    }
+
+    #[test]
+    fn the_private_demo_is_told_its_noise_outweighs_its_updates() {
+        let file: FedFile =
+            toml::from_str(include_str!("../../../configs/federation-shakespeare-private.toml")).unwrap();
+        // 14.2M values of 2+2 SmolLM2 adapter layers, 3 clients. Python, the same RDP bisection: z = 1.42768 for
+        // ε = 8, so z·√d/n = 1793.3 and ⌈z·√d⌉ = 5380.
+        let noise = file.dp_noise(14_200_000, 3).unwrap().unwrap();
+        assert!((noise.ratio - 1793.3).abs() < 2.0, "{noise:?}");
+        assert!(noise.needed.abs_diff(5380) <= 6, "{noise:?}");
+        let plain: FedFile = toml::from_str(include_str!("../../../configs/federation-shakespeare.toml")).unwrap();
+        assert!(
+            plain.dp_noise(14_200_000, 3).unwrap().is_none(),
+            "no [privacy], no noise"
+        );
     }
 
     #[test]

@@ -45,6 +45,10 @@ impl Loopback<'_> {
                 file.federation.min_clients
             );
         }
+        let values = initial.values().map(|t| t.values.len()).sum();
+        if let Some(noise) = file.dp_noise(values, self.per_round())? {
+            noise.warn_if_dominant();
+        }
         file.server.listen = ([127, 0, 0, 1], 0).into();
         let dir = file.server.state_dir.clone();
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -91,6 +95,14 @@ impl Loopback<'_> {
             }
             anyhow::Ok(state)
         })
+    }
+}
+
+impl Loopback<'_> {
+    /// The updates a round takes: `[federation] fraction` of the clients, at least `min_clients`.
+    pub(crate) fn per_round(&self) -> usize {
+        let f = &self.file.federation;
+        offsite_fed::sampled_count(self.clients.len(), f.fraction, f.min_clients)
     }
 }
 

@@ -39,6 +39,11 @@ pub(crate) fn run(args: ServeArgs) -> Result<()> {
         bail!("emulator {} was built from another model", emu_path.display());
     }
     let initial = super::initial_state(&emu, &file.adapter, file.federation.seed)?;
+    // A round may run with as few as min_clients updates: the noise is judged at that size.
+    let values = initial.values().map(|t| t.values.len()).sum();
+    if let Some(noise) = file.dp_noise(values, file.federation.min_clients)? {
+        noise.warn_if_dominant();
+    }
     let evaluator = match &file.eval {
         Some(eval) => {
             let (device, described) = device::resolve(args.device)?;

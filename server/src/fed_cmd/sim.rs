@@ -158,6 +158,8 @@ pub(crate) fn run(args: SimArgs) -> Result<()> {
         device: device.clone(),
         fast_f16,
     };
+    let values = initial.values().map(|t| t.values.len()).sum();
+    let noise = file.dp_noise(values, loopback.per_round())?;
     let state = loopback.run(initial, Some(evaluator), &mut print)?;
 
     let emu_model = plug_state(emu.load_model(&device)?, &layers, &file.adapter, &state.global)?;
@@ -187,6 +189,13 @@ pub(crate) fn run(args: SimArgs) -> Result<()> {
         plugged - zero,
         100.0 * (plugged - zero) / zero
     );
+    if let Some(n) = noise {
+        println!(
+            "DP noise on each round's mean update: about {:.1}× the clip ({} values, {} updates a round; noise no \
+             larger than the clip needs {} a round)",
+            n.ratio, n.values, n.clients, n.needed
+        );
+    }
     println!(
         "(on {} held-out examples, {} tokens; state in {})",
         examples.len(),

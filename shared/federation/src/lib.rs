@@ -28,8 +28,8 @@ pub use files::{
 };
 pub use local::{LocalOutcome, LocalTask, LocalTrainer};
 pub use params::{Params, Tensor};
-pub use privacy::{Accountant, DpStrategy, NoiseSite, PrivacyConfig};
-pub use round::{sample_clients, validate};
+pub use privacy::{clients_for_noise_to_clip, noise_to_clip, Accountant, DpStrategy, NoiseSite, PrivacyConfig};
+pub use round::{sample_clients, sampled_count, validate};
 pub use secagg::{
     default_neighbours, default_threshold, prepare_update, SecAggClient, SecAggError, SecAggParams, SecAggServer,
     SecAggSum,

@@ -99,6 +99,19 @@ impl PrivacyConfig {
     }
 }
 
+/// The expected L2 norm of the noise on a round's mean update, in units of C (the largest norm the mean of clipped
+/// deltas can have): z·√d/n for `values` = d noised values and `clients` = n updates (E‖N(0, σ²I_d)‖ ≈ σ√d, with
+/// σ = z·C/n). Above 1 the noise outweighs any update the clients could send. It depends on the configuration
+/// only, never on the data, so it can be logged without spending privacy.
+pub fn noise_to_clip(noise_multiplier: f64, values: usize, clients: usize) -> f64 {
+    noise_multiplier * (values as f64).sqrt() / clients.max(1) as f64
+}
+
+/// The fewest updates per round with which [`noise_to_clip`] is at most `ratio`: ⌈z·√d/ratio⌉.
+pub fn clients_for_noise_to_clip(noise_multiplier: f64, values: usize, ratio: f64) -> u64 {
+    (noise_multiplier * (values as f64).sqrt() / ratio).ceil() as u64
+}
+
 /// RDP of the composed rounds at each of [`ORDERS`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct Accountant {
@@ -436,6 +449,30 @@ mod tests {
         let v = &out["w"].values;
         let var = v.iter().map(|&x| (x as f64).powi(2)).sum::<f64>() / d as f64;
         assert!((var.sqrt() - 0.5).abs() < 0.01, "std {} vs z·C/n = 0.5", var.sqrt());
+    }
+
+    #[test]
+    fn the_noise_to_clip_ratio_is_the_norm_of_the_noise_the_strategy_adds() {
+        let (d, n, z) = (40_000, 5, 1.5);
+        let global = Params::from([(
+            "w".to_string(),
+            Tensor {
+                shape: vec![d],
+                values: vec![0.0; d],
+            },
+        )]);
+        let zeros: Vec<_> = (0..n).map(|i| update(&format!("c{i}"), vec![0.0; d], 1)).collect();
+        let out = dp(z, None).aggregate(&global, &zeros).unwrap();
+        let norm = out["w"].values.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
+        let want = noise_to_clip(z, d, n);
+        assert!((want - 60.0).abs() < 1e-9, "z·√d/n = 1.5·200/5 = 60, got {want}");
+        assert!(
+            (norm / want - 1.0).abs() < 0.02,
+            "noise norm {norm} vs predicted {want} (C = 1)"
+        );
+        let need = clients_for_noise_to_clip(z, d, 1.0);
+        assert_eq!(need, 300);
+        assert!(noise_to_clip(z, d, need as usize) <= 1.0 && noise_to_clip(z, d, need as usize - 1) > 1.0);
     }
 
     #[test]

@@ -7,14 +7,18 @@ use super::params::{check_like, from_wire, l2_norm, Params};
 use super::strategy::ClientUpdate;
 use offsite_protocol::Update;
 
+/// How many of `ready` clients a round samples: the `fraction` share rounded up, at least `min_clients`, at most
+/// all.
+pub fn sampled_count(ready: usize, fraction: f64, min_clients: usize) -> usize {
+    ((fraction * ready as f64).ceil() as usize).max(min_clients).min(ready)
+}
+
 /// Picks `max(min_clients, ⌈fraction·n⌉)` (at most n) of the `ready` clients, deterministically from the seed and
 /// the round; the result is sorted.
 pub fn sample_clients(ready: &[String], fraction: f64, min_clients: usize, seed: u64, round: u64) -> Vec<String> {
     let mut ids = ready.to_vec();
     ids.sort();
-    let want = ((fraction * ids.len() as f64).ceil() as usize)
-        .max(min_clients)
-        .min(ids.len());
+    let want = sampled_count(ids.len(), fraction, min_clients);
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ round.wrapping_mul(0x9e37_79b9_7f4a_7c15));
     ids.shuffle(&mut rng);
     ids.truncate(want);

@@ -48,7 +48,7 @@ fn update(round: u64, n: u64, delta: [f32; 2]) -> Update {
 
 /// Carries out every timeout due by `now` (a round starts at the first one after enough clients are ready, as the
 /// network layer does once the events at hand are handled), then takes the actions.
-fn drain(c: &mut Coordinator, now: Instant) -> Vec<Action> {
+pub(super) fn drain(c: &mut Coordinator, now: Instant) -> Vec<Action> {
     while let Some(t) = c.poll_timeout() {
         if t > now {
             break;

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use offsite_protocol::{SecAggMessage, SecAggTask, TrainConfig};
 
+use crate::coordinator::tests::drain;
 use crate::coordinator::{Action, Coordinator, Event, Outgoing, RoundReport};
 use crate::params::Tensor;
 use crate::secagg::{prepare_update, SecAggClient};
@@ -129,16 +130,7 @@ impl Fleet {
     /// Runs the coordinator until it has nothing left to do at `now`, answering every message as the clients would.
     fn run(&mut self, c: &mut Coordinator, now: Instant) {
         loop {
-            while let Some(t) = c.poll_timeout() {
-                if t > now {
-                    break;
-                }
-                c.handle_timeout(now).unwrap();
-                if c.poll_timeout() == Some(t) {
-                    break;
-                }
-            }
-            let actions: Vec<Action> = std::iter::from_fn(|| c.poll_action()).collect();
+            let actions = drain(c, now);
             if actions.is_empty() {
                 return;
             }
