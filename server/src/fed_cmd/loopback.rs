@@ -29,6 +29,12 @@ pub(crate) struct Loopback<'a> {
 }
 
 impl Loopback<'_> {
+    /// The updates a round takes: `[federation] fraction` of the clients, at least `min_clients`.
+    pub(crate) fn per_round(&self) -> usize {
+        let f = &self.file.federation;
+        offsite_fed::sampled_count(self.clients.len(), f.fraction, f.min_clients)
+    }
+
     /// Runs every round from `initial`, with `evaluator` after the rounds `[federation] eval_every` names; calls
     /// `on_round` after each round. Returns the final server state.
     pub(crate) fn run(
@@ -45,7 +51,7 @@ impl Loopback<'_> {
                 file.federation.min_clients
             );
         }
-        let values = initial.values().map(|t| t.values.len()).sum();
+        let values = offsite_fed::params::count(&initial);
         if let Some(noise) = file.dp_noise(values, self.per_round())? {
             noise.warn_if_dominant();
         }
@@ -95,14 +101,6 @@ impl Loopback<'_> {
             }
             anyhow::Ok(state)
         })
-    }
-}
-
-impl Loopback<'_> {
-    /// The updates a round takes: `[federation] fraction` of the clients, at least `min_clients`.
-    pub(crate) fn per_round(&self) -> usize {
-        let f = &self.file.federation;
-        offsite_fed::sampled_count(self.clients.len(), f.fraction, f.min_clients)
     }
 }
 

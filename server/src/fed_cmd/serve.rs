@@ -40,7 +40,7 @@ pub(crate) fn run(args: ServeArgs) -> Result<()> {
     }
     let initial = super::initial_state(&emu, &file.adapter, file.federation.seed)?;
     // A round may run with as few as min_clients updates: the noise is judged at that size.
-    let values = initial.values().map(|t| t.values.len()).sum();
+    let values = offsite_fed::params::count(&initial);
     if let Some(noise) = file.dp_noise(values, file.federation.min_clients)? {
         noise.warn_if_dominant();
     }

@@ -158,7 +158,7 @@ pub(crate) fn run(args: SimArgs) -> Result<()> {
         device: device.clone(),
         fast_f16,
     };
-    let values = initial.values().map(|t| t.values.len()).sum();
+    let values = offsite_fed::params::count(&initial);
     let noise = file.dp_noise(values, loopback.per_round())?;
     let state = loopback.run(initial, Some(evaluator), &mut print)?;
 

@@ -69,6 +69,11 @@ pub fn check_like(global: &Params, delta: &Params) -> Result<(), FedError> {
     Ok(())
 }
 
+/// The number of values in all tensors.
+pub fn count(params: &Params) -> usize {
+    params.values().map(|t| t.values.len()).sum()
+}
+
 /// The L2 norm over every value (f64 accumulation).
 pub fn l2_norm(params: &Params) -> f64 {
     params
