@@ -16,14 +16,13 @@ use offsite::model::LlamaForCausalLM;
 use offsite::progress::Progress;
 use offsite::tokenizer::Tokenizer;
 use offsite::train::{exact_match, rouge_l, TrainConfig, Trainer};
-use offsite_fed::{Params, RoundReport};
+use offsite_fed::RoundReport;
 use serde::{Deserialize, Serialize};
 use tracing::info;
 
 use super::config::{Arm, BenchFile, Metric};
 use crate::fed_cmd::config::SimSection;
 use crate::fed_cmd::loopback::{client_examples, Loopback};
-use crate::fed_cmd::realign::realigned;
 
 /// One arm's outcome.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -60,9 +59,6 @@ pub(crate) struct ArmResult {
     /// Differential-privacy arms: the ε spent (δ = 1e-5).
     #[serde(default)]
     pub epsilon: Option<f64>,
-    /// Offsite-tuning arms with `[realign]`: the plug-in's metric before the server re-aligned the adapter.
-    #[serde(default)]
-    pub before_realign: Option<f64>,
 }
 
 /// A run's result file, `runs/NAME.json`.
@@ -246,30 +242,6 @@ impl Ctx {
         Ok((0..e.bottom_layers).chain(depth - e.top_layers..depth).collect())
     }
 
-    /// The adapter state to plug in: `state` (trained on `emu`) re-aligned to the full model when the config has a
-    /// `[realign]` table, with the plug-in's score before it (`known`: its perplexity, when already measured).
-    fn realign(
-        &self,
-        checkpoint: &Checkpoint,
-        emu: &Emulator,
-        state: Params,
-        eval: &EvalSet,
-        known: Option<f64>,
-    ) -> Result<(Params, Option<Score>)> {
-        let Some(new) = realigned(&self.file.fed, checkpoint, emu, &state, &self.device)? else {
-            return Ok((state, None));
-        };
-        let layers = &emu.manifest().adapter_layers;
-        let plugged = plug_state(
-            checkpoint.load_model(&self.device)?,
-            layers,
-            &self.file.fed.adapter,
-            &state,
-        )?;
-        let before = self.score("plug-in before re-alignment", &plugged, eval, known)?;
-        Ok((new, Some(before)))
-    }
-
     fn lora_spec(&self) -> AdapterSpec {
         AdapterSpec {
             method: Method::Lora,
@@ -422,9 +394,8 @@ pub(crate) fn run(ctx: &Ctx, run: &str) -> Result<BTreeMap<Arm, ArmResult>> {
                 &AdapterManifest::for_emulator(spec.method, &emu),
                 lora.as_ref(),
             )?;
+            let state = adapter_state(&model)?;
             let emu_p = ctx.perplexity("emulator + adapter", &model.without_autodiff(), &eval)?;
-            let (state, before) = ctx.realign(&checkpoint, &emu, adapter_state(&model)?, &eval, None)?;
-            drop(model);
             let plugged = plug_state(checkpoint.load_model(&ctx.device)?, &layers, spec, &state)?;
             let score = ctx.score("plug-in", &plugged, &eval, None)?;
             let o = Outcome {
@@ -435,10 +406,7 @@ pub(crate) fn run(ctx: &Ctx, run: &str) -> Result<BTreeMap<Arm, ArmResult>> {
             };
             BTreeMap::from([(
                 Arm::CentralOtPlugin,
-                ArmResult {
-                    before_realign: before.map(|b| b.metric),
-                    ..arm_result(o, start, Some(emu_p), None, Vec::new())
-                },
+                arm_result(o, start, Some(emu_p), None, Vec::new()),
             )])
         }
         "local_only" => local_only(ctx, &checkpoint, &clients, &eval, start)?,
@@ -471,7 +439,6 @@ fn arm_result(
         per_client,
         rounds,
         epsilon: None,
-        before_realign: None,
     }
 }
 
@@ -590,6 +557,7 @@ fn federated(
         info!(run, round = r.round, loss = format!("{:.4}", r.train_loss), perplexity = ?r.eval_perplexity, "round");
         reports.push(r.clone());
     })?;
+    crate::fed_cmd::save_adapter(&emu, &file.adapter, &state.global, &dir.join("adapter"))?;
     let rounds: Vec<(u64, f64)> = reports
         .iter()
         .filter_map(|r| r.eval_perplexity.map(|p| (r.round, p)))
@@ -599,15 +567,7 @@ fn federated(
         Some(&(round, p)) if Some(round) == last => Some(p),
         _ => None,
     };
-    // The federated LoRA's "emulator" is the full model: nothing to re-align.
-    let (plugin_state, before) = if run == "fed_lora" {
-        (state.global.clone(), None)
-    } else {
-        ctx.realign(checkpoint, &emu, state.global.clone(), eval, known)?
-    };
-    crate::fed_cmd::save_adapter(&emu, &file.adapter, &plugin_state, &dir.join("adapter"))?;
-    let known = if before.is_some() { None } else { known };
-    let plugged = plug_state(full, &layers, &file.adapter, &plugin_state)?;
+    let plugged = plug_state(full, &layers, &file.adapter, &state.global)?;
     let plug = ctx.score("plug-in", &plugged, eval, known)?;
     drop(plugged);
     let (up, down, participants, sampled) = reports.iter().fold((0u64, 0u64, 0u64, 0u64), |a, r| {
@@ -621,7 +581,6 @@ fn federated(
     let local = &file.local;
     let examples = participants * (local.steps * local.batch_size * local.grad_accum.max(1)) as u64;
     let result = |score: Score, emu_p: Option<f64>, rounds: Vec<(u64, f64)>| ArmResult {
-        before_realign: before.map(|b| b.metric),
         bytes_up_per_client_round: Some(up as f64 / participants.max(1) as f64),
         bytes_down_per_client_round: Some(down as f64 / sampled.max(1) as f64),
         ..arm_result(
@@ -643,13 +602,7 @@ fn federated(
             let emu_score = ctx.score("emulator + global adapter", &emulator_model()?, eval, None)?;
             BTreeMap::from([
                 (Arm::FedOtPlugin, result(plug, Some(emu_score.perplexity), rounds)),
-                (
-                    Arm::FedOtEmulator,
-                    ArmResult {
-                        before_realign: None,
-                        ..result(emu_score, None, Vec::new())
-                    },
-                ),
+                (Arm::FedOtEmulator, result(emu_score, None, Vec::new())),
             ])
         }
         "fed_lora" => BTreeMap::from([(Arm::FedLora, result(plug, None, rounds))]),

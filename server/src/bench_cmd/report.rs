@@ -153,17 +153,6 @@ impl Report<'_> {
                 "- protection: the client's emulator with the global adapter has {p:.2}× the plug-in's perplexity"
             );
         }
-        for (arm, r) in &self.arms {
-            if let Some(b) = r.before_realign {
-                let _ = writeln!(
-                    md,
-                    "- `{}`: {b:.3} before the server re-aligned the adapter to the full model on its public data \
-                     (`[realign]`), {:.3} after",
-                    arm.name(),
-                    r.metric
-                );
-            }
-        }
         if let Some(p) = j["fed_vs_central_ot_plugin"].as_f64() {
             let _ = writeln!(md, "- `fed_ot_plugin` / `central_ot_plugin` perplexity: {p:.3}");
         }

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use offsite::adapters::AdapterSpec;
 use offsite::data::{DataConfig, Split};
-use offsite::emulator::{DistillConfig, EmulatorConfig, RealignConfig};
+use offsite::emulator::{DistillConfig, EmulatorConfig};
 use offsite::train::TrainConfig;
 use offsite_fed::{DpStrategy, FederationConfig, PrivacyConfig, Strategy, StrategyConfig};
 use serde::{Deserialize, Serialize};
@@ -44,8 +44,6 @@ pub(crate) struct FedFile {
     pub sim: Option<SimSection>,
     /// Central differential privacy: clipping, noise and the ε budget.
     pub privacy: Option<PrivacyConfig>,
-    /// Re-alignment of the final adapter to the full model on `[model] distill_data` before it is plugged in.
-    pub realign: Option<RealignConfig>,
 }
 
 fn fedavg() -> StrategyConfig {
@@ -233,17 +231,7 @@ impl FedFile {
         file.server
             .check()
             .map_err(|e| anyhow::anyhow!("{}: [server] {e}", path.display()))?;
-        file.check_tables()
-            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         Ok(file)
-    }
-
-    /// Checks the values of the tables that TOML parses but that cannot work (`[server]` is checked by `load`).
-    pub fn check_tables(&self) -> Result<()> {
-        if let Some(r) = &self.realign {
-            r.check()?;
-        }
-        Ok(())
     }
 
     /// Joins every relative path in the file to `base` (the config's folder), so a config means the same files

@@ -4,7 +4,6 @@
 pub(crate) mod config;
 pub(crate) mod loopback;
 pub(crate) mod plot;
-pub(crate) mod realign;
 pub(crate) mod serve;
 pub(crate) mod sim;
 pub(crate) mod token;

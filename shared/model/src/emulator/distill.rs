@@ -252,7 +252,7 @@ fn normalised_mse(a: Tensor<3>, b: Tensor<3>, mask: &[Vec<bool>], norm: KdNorm) 
 ///
 /// # Shapes
 /// - `student`, `teacher`: `[batch, seq, vocab]` → `[1]`
-pub(super) fn kl_div(student: Tensor<3>, teacher: Tensor<3>, mask: &[Vec<bool>]) -> Tensor<1> {
+fn kl_div(student: Tensor<3>, teacher: Tensor<3>, mask: &[Vec<bool>]) -> Tensor<1> {
     use burn::tensor::activation::log_softmax;
     let (w, kept) = token_weights(mask, &student);
     let log_p = log_softmax(teacher, 2);

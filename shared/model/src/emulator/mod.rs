@@ -5,7 +5,6 @@
 mod config;
 mod distill;
 mod file;
-mod realign;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -17,7 +16,6 @@ use safetensors::tensor::Dtype;
 pub use config::EmulatorConfig;
 pub use distill::{distill, DistillCheckpoint, DistillConfig, DistillStep, DistilledLayers, KdAt, KdNorm};
 pub use file::{EmulatorManifest, MANIFEST_VERSION};
-pub use realign::{realign, RealignConfig, RealignStep, RealignTeachers};
 
 use file::Entry;
 
