@@ -33,6 +33,10 @@ pub struct FederationConfig {
     pub keep_states: usize,
     /// Encoding clients use for their updates.
     pub update_encoding: Encoding,
+    /// Encoding of the global adapter the server sends each round: `f16` (the default) halves the bytes down against
+    /// `f32` (exact). Clients start from the decoded global and send their delta from it, so the rounding is not
+    /// added into the server's global; each round's report gives its relative size (`global_rounding`).
+    pub global_encoding: Encoding,
     /// Largest update accepted, in MiB.
     pub max_update_mib: u32,
     /// Evaluate the plug-in model every this many rounds (0 = never; needs `[eval]`).
@@ -83,6 +87,7 @@ impl Default for FederationConfig {
             max_round_attempts: 10,
             keep_states: 3,
             update_encoding: Encoding::F32,
+            global_encoding: Encoding::F16,
             max_update_mib: 512,
             eval_every: 1,
             seed: 0,

@@ -150,6 +150,10 @@ pub struct RoundReport {
     /// the sum (absent in plain rounds).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub masks_recovered: Option<usize>,
+    /// `‖sent − global‖ / ‖global‖` of the global adapter as the round's tasks carried it (`global_encoding`; absent
+    /// when sent exact, in f32).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub global_rounding: Option<f64>,
 }
 
 /// A round under way.
@@ -171,6 +175,8 @@ struct Round {
     secure: Option<Box<secagg::Secure>>,
     /// Secure aggregation: masks of dropped clients removed from the sum.
     masks_recovered: Option<usize>,
+    /// The relative error of the global adapter as sent (None: sent in f32).
+    global_rounding: Option<f64>,
 }
 
 #[derive(Debug)]
@@ -427,9 +433,15 @@ impl Coordinator {
             .saturating_mul(plan.settings.batch_size as u64)
             .saturating_mul(plan.settings.grad_accum as u64);
         let max_examples = self.config.max_examples_per_update.unwrap_or(trained).max(1);
+        let encoding = self.config.global_encoding;
+        let global = to_wire(&self.state.global, encoding);
+        let global_rounding = match encoding {
+            Encoding::F32 => None,
+            _ => Some(crate::params::relative_error(&self.state.global, &global)?),
+        };
         let task = Task {
             round,
-            global: to_wire(&self.state.global, Encoding::F32),
+            global,
             settings: plan.settings,
             proximal_mu: plan.proximal_mu,
             update_encoding: self.config.update_encoding,
@@ -472,6 +484,7 @@ impl Coordinator {
             sampled = pending.len(),
             ready = ready.len(),
             attempt = self.attempt,
+            global_rounding = ?global_rounding,
             "round started"
         );
         self.phase = Phase::Running(Round {
@@ -486,6 +499,7 @@ impl Coordinator {
             losses: Vec::new(),
             secure,
             masks_recovered: None,
+            global_rounding,
         });
         Ok(())
     }
@@ -608,6 +622,7 @@ impl Coordinator {
             epsilon: self.strategy.privacy_spent().map(|p| p.0),
             delta: self.strategy.privacy_spent().map(|p| p.1),
             masks_recovered: r.masks_recovered,
+            global_rounding: r.global_rounding,
         };
         self.phase = Phase::Evaluating {
             report,

@@ -84,6 +84,27 @@ pub fn l2_norm(params: &Params) -> f64 {
         .sqrt()
 }
 
+/// `‖decode(encoded) − params‖ / ‖params‖` over every value (L2, f64): the relative error an encoding of `params`
+/// adds (0 for an all-zero state).
+pub fn relative_error(params: &Params, encoded: &TensorSet) -> Result<f64, FedError> {
+    let decoded = from_wire(encoded)?;
+    let mut err = 0.0f64;
+    for (name, t) in params {
+        let d = decoded
+            .get(name)
+            .filter(|d| d.values.len() == t.values.len())
+            .ok_or_else(|| FedError::Shape(format!("`{name}` is not encoded with its shape")))?;
+        err += t
+            .values
+            .iter()
+            .zip(&d.values)
+            .map(|(&a, &b)| (a as f64 - b as f64).powi(2))
+            .sum::<f64>();
+    }
+    let norm = l2_norm(params);
+    Ok(if norm > 0.0 { err.sqrt() / norm } else { 0.0 })
+}
+
 /// `a + b` by name (same names and shapes).
 pub fn add(a: &Params, b: &Params) -> Params {
     a.iter()

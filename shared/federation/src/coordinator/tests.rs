@@ -539,3 +539,36 @@ fn the_aggregate_does_not_depend_on_the_order_updates_arrive_in() {
     assert_eq!(run([0, 1, 2]), run([0, 2, 1]));
     assert_eq!(run([0, 1, 2]), run([2, 1, 0]));
 }
+
+#[test]
+fn the_global_goes_down_in_f16_and_its_rounding_stays_out_of_the_servers_state() {
+    let now = t0();
+    let third = 1.0f32 / 3.0;
+    let start = Params::from([(
+        "w".to_string(),
+        Tensor {
+            shape: vec![2],
+            values: vec![0.1, third],
+        },
+    )]);
+    let s: StrategyConfig = toml::from_str("kind = 'fedavg'").unwrap();
+    let cfg = config(1, 1);
+    assert_eq!(cfg.global_encoding, Encoding::F16, "the default");
+    let mut c = Coordinator::new(cfg, TrainConfig::default(), s.build().unwrap(), start, None, now).unwrap();
+    let t = tasks(&ready(&mut c, &[("a", 1)], now));
+    // IEEE half nearest to 0.1 and to 1/3 (2^-4 · 1.1001100110₂ and 2^-2 · 1.0101010101₂).
+    let sent = [0.0999755859375f64, 0.333251953125];
+    let got: Vec<f64> = from_wire(&t[0].2.global).unwrap()["w"]
+        .values
+        .iter()
+        .map(|&v| v as f64)
+        .collect();
+    assert_eq!(got, sent);
+    let a = send_update(&mut c, "a", 1, update(1, 1, [0.5, -0.25]), now);
+    // The delta is added to the server's exact global, not to the rounded one the client started from.
+    assert_eq!(c.state().global["w"].values, [0.1 + 0.5, third - 0.25]);
+    let err = ((0.1f32 as f64 - sent[0]).powi(2) + (third as f64 - sent[1]).powi(2)).sqrt();
+    let want = err / (0.1f32 as f64).hypot(third as f64);
+    let got = reports(&a)[0].global_rounding.expect("reported for f16");
+    assert!((got - want).abs() < 1e-9 * want && want > 1e-5, "{got} vs {want}");
+}

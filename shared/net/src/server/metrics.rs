@@ -95,6 +95,7 @@ mod tests {
             epsilon: None,
             delta: None,
             masks_recovered: None,
+            global_rounding: None,
         }
     }
 
