@@ -17,18 +17,9 @@ use offsite_protocol::{SecAggMessage, SecAggTask, Task, UpdateAck};
 use tracing::{info, warn};
 
 use super::{secs, Coordinator, Outgoing, Phase};
-use crate::secagg::{default_neighbours, default_threshold, length, unflatten, SecAggParams, SecAggServer};
+use crate::secagg::{default_neighbours, default_threshold, length, unflatten, SecAggParams, SecAggServer, Stage};
 use crate::strategy::ClientUpdate;
 use crate::{FedError, Params, SecureAggregationConfig};
-
-/// The stage a secure round is at.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Stage {
-    Keys,
-    Shares,
-    Masked,
-    Reveal,
-}
 
 /// The secure-aggregation part of a round under way.
 pub(super) struct Secure {

@@ -27,6 +27,7 @@ mod update;
 
 pub use client::SecAggClient;
 pub use server::SecAggServer;
+pub(crate) use server::Stage;
 pub use update::prepare_update;
 pub(crate) use update::{length, unflatten};
 

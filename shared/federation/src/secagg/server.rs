@@ -17,11 +17,16 @@ use super::{encode, holders, SecAggError, SecAggParams, SecAggSum, MASK};
 /// Bytes of one sealed pair of shares: two indices, two shares, the tag.
 const SEALED_LEN: usize = 8 + 2 * SHARE_LEN + 16;
 
+/// The stage a secure round is at (the server's, and the coordinator's that drives it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Stage {
+pub(crate) enum Stage {
+    /// Advertised keys are awaited (stage 0).
     Keys,
+    /// Sealed shares are awaited (stage 1).
     Shares,
+    /// Masked updates are awaited (stage 2).
     Masked,
+    /// The shares that remove the masks are awaited (stage 3).
     Reveal,
 }
 
